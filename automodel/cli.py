@@ -1,0 +1,84 @@
+"""`automodel`: the Hydra entry point for training, plus a few subcommands that read config only.
+
+    automodel [overrides...]        train (Hydra: --help, --cfg job, -m for sweeps)
+    automodel list                  installed plugins and config options, with the package providing each
+    automodel generate DIR PROMPT   greedy generation from an exported HF folder
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+from automodel.errors import UserError
+
+SUBCOMMANDS = {
+    "list": "automodel.cli_list:main",
+    "generate": "automodel.generate:main",
+}
+
+
+def _quiet_third_party() -> None:
+    # torchao (imported by transformers/peft) warns at import about optional kernels it cannot find.
+    warnings.filterwarnings("ignore", module=r"torchao(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*torchao.*")
+
+
+def fail(error: UserError) -> None:
+    print(f"automodel: error: {error}", file=sys.stderr, flush=True)
+    sys.exit(error.exit_code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_third_party()
+    if argv and argv[0] in SUBCOMMANDS:
+        module, func = SUBCOMMANDS[argv[0]].split(":")
+        import importlib
+
+        try:
+            return getattr(importlib.import_module(module), func)(argv[1:])
+        except UserError as e:
+            fail(e)
+
+    from automodel import compose
+    from automodel.distributed import launch_env
+
+    try:
+        launch_env.share_run_stamp()  # every rank of a torchrun/SLURM job names the same run dir
+        compose.check(argv)
+    except UserError as e:
+        fail(e)
+    _hydra_main(argv)
+
+
+def _hydra_main(argv: list[str]) -> None:
+    import hydra
+
+    from automodel.config import CONFIG_NAME, conf_dir, register_resolvers
+
+    register_resolvers()
+    sys.argv = [sys.argv[0] or "automodel", *argv]
+    entry = hydra.main(config_path=str(conf_dir()), config_name=CONFIG_NAME, version_base="1.3")(_run_job)
+    entry()
+
+
+def _run_job(cfg) -> float | None:
+    """Hydra's task function: one training job inside Hydra's run (or sweep sub-) directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from automodel.engine import run_dir
+
+    out = HydraConfig.get().runtime.output_dir
+    try:
+        from automodel.engine.run import train
+
+        result = train(cfg, out)
+    except UserError as e:
+        run_dir.discard_if_untouched(out)
+        fail(e)
+    return result.final_loss if result is not None else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Compose and validate the user's overrides with Hydra's compose API, before Hydra's own run starts.
+
+`hydra.main` creates the run directory before the task function sees the config; checking here first is
+what lets a bad override exit with one line and leave no directory behind. A multirun sweep is expanded
+and every point is checked, so a sweep does not fail on its fifth job.
+"""
+
+from __future__ import annotations
+
+import re
+
+from automodel.config import CONFIG_NAME, conf_dir, register_resolvers, validate
+from automodel.errors import UserError
+
+_NO_CHECK_FLAGS = ("help", "hydra_help", "info", "shell_completion", "version")
+
+
+def parse_args(argv: list[str]):
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        return get_args_parser().parse_args(argv)
+    except SystemExit:  # argparse already printed its one-line usage error
+        raise UserError(f"cannot parse arguments: {' '.join(argv)}") from None
+
+
+def needs_check(args) -> bool:
+    return not any(getattr(args, flag, None) for flag in _NO_CHECK_FLAGS)
+
+
+def sweep_points(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """Each job's overrides: one list for a plain run, every combination for a basic-sweeper multirun."""
+    if not multirun:
+        return [overrides]
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if any(o.key_or_group.startswith("hydra/sweeper") for o in parsed):
+        return []  # another sweeper decides its own points: each job validates itself
+    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return [list(point) for batch in batches for point in batch]
+
+
+def compose(overrides: list[str]):
+    """The composed job config for one list of overrides (no run directory, no side effects)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException
+
+    register_resolvers()
+    try:
+        with initialize_config_dir(str(conf_dir()), version_base="1.3", job_name="automodel"):
+            return hydra_compose(CONFIG_NAME, overrides=overrides)
+    except MissingConfigException as e:
+        raise UserError(_missing_option_line(e)) from None
+    except HydraException as e:
+        raise UserError(_hydra_line(e, overrides)) from None
+
+
+def check(argv: list[str]) -> None:
+    """Raise UserError (one line) if any job that argv describes has an invalid config."""
+    args = parse_args(argv)
+    if not needs_check(args):
+        return
+    for point in sweep_points(args.overrides, args.multirun):
+        validate(compose(point))
+
+
+def _missing_option_line(e) -> str:
+    missing = getattr(e, "missing_cfg_file", None) or ""
+    options = getattr(e, "options", None)
+    if "/" in missing and options is not None:
+        group, option = missing.rsplit("/", 1)
+        return f"{group}={option}: no such option; choose one of: {', '.join(sorted(options))}"
+    return str(e).splitlines()[0]
+
+
+def _hydra_line(e, overrides: list[str]) -> str:
+    text, cause = str(e), e.__cause__
+    while cause is not None:  # Hydra wraps OmegaConf's error; the useful words are in the chain
+        text, cause = f"{text}\n{cause}", cause.__cause__
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m and "not in struct" in text:
+        return _unknown_key_line(m.group(1), overrides)
+    m = re.search(r"Could not append to config. An item is already at '([^']+)'", text)
+    if m:
+        return f"+{m.group(1)}: the key already exists; drop the '+' to override it"
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+    return first
+
+
+def _unknown_key_line(key: str, overrides: list[str]) -> str:
+    from omegaconf import OmegaConf
+
+    parent, _, leaf = key.rpartition(".")
+    rest = [o for o in overrides if not o.lstrip("+~").startswith(key)]
+    valid: list[str] = []
+    try:
+        cfg = compose(rest)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        valid = [k for k in node.keys()] if hasattr(node, "keys") else []
+    except UserError:
+        pass
+    where = key if parent else leaf
+    hint = f"; valid keys are: {', '.join(str(k) for k in valid)}" if valid else ""
+    return f"{where}: unknown key{hint}"

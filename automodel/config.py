@@ -1,0 +1,127 @@
+"""Config core: where the YAML lives, the resolvers it uses, the typed `train` section, and validation.
+
+Validation runs on the composed config *before* Hydra creates a run directory, so a bad override costs
+the user one line and leaves nothing on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from automodel import registry
+from automodel.errors import UserError
+
+RESOURCES = Path(__file__).parent / "resources"
+CONFIG_NAME = "config"
+
+
+def conf_dir() -> Path:
+    """conf/ of an installed wheel (automodel/conf) or of a source checkout (repo-root conf/)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / f"{CONFIG_NAME}.yaml").is_file():
+            return candidate
+    raise RuntimeError(f"automodel's conf/ folder is missing next to {here}; the installation is broken")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The training-loop contract; docs and later features rely on these names."""
+
+    max_steps: int = 300
+    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 16  # sequences per forward pass on one rank; accumulation makes up the rest
+    seq_len: int = 128  # longest sequence; longer examples are truncated (and counted)
+    seed: int = 42
+    log_every: int = 10  # the only steps that synchronise the host with the device
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    device: str = "auto"  # auto | cpu | cuda
+    sample_prompts: int = 3  # greedy generations shown at the end of a run (0: none)
+
+
+TOP_LEVEL = ("train", *registry.GROUPS)
+
+
+# ---------------------------------------------------------------- resolvers
+_STAMP = {"t": None}
+
+
+def set_run_stamp(t: float) -> None:
+    """Pin the time every rank uses for run-directory names (rank 0's, broadcast at start-up)."""
+    _STAMP["t"] = t
+
+
+def _stamp(fmt: str = "%Y-%m-%d_%H-%M-%S") -> str:
+    if _STAMP["t"] is None:
+        _STAMP["t"] = time.time()
+    return time.strftime(fmt, time.localtime(_STAMP["t"]))
+
+
+def _asset(rel: str) -> str:
+    path = RESOURCES / rel
+    if not path.exists():
+        raise UserError(f"${{asset:{rel}}}: no such bundled resource under {RESOURCES}")
+    return str(path)
+
+
+def register_resolvers() -> None:
+    """`${asset:...}` names files shipped inside the package; `${stamp:fmt}` is a run time shared by all ranks."""
+    from omegaconf import OmegaConf
+
+    for name, fn in (("asset", _asset), ("stamp", _stamp)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+# ---------------------------------------------------------------- validation
+@dataclasses.dataclass
+class Validated:
+    train: TrainConfig
+    plugins: dict[str, Any]  # group -> plugin instance
+
+
+def validate(cfg) -> Validated:
+    """Typed check of a composed config: every group names an installed plugin and its keys/types fit."""
+    from omegaconf import OmegaConf
+
+    unknown = [k for k in cfg.keys() if k not in TOP_LEVEL and k != "hydra"]
+    if unknown:
+        raise UserError(f"unknown top-level key '{unknown[0]}'; valid keys are: {', '.join(TOP_LEVEL)}")
+    try:
+        train_node = OmegaConf.to_container(cfg.get("train", {}), resolve=True)
+    except UserError:
+        raise
+    except Exception as e:  # an interpolation that does not resolve
+        raise UserError(f"train: {str(e).splitlines()[0]}") from None
+    train = registry.validate(TrainConfig, train_node, "train")
+    plugins = {}
+    for group in registry.GROUPS:
+        try:
+            plugins[group] = registry.instantiate(group, cfg.get(group))
+        except UserError:
+            raise
+        except Exception as e:  # interpolation errors and the like, still one line
+            raise UserError(f"{group}: {str(e).splitlines()[0]}") from None
+    _check_train(train)
+    return Validated(train, plugins)
+
+
+def _check_train(t: TrainConfig) -> None:
+    for key in ("max_steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every"):
+        if getattr(t, key) < 1:
+            raise UserError(f"train.{key}={getattr(t, key)} must be at least 1")
+    if t.micro_batch_size > t.global_batch_size:
+        raise UserError(
+            f"train.micro_batch_size={t.micro_batch_size} is larger than train.global_batch_size="
+            f"{t.global_batch_size}; the micro batch is per rank, the global batch is per optimizer step"
+        )
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"train.device='{t.device}' is not one of: auto, cpu, cuda")
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

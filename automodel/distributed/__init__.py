@@ -1,0 +1,1 @@
+"""Process-group start-up and the `ParallelDims` -> DeviceMesh contract."""

@@ -1,0 +1,91 @@
+"""Who am I in the job: rank, world size and device, from torchrun's (or a spawner's) environment.
+
+Every rank runs the same program. A process started without a launcher is a world of one and still gets
+a process group (an in-memory store), so the engine has a single code path for one process and for many.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+from automodel.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: "object"  # torch.device
+    owns_group: bool  # True when this module created the process group (and so must destroy it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _backend(device_type: str) -> str:
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
+def _device(kind: str, local_rank: int):
+    import torch
+
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init(device: str = "auto") -> DistEnv:
+    """Join (or create) the default process group; idempotent."""
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _device(device, local_rank)
+    if dist.is_initialized():
+        return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns_group=False)
+    world = launched_world_size()
+    timeout = datetime.timedelta(minutes=int(os.environ.get("AUTOMODEL_DIST_TIMEOUT_MIN", "30")))
+    if world == 1:
+        dist.init_process_group(_backend(dev.type), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        dist.init_process_group(_backend(dev.type), timeout=timeout)  # env:// from the launcher
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns_group=True)
+
+
+def shutdown(env: DistEnv) -> None:
+    import torch.distributed as dist
+
+    if env.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def share_run_stamp() -> None:
+    """Make every rank of a multi-process launch use rank 0's clock for `${stamp:...}` run-dir names.
+
+    Without this, ranks that start a second apart would each create their own `outputs/<time>` folder.
+    """
+    if launched_world_size() == 1:
+        return
+    import time
+
+    import torch.distributed as dist
+
+    from automodel.config import set_run_stamp
+
+    env = init("auto")
+    box = [time.time()]
+    dist.broadcast_object_list(box, src=0)
+    set_run_stamp(box[0])
+    del env

@@ -1,0 +1,60 @@
+"""End of run: gather the trained weights on rank 0 and write them as an HF folder (+ PEFT adapter)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from automodel.fs import atomic_dir
+
+log = logging.getLogger("automodel")
+
+
+def export_final(model, tokenizer, plugins, out_dir: str, env) -> str | None:
+    """Collective: every rank takes part in gathering; rank 0 writes. Returns the folder (rank 0) or None."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    ckpt = plugins["checkpoint"]
+    if not ckpt.cfg.export_final:
+        return None
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not env.is_main:
+        return None
+    full = _unaliased(full, model)
+    # A fresh, unsharded copy to write from: the trained model may be FSDP-wrapped and live on a GPU.
+    plain = plugins["peft"].apply(plugins["model"].build("meta"))
+    plain.load_state_dict(full, assign=True, strict=True)
+    plain.tie_weights()  # assign=True loads tied tensors separately; re-tie as the config says
+    final_dir = os.path.join(out_dir, ckpt.cfg.dirname)
+    with atomic_dir(final_dir) as staging:
+        plain = plugins["peft"].export(plain, full, staging)
+        ckpt.export_final(plain.to(torch.float32), tokenizer, staging)
+    log.info("exported the trained model to %s", final_dir)
+    return final_dir
+
+
+def _unaliased(state_dict: dict, model) -> dict:
+    """Copy the tensors that share storage with the live model (an unsharded model's state dict does).
+
+    The export loads them with assign=True and peft merges adapters in place: without the copy that
+    merge would silently rewrite the trained model's own weights.
+    """
+    live = {t.data_ptr() for t in model.state_dict().values() if not hasattr(t, "full_tensor")}
+    return {k: v.clone() if v.data_ptr() in live else v for k, v in state_dict.items()}
+
+
+def show_samples(final_dir: str, samples: list[tuple[str, str]]) -> None:
+    from automodel.generate import load, greedy
+
+    if not samples:
+        return
+    model, tok = load(final_dir)
+    right = 0
+    for prompt, expected in samples:
+        got = greedy(model, tok, prompt)
+        ok = got.strip() == expected.strip()
+        right += ok
+        log.info("  %s %r -> %r%s", "✓" if ok else "✗", prompt, got, "" if ok else f" (expected {expected!r})")
+    log.info("%d/%d sample prompts answered exactly. Try your own:  automodel generate %s %r", right, len(samples),
+             final_dir, samples[0][0])

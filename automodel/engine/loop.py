@@ -1,0 +1,97 @@
+"""One optimizer step, and the loop around it.
+
+The step touches the host only through the data it is handed: token counts come from the collator as
+Python ints, the loss and grad-norm stay on the device, and the loop reads them back (one collective,
+one sync) only on the steps it logs.
+
+Loss normalization: each rank's micro-batch loss is a token *sum* divided by the number of target tokens
+in the whole global batch (all ranks, all micro-batches), then multiplied by the dp size because
+data-parallel gradient reduction averages over ranks. The resulting gradient is exactly that of the mean
+token loss over the global batch, however it is split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+import torch.distributed as dist
+
+from automodel.batch import StepBatch
+from automodel.loss import token_sum_cross_entropy
+
+
+@dataclasses.dataclass
+class StepRunner:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    autocast: object  # () -> context manager
+    device: torch.device
+    max_grad_norm: float
+    dp_group: object = None  # process group over data-parallel ranks (None: dp size 1)
+    dp_size: int = 1
+    lr: float = 0.0
+
+    def _global_count(self, local: int) -> torch.Tensor:
+        count = torch.tensor(float(local), device=self.device)
+        if self.dp_size > 1:
+            dist.all_reduce(count, group=self.dp_group)
+        return count
+
+    def __call__(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run forward/backward over this rank's micro-batches and step; return (local loss share, grad norm)."""
+        scale = self.dp_size / self._global_count(batch.num_target_tokens).clamp(min=1.0)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in batch.micro_batches:
+            input_ids = micro["input_ids"].to(self.device, non_blocking=True)
+            labels = micro["labels"].to(self.device, non_blocking=True)
+            with self.autocast():
+                logits = self.model(input_ids=input_ids).logits
+            loss = token_sum_cross_entropy(logits, labels)
+            (loss * scale).backward()
+            loss_sum += loss.detach()
+        if self.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params(), self.max_grad_norm, foreach=True)
+        else:
+            grad_norm = torch.zeros((), device=self.device)
+        self.lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used (a Python float: no sync)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum * (scale / self.dp_size), grad_norm
+
+    def _params(self):
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def run_loop(step_fn: StepRunner, batches, max_steps: int, log_every: int, on_step, on_log) -> list[dict]:
+    """Train `max_steps` steps; call on_step(step) after each and on_log(record) every `log_every` (and the last)."""
+    records = []
+    tokens_since = 0
+    t_last = time.perf_counter()
+    for step in range(1, max_steps + 1):
+        batch = next(batches)
+        loss_share, grad_norm = step_fn(batch)
+        tokens_since += batch.num_tokens
+        if step % log_every == 0 or step == max_steps:
+            stats = torch.stack([loss_share.float(), torch.tensor(float(tokens_since), device=loss_share.device)])
+            if step_fn.dp_size > 1:
+                dist.all_reduce(stats, group=step_fn.dp_group)
+            loss, tokens = stats.tolist()  # the one host sync of a logged step
+            now = time.perf_counter()
+            record = {
+                "step": step, "loss": loss, "lr": step_fn.lr,
+                "grad_norm": float(_full(grad_norm)), "tokens_per_s": tokens / max(now - t_last, 1e-9),
+                "tokens": int(tokens),
+            }
+            records.append(record)
+            on_log(record)
+            tokens_since, t_last = 0, now
+        on_step(step)
+    return records

@@ -1,0 +1,76 @@
+"""Metrics out of the loop: `metrics.jsonl` (one flushed line per logged step) and the progress display.
+
+Only rank 0 writes. The file is opened line-buffered and flushed after every record, so a crash loses
+nothing already logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger("automodel")
+
+
+class MetricsFile:
+    def __init__(self, path: str):
+        self._f = open(path, "a", buffering=1, encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class Progress:
+    """A rich progress bar (step, loss, tokens/s, ETA) on a terminal; plain log lines otherwise."""
+
+    def __init__(self, total_steps: int, enabled: bool):
+        self.total = total_steps
+        self.enabled = enabled
+        self.live = enabled and sys.stdout.isatty() and not os.environ.get("AUTOMODEL_NO_PROGRESS")
+        self._bar = None
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            )
+            self._task = self._bar.add_task("train", total=total_steps, loss="-", tps="-")
+            self._bar.start()
+        self._t0 = time.perf_counter()
+
+    def advance(self, step: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step)
+
+    def logged(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, completed=record["step"], loss=f"{record['loss']:.4f}",
+                             tps=f"{record['tokens_per_s']:,.0f}")
+            return
+        done = record["step"] / self.total
+        elapsed = time.perf_counter() - self._t0
+        eta = elapsed / done - elapsed if done else 0.0
+        log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %s tok/s  ETA %s", record["step"], self.total,
+                 record["loss"], record["lr"], record["grad_norm"], f"{record['tokens_per_s']:,.0f}", _hms(eta))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(seconds + 0.5), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"

@@ -1,0 +1,136 @@
+"""The engine's order, written down once. Every rank runs this same function (SPMD).
+
+ 1. distributed init and ParallelDims -> DeviceMesh (layouts that cannot work are refused first)
+ 2. the model plugin's config; a memory check on a weightless (meta) skeleton
+ 3. the model with its initial weights (same seed on every rank), then peft
+ 4. the parallel plugin lays it out on the mesh (TP -> CP -> AC -> compile -> FSDP)
+ 5. optimizer and LR schedule; the data plugin's loader for this rank's data-parallel coordinate
+ 6. the loop: forward/backward, global-token loss normalization, clip, step, log
+ 7. export: the full state dict gathered on rank 0, written as an HF folder (+ PEFT adapter)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+from automodel.config import TrainConfig, validate
+from automodel.distributed import launch_env
+from automodel.errors import UserError
+
+log = logging.getLogger("automodel")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    records: list[dict]  # what metrics.jsonl holds
+    final_dir: str | None
+    model: object  # the trained (possibly sharded) model, for in-process callers such as tests
+    tokenizer: object
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.records[-1]["loss"] if self.records else None
+
+
+def accumulation_steps(t: TrainConfig, dp: int) -> int:
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise UserError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
+            f"{t.micro_batch_size} x {dp} data-parallel rank(s) = {per_step}; pick a multiple of {per_step}"
+        )
+    return t.global_batch_size // per_step
+
+
+def train(cfg, out_dir: str) -> TrainResult:
+    checked = validate(cfg)
+    env = launch_env.init(checked.train.device)
+    try:
+        return _train(cfg, checked, env, out_dir)
+    finally:
+        launch_env.shutdown(env)
+
+
+def _train(cfg, checked, env, out_dir: str) -> TrainResult:
+    import torch
+
+    from automodel.engine import export, metrics, run_dir
+    from automodel.engine.loop import StepRunner, run_loop
+    from automodel.engine.memory import check_fits
+    from automodel.modules import count_params
+
+    t, p = checked.train, checked.plugins
+    if not env.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+
+    # 1. layout
+    dims = p["parallel"].dims(env.world_size)
+    hf_config = p["model"].hf_config()
+    p["parallel"].check_model(dims, hf_config)
+    accum = accumulation_steps(t, dims.dp)
+
+    # 2. will it fit? (a weightless skeleton, adapted by peft so trainable counts are right)
+    skeleton = p["peft"].apply(p["model"].build("meta"))
+    total, trainable = count_params(skeleton)
+    del skeleton
+    check_fits(total, trainable, shard=dims.dp_shard * dims.tp * dims.pp, device_type=env.device.type,
+               model_name=p["model"].name)
+    tokenizer = p["model"].tokenizer()
+    mesh = dims.build_mesh(env.device.type)
+    dp_rank, dp_size = dims.dp_coordinate(mesh)
+    batches = p["data"].build(tokenizer, seq_len=t.seq_len, seed=t.seed, dp_rank=dp_rank, dp_size=dp_size,
+                              global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size)
+    first = next(batches)  # fail on bad data before spending time on the model
+
+    # 3-4. model, peft, layout
+    torch.manual_seed(t.seed)
+    model = p["model"].build("cpu").to(env.device)
+    model = p["peft"].apply(model)
+    model.train()
+    model = p["parallel"].apply(model, mesh, dims, p["precision"].mixed_precision_policy())
+
+    # 5. optimizer
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer, scheduler = p["optim"].build(params, t.max_steps)
+
+    if env.is_main:
+        run_dir.write_resolved_config(cfg, out_dir)
+        log.info("model %s: %.2fM parameters (%.2fM trainable); layout %s; %d rank(s); global batch %d = "
+                 "%d micro x %d dp x %d accumulation; device %s", p["model"].name, total / 1e6, trainable / 1e6,
+                 dims.describe(), env.world_size, t.global_batch_size, t.micro_batch_size, dims.dp, accum,
+                 env.device)
+
+    # 6. loop
+    step = StepRunner(model, optimizer, scheduler, lambda: p["precision"].autocast(env.device.type), env.device,
+                      t.max_grad_norm, dp_group=_group(dims.dp_mesh(mesh)), dp_size=dims.dp)
+    sink = metrics.MetricsFile(os.path.join(out_dir, "metrics.jsonl")) if env.is_main else None
+    progress = metrics.Progress(t.max_steps, enabled=env.is_main)
+    t0 = time.perf_counter()
+    try:
+        records = run_loop(step, _chain(first, batches), t.max_steps, t.log_every, on_step=progress.advance,
+                           on_log=lambda r: (sink and sink.write(r), progress.logged(r)))
+    finally:
+        progress.close()
+        if sink:
+            sink.close()
+    if env.is_main:
+        log.info("trained %d steps in %.1fs; final loss %.4f", t.max_steps, time.perf_counter() - t0, records[-1]["loss"])
+
+    # 7. export
+    final_dir = export.export_final(model, tokenizer, p, out_dir, env)
+    if env.is_main and final_dir and t.sample_prompts:
+        export.show_samples(final_dir, p["data"].sample_prompts(t.sample_prompts))
+    return TrainResult(records, final_dir, model, tokenizer)
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+
+def _group(mesh):
+    return mesh.get_group() if mesh is not None else None

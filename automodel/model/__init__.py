@@ -1,0 +1,1 @@
+"""Model plugins: where the network, its config and its tokenizer come from."""

@@ -1,0 +1,128 @@
+"""Model plugin `hf`: any transformers `AutoModelForCausalLM`, from a local folder, a hub id, or a config.
+
+- `path` set: config, weights and (by default) tokenizer come from that folder or hub id; `config` (a
+  preset's architecture) is ignored, so `model=llama3_8b model.path=<folder>` cannot clobber the folder's.
+- `path` null: random init from `config` (it must name `model_type`); presets in conf/model/ hold the
+  published architecture hyper-parameters, so sizing and random-init runs work offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Optional
+
+from automodel.errors import UserError
+
+BUNDLED_TOKENIZER = "tiny_tasks/tokenizer"
+
+
+@dataclasses.dataclass
+class HFModelConfig:
+    path: Optional[str] = None  # local folder or hub id with weights; null = random init from `config`
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)  # architecture for random init (needs model_type)
+    config_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # applied on top, in both modes
+    tokenizer: Optional[str] = None  # folder or hub id; null = `path`, or the bundled tokenizer
+    revision: Optional[str] = None
+    trust_remote_code: bool = False  # runs code from the model repo: only for repos you trust
+    attn_implementation: str = "sdpa"
+
+
+def _is_local(path: str) -> bool:
+    return os.path.isdir(os.path.expanduser(path))
+
+
+def _hub_failure(key: str, value: str, err: Exception) -> UserError:
+    if not _is_local(value) and (value.startswith((".", "/", "~")) or value.count("/") > 1):
+        return UserError(f"{key}='{value}' is not an existing folder")  # a path, not a hub id (org/name)
+    reason = " ".join(str(err).split())[:240]
+    offline = os.environ.get("HF_HUB_OFFLINE") or "connect" in reason.lower() or "offline" in reason.lower()
+    where = "the Hugging Face hub is unreachable (offline?)" if offline else "the Hugging Face hub could not provide it"
+    return UserError(f"{key}='{value}' is not a local folder and {where}: {reason}")
+
+
+class HFModel:
+    Config = HFModelConfig
+
+    def __init__(self, config: HFModelConfig):
+        self.cfg = config
+        if not config.path and not config.config.get("model_type"):
+            raise UserError("model: set model.path (a folder or hub id) or model.config.model_type (random init)")
+
+    @property
+    def name(self) -> str:
+        return self.cfg.path or str(self.cfg.config.get("model_type"))
+
+    @functools.cache
+    def hf_config(self):
+        from transformers import AutoConfig
+
+        if self.cfg.path:
+            try:
+                cfg = AutoConfig.from_pretrained(
+                    os.path.expanduser(self.cfg.path), revision=self.cfg.revision,
+                    trust_remote_code=self.cfg.trust_remote_code,
+                )
+            except (OSError, ValueError) as e:
+                raise _hub_failure("model.path", self.cfg.path, e) from None
+        else:
+            overrides = dict(self.cfg.config)
+            model_type = overrides.pop("model_type")
+            try:
+                cfg = AutoConfig.for_model(model_type, **overrides)
+            except ValueError as e:
+                raise UserError(f"model.config.model_type='{model_type}': {str(e).splitlines()[0]}") from None
+        for key, value in self.cfg.config_overrides.items():
+            setattr(cfg, key, value)
+        cfg.use_cache = False  # training never uses the KV cache; leaving it on also hides packed sequences
+        cfg._attn_implementation = self.cfg.attn_implementation
+        return cfg
+
+    @functools.cache
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        from automodel.config import RESOURCES
+
+        source = self.cfg.tokenizer or self.cfg.path or str(RESOURCES / BUNDLED_TOKENIZER)
+        try:
+            tok = AutoTokenizer.from_pretrained(
+                os.path.expanduser(source), revision=self.cfg.revision if source == self.cfg.path else None,
+                trust_remote_code=self.cfg.trust_remote_code,
+            )
+        except (OSError, ValueError) as e:
+            raise _hub_failure("model.tokenizer", source, e) from None
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def build(self, device="cpu"):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.hf_config()
+        if str(device) == "meta" or not self.cfg.path:
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(
+                    cfg, dtype=torch.float32, trust_remote_code=self.cfg.trust_remote_code
+                )
+        else:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    os.path.expanduser(self.cfg.path), config=cfg, revision=self.cfg.revision,
+                    dtype=torch.float32, trust_remote_code=self.cfg.trust_remote_code,
+                ).to(device)
+            except OSError as e:
+                raise _hub_failure("model.path", self.cfg.path, e) from None
+        self._check_vocab(model)
+        return model
+
+    def _check_vocab(self, model) -> None:
+        tok = self.tokenizer()
+        rows = model.get_input_embeddings().weight.shape[0]
+        if len(tok) > rows:
+            raise UserError(
+                f"model has {rows} token embeddings but the tokenizer has {len(tok)} tokens; use the "
+                "model's own tokenizer (model.tokenizer) or set model.config.vocab_size >= the tokenizer size"
+            )

@@ -1,0 +1,43 @@
+"""Structural facts about an HF model that several plugin groups need, derived from the model itself.
+
+Nothing here knows a model name: decoder layers are found through HF's own `_no_split_modules`, the list
+every PreTrainedModel keeps of the blocks that must not be split across devices.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from automodel.errors import UserError
+
+
+def hf_base(model: nn.Module) -> nn.Module:
+    """The underlying transformers model, through PEFT (and torch.compile) wrappers."""
+    inner = getattr(model, "_orig_mod", model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks, in order: the units FSDP shards and PP splits."""
+    block_names = set(getattr(hf_base(model), "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not layers:
+        raise UserError(
+            f"cannot find the decoder layers of {type(hf_base(model)).__name__}: it declares no "
+            "`_no_split_modules`; parallelize it with parallel=none or a plugin that knows its structure"
+        )
+    return layers
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, trainable parameters), counting each shared tensor once."""
+    seen: set[int] = set()
+    total = trainable = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return total, trainable

@@ -1,0 +1,1 @@
+"""Optimizer plugins: optimizer plus the LR schedule it steps with."""

@@ -1,0 +1,50 @@
+"""Optimizer plugin `adamw`: torch AdamW with linear warmup and cosine decay.
+
+Weight decay skips biases, norms and embeddings-free 1-D parameters, as is standard for transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from automodel.errors import UserError
+from automodel.optim.schedule import warmup_cosine
+
+
+@dataclasses.dataclass
+class AdamWConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # final LR as a fraction of optim.lr
+    fused: bool = False  # torch's fused kernel (CUDA)
+
+
+class AdamW:
+    Config = AdamWConfig
+
+    def __init__(self, config: AdamWConfig):
+        if config.lr <= 0:
+            raise UserError(f"optim.lr={config.lr} must be positive")
+        self.cfg = config
+
+    def build(self, params, max_steps: int):
+        import torch
+
+        if not params:
+            raise UserError("no parameter requires a gradient: nothing to train")
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
+            eps=self.cfg.eps, fused=self.cfg.fused or None,
+        )
+        shape = functools.partial(
+            warmup_cosine, warmup_steps=self.cfg.warmup_steps, max_steps=max_steps, min_lr_ratio=self.cfg.min_lr_ratio
+        )
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, shape)

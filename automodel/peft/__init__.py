@@ -1,0 +1,1 @@
+"""PEFT plugins: which parameters train, and how adapters are exported."""

@@ -1,0 +1,85 @@
+"""What each plugin group must implement: the whole contract between the engine and its plugins.
+
+A plugin is a class with a nested dataclass `Config` (its typed config; the registry validates the YAML
+node against it) and an `__init__(self, config)`. The engine only calls the methods below, only with the
+small objects named here; plugins never import each other. See docs/plugins.md for a worked example.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from automodel.data.batch import StepBatch
+    from automodel.distributed.parallel_dims import ParallelDims
+
+
+@runtime_checkable
+class ModelPlugin(Protocol):
+    def hf_config(self) -> Any:
+        """The transformers `PretrainedConfig` (cheap: no weights)."""
+
+    def tokenizer(self) -> Any:
+        """A transformers tokenizer, saved with every export."""
+
+    def build(self, device: "torch.device | str") -> "nn.Module":
+        """The model with its initial weights (pretrained, or random from the current RNG state).
+
+        On device "meta" it is a weightless skeleton, used for sizing and for export."""
+
+
+@runtime_checkable
+class ParallelPlugin(Protocol):
+    def dims(self, world_size: int) -> "ParallelDims":
+        """Mesh sizes for this world size; raises UserError for layouts that cannot work."""
+
+    def check_model(self, dims: "ParallelDims", hf_config: Any) -> None:
+        """Refuse (UserError) model/layout combinations before any weights are built."""
+
+    def apply(self, model: "nn.Module", mesh: Any, dims: "ParallelDims", mp_policy: Any) -> "nn.Module":
+        """Parallelize in place (TP -> CP -> AC -> compile -> FSDP) and return the model to train."""
+
+
+@runtime_checkable
+class DataPlugin(Protocol):
+    def build(self, tokenizer: Any, *, seq_len: int, seed: int, dp_rank: int, dp_size: int,
+              global_batch_size: int, micro_batch_size: int) -> "Iterator[StepBatch]":
+        """An endless iterator over optimizer steps; each item holds this rank's micro-batches."""
+
+    def sample_prompts(self, n: int) -> list[tuple[str, str]]:
+        """Up to n (prompt, expected completion) pairs to demonstrate the trained model (may be empty)."""
+
+
+@runtime_checkable
+class PeftPlugin(Protocol):
+    def apply(self, model: "nn.Module") -> "nn.Module":
+        """Adapt the model (freeze the base, add adapters); identity for full fine-tuning."""
+
+    def export(self, model: "nn.Module", full_state_dict: dict, out_dir: str) -> "nn.Module":
+        """On rank 0: write adapter files (if any) to out_dir and return a plain HF model to export."""
+
+
+@runtime_checkable
+class PrecisionPlugin(Protocol):
+    def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
+        """The context the forward pass runs under."""
+
+    def mixed_precision_policy(self) -> Any:
+        """FSDP2 `MixedPrecisionPolicy`, or None for full precision."""
+
+
+@runtime_checkable
+class CheckpointPlugin(Protocol):
+    def export_final(self, model: "nn.Module", tokenizer: Any, out_dir: str) -> None:
+        """On rank 0: write an HF folder (config, safetensors, tokenizer) that transformers loads."""
+
+
+@runtime_checkable
+class OptimPlugin(Protocol):
+    def build(self, params: list, max_steps: int) -> tuple[Any, Any]:
+        """(optimizer, LR scheduler stepped once per optimizer step)."""

@@ -1,0 +1,1 @@
+"""automodel-example-plugin: the Lion optimizer as an automodel `optim` plugin."""

@@ -1,0 +1,1 @@
+"""YAML options this package contributes to automodel's config groups (conf/<group>/<option>.yaml)."""

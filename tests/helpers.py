@@ -1,0 +1,38 @@
+"""Helpers the tests share: composing configs the way the CLI does, and a micro model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+# A 4-layer micro Llama (GQA, untied head): large enough to exercise every code path, small enough
+# that a 6-step run takes well under a second.
+MICRO = [
+    "model.config.hidden_size=64", "model.config.intermediate_size=128", "model.config.num_attention_heads=4",
+    "model.config.num_key_value_heads=2", "model.config.num_hidden_layers=4", "train.sample_prompts=0",
+    "train.seq_len=48",
+]
+
+
+def compose(*overrides: str):
+    from automodel.compose import compose as _compose
+
+    return _compose(list(overrides))
+
+
+def train(out_dir: str, *overrides: str):
+    from automodel.engine.run import train as _train
+
+    return _train(compose(*MICRO, *overrides), out_dir)
+
+
+def cli(*args: str, cwd: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -m automodel ...` in a subprocess, as a user would from a shell."""
+    full_env = {**os.environ, "AUTOMODEL_NO_PROGRESS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "automodel", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def losses(result) -> list[float]:
+    return [r["loss"] for r in result.records]
