@@ -7,12 +7,14 @@ from automodel.options import options
 
 
 def main(argv: list[str]) -> None:
+    import sys
+
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="automodel plugins and options (select with group=option)")
     for column in ("group", "option", "plugin", "option from", "plugin class", "plugin from"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for group in registry.GROUPS:
         plugins = {p.name: p for p in registry.plugins(group)}
         shown = set()
@@ -25,4 +27,4 @@ def main(argv: list[str]) -> None:
             if name not in shown:  # a plugin no option file selects yet: usable via <group>.plugin=<name>
                 table.add_row(group, "-", name, "-", plug.target, plug.dist)
         table.add_section()
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped output: whole rows, no "…"

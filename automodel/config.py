@@ -69,8 +69,14 @@ def _asset(rel: str) -> str:
 
 
 def register_resolvers() -> None:
-    """`${asset:...}` names files shipped inside the package; `${stamp:fmt}` is a run time shared by all ranks."""
+    """`${asset:...}` names files shipped inside the package; `${stamp:fmt}` is a run time shared by all ranks.
+
+    Also registers the search-path plugin that adds installed plugin packages' YAML options."""
     from omegaconf import OmegaConf
+
+    from automodel import searchpath
+
+    searchpath.register()
 
     for name, fn in (("asset", _asset), ("stamp", _stamp)):
         if not OmegaConf.has_resolver(name):

@@ -33,8 +33,7 @@ def check_fits(total: int, trainable: int, *, shard: int, device_type: str, mode
         raise UserError(
             f"model '{model_name}' ({total / 1e9:.2f}B parameters, {trainable / 1e9:.2f}B trainable) needs about "
             f"{need_host / GiB:.1f} GiB of host memory on this machine ({local_ranks} local rank(s), fp32 weights, grads "
-            f"and AdamW state over {shard}-way sharding); {host / GiB:.1f} GiB is available. Use more machines, "
-            "peft=lora, or a smaller model"
+            f"and AdamW state over {shard}-way sharding); {host / GiB:.1f} GiB is available. {_advice(total, trainable)}"
         )
     if device_type == "cuda":
         import torch
@@ -43,5 +42,10 @@ def check_fits(total: int, trainable: int, *, shard: int, device_type: str, mode
         if train > free:
             raise UserError(
                 f"model '{model_name}' needs about {train / GiB:.1f} GiB per GPU for weights, grads and AdamW state "
-                f"over {shard}-way sharding; {free / GiB:.1f} GiB is free. Shard over more GPUs or use peft=lora"
+                f"over {shard}-way sharding; {free / GiB:.1f} GiB is free. {_advice(total, trainable)}"
             )
+
+
+def _advice(total: int, trainable: int) -> str:
+    lora = "" if trainable < total else ", peft=lora"
+    return f"Shard over more devices (parallel=fsdp2 on more ranks){lora}, or use a smaller model"

@@ -36,7 +36,7 @@ def _is_local(path: str) -> bool:
 def _hub_failure(key: str, value: str, err: Exception) -> UserError:
     if not _is_local(value) and (value.startswith((".", "/", "~")) or value.count("/") > 1):
         return UserError(f"{key}='{value}' is not an existing folder")  # a path, not a hub id (org/name)
-    reason = " ".join(str(err).split())[:240]
+    reason = " ".join(str(err).split()).split(". ")[0][:200]
     offline = os.environ.get("HF_HUB_OFFLINE") or "connect" in reason.lower() or "offline" in reason.lower()
     where = "the Hugging Face hub is unreachable (offline?)" if offline else "the Hugging Face hub could not provide it"
     return UserError(f"{key}='{value}' is not a local folder and {where}: {reason}")
@@ -52,7 +52,7 @@ class HFModel:
 
     @property
     def name(self) -> str:
-        return self.cfg.path or str(self.cfg.config.get("model_type"))
+        return self.cfg.path or f"random-init {self.cfg.config.get('model_type')}"
 
     @functools.cache
     def hf_config(self):
@@ -71,8 +71,11 @@ class HFModel:
             model_type = overrides.pop("model_type")
             try:
                 cfg = AutoConfig.for_model(model_type, **overrides)
-            except ValueError as e:
-                raise UserError(f"model.config.model_type='{model_type}': {str(e).splitlines()[0]}") from None
+            except ValueError:
+                raise UserError(
+                    f"model.config.model_type='{model_type}' is not a transformers model type (e.g. llama, qwen2, "
+                    "qwen3, mistral, gemma2, phi3)"
+                ) from None
         for key, value in self.cfg.config_overrides.items():
             setattr(cfg, key, value)
         cfg.use_cache = False  # training never uses the KV cache; leaving it on also hides packed sequences

@@ -1,0 +1,58 @@
+"""Code that runs inside spawned ranks (importable by torch.multiprocessing's spawn)."""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+
+
+def run_checks(rank: int, world: int, store_path: str, out_dir: str, checks: list[tuple[str, list[str]]]) -> None:
+    """Join a gloo group through a file store, run each named training config, rank 0 records results."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("AUTOMODEL_NO_PROGRESS", "1")
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    results = {}
+    try:
+        from helpers import train
+
+        for name, overrides in checks:
+            run = os.path.join(out_dir, name)
+            os.makedirs(run, exist_ok=True)
+            result = train(run, *overrides)
+            entry = {"losses": [r["loss"] for r in result.records], "records": result.records}
+            if any("export_final=true" in o for o in overrides) or not any("export_final" in o for o in overrides):
+                entry["logits_check"] = _export_logits_diff(result, run)
+            if rank == 0:
+                results[name] = entry
+    except Exception:
+        results["error"] = traceback.format_exc()
+        raise
+    finally:
+        if rank == 0:
+            with open(os.path.join(out_dir, "results.json"), "w") as f:
+                json.dump(results, f)
+        dist.destroy_process_group()
+
+
+def _export_logits_diff(result, run_dir: str):
+    """Max |logits(exported HF folder) - logits(trained sharded model)| on rank 0 (all ranks run forward)."""
+    import torch
+    import torch.distributed as dist
+
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    result.model.eval()
+    with torch.no_grad():
+        trained = result.model(input_ids=ids).logits.float()  # FSDP forward is collective
+    diff = None
+    if dist.get_rank() == 0:
+        from transformers import AutoModelForCausalLM
+
+        loaded = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "final")).eval()
+        with torch.no_grad():
+            diff = (loaded(input_ids=ids).logits.float() - trained).abs().max().item()
+    dist.barrier()
+    return diff

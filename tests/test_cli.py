@@ -1,0 +1,102 @@
+"""The `automodel` command end to end, in subprocesses, as a user runs it."""
+
+import json
+import os
+
+import pytest
+import torch
+from helpers import MICRO, cli
+
+FAST = [*MICRO, "train.max_steps=20", "train.log_every=10", "train.global_batch_size=8", "train.micro_batch_size=8"]
+
+
+def _one_error_line(proc):
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "warn" not in ln.lower()]
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("automodel: error: "), proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    return lines[0][len("automodel: error: "):]
+
+
+def test_default_run_writes_config_metrics_and_a_loadable_hf_folder(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = tmp_path / "run"
+    proc = cli(*FAST, "train.sample_prompts=2", f"hydra.run.dir={run}", cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sample prompts answered exactly" in proc.stdout and "automodel generate" in proc.stdout
+    resolved = (run / "config.yaml").read_text()
+    assert "max_steps: 20" in resolved and "${" not in resolved  # resolved, not interpolated
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20]
+    assert records[-1]["loss"] < records[0]["loss"]
+    final = run / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    ids = torch.tensor([tok("max: 3 9 1 =>")["input_ids"]])
+    assert model(input_ids=ids).logits.shape == (1, ids.shape[1], model.config.vocab_size)
+    gen = cli("generate", str(final), "max: 3 9 1 =>", "--max-new-tokens", "4", cwd=str(tmp_path))
+    assert gen.returncode == 0 and gen.stdout.startswith("max: 3 9 1 =>"), gen.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["parallel=fsdp3"], "parallel=fsdp3: no such option; choose one of: fsdp2, fsdp2_tp, hsdp, none"),
+    (["train.max_stepz=1"], "train.max_stepz: unknown key; valid keys are: max_steps,"),
+    (["train.max_steps=abc"], "train.max_steps='abc': wrong type, expected int"),
+    (["parallel.plugin=nope"], "parallel.plugin='nope' is not an installed plugin; choose one of: none, spmd"),
+    (["peft.r=eight", "peft=lora"], "peft.r='eight': wrong type, expected int"),
+    (["+foo=1"], "unknown top-level key 'foo'"),
+    (["model=hf"], "model: set model.path (a folder or hub id) or model.config.model_type"),
+])
+def test_bad_overrides_give_one_line_exit_2_and_no_run_dir(tmp_path, args, expected):
+    msg = _one_error_line(cli(*args, cwd=str(tmp_path)))
+    assert msg.startswith(expected), msg
+    assert not os.listdir(tmp_path), os.listdir(tmp_path)  # no outputs/ left behind
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["data.path=/nonexistent/pairs.jsonl"], "data.path='/nonexistent/pairs.jsonl' does not exist"),
+    (["model.config.model_type=nosuch"], "model.config.model_type='nosuch' is not a transformers model type"),
+    (["model=llama3_8b", "peft=lora"], "model 'random-init llama' (8.05B parameters, 0.02B trainable) needs about"),
+    (["model=llama3_8b", "parallel=fsdp2_tp", "peft=lora"], "parallel: world size 1 is not divisible by tp=2"),
+])
+def test_runtime_refusals_are_one_line_and_remove_the_fresh_run_dir(tmp_path, args, expected):
+    msg = _one_error_line(cli(*args, cwd=str(tmp_path)))
+    assert msg.startswith(expected), msg
+    assert not os.listdir(tmp_path), os.listdir(tmp_path)
+
+
+def test_malformed_data_names_file_and_line(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", oops}\n')
+    msg = _one_error_line(cli("data=instruction", f"data.path={data}", cwd=str(tmp_path)))
+    assert msg.startswith(f"{data}:2: not valid JSON")
+    data.write_text('{"question": "a", "answer": "b"}\n')
+    msg = _one_error_line(cli("data=instruction", f"data.path={data}", cwd=str(tmp_path)))
+    assert msg == (f"{data}:1: no column 'prompt'; the columns are: question, answer "
+                   "(map yours with data.prompt_column / data.completion_column)")
+
+
+def test_headline_command_composes(tmp_path):
+    proc = cli("model=llama3_8b", "parallel=fsdp2_tp", "peft=lora", "--cfg", "job", cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    for fragment in ("hidden_size: 4096", "num_hidden_layers: 32", "tp: 2", "plugin: lora", "plugin: spmd"):
+        assert fragment in proc.stdout, fragment
+    assert not os.listdir(tmp_path)
+
+
+def test_help_lists_groups_and_options(tmp_path):
+    proc = cli("--help", cwd=str(tmp_path))
+    assert proc.returncode == 0
+    for fragment in ("model: hf, llama3_2_1b, llama3_70b, llama3_8b, mistral_7b, qwen2_5_7b, qwen3_0_6b, tiny",
+                     "parallel: fsdp2, fsdp2_tp, hsdp, none", "peft: lora, none", "precision: bf16, fp32",
+                     "checkpoint: hf_export", "optim: adamw", "data: instruction, tiny_tasks", "automodel list"):
+        assert fragment in proc.stdout, fragment
+
+
+def test_list_shows_every_builtin_option_with_its_package(tmp_path):
+    proc = cli("list", cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    rows = [ln for ln in proc.stdout.splitlines() if "│" in ln]
+    assert any("parallel" in r and "fsdp2" in r and "spmd" in r and "automodel" in r for r in rows), proc.stdout
+    assert any("model" in r and "llama3_70b" in r for r in rows)
