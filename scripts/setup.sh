@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One-time set-up: a virtual environment in .venv holding torch and automodel (editable), with test tools.
+#
+# torch goes in first, on its own: installed later as a dependency, the newest CUDA build (several GB)
+# would be pulled even on a machine without a GPU. Pin another build with AUTOMODEL_TORCH, e.g.
+#   AUTOMODEL_TORCH="torch==2.13.0" bash scripts/setup.sh
+# On a CPU-only machine, point pip at a CPU wheel first (a find-links folder, or PyTorch's CPU index).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${AUTOMODEL_TORCH:-torch==2.13.0}
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if [ ! -x .venv/bin/python ]; then
+  echo "automodel setup: creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "automodel setup: installing $TORCH_SPEC"
+  .venv/bin/pip install --quiet "$TORCH_SPEC"
+fi
+echo "automodel setup: installing automodel and its dependencies"
+.venv/bin/pip install --quiet -e ".[test]"
+.venv/bin/python -c "import torch, transformers, peft, hydra; print(f'automodel setup: done (torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__})')"
