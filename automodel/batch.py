@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are made: config-only commands stay fast
+    import torch
 
 IGNORE_INDEX = -100  # label value that the loss skips (prompt tokens, padding)
 
@@ -28,6 +30,8 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, multiple: 
     Right padding under a causal mask cannot influence earlier positions, so no attention mask is needed
     and the fused causal attention kernels stay usable.
     """
+    import torch
+
     longest = max(len(ids) for ids, _ in examples)
     width = -(-longest // multiple) * multiple
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)

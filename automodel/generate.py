@@ -10,6 +10,9 @@ from automodel.errors import UserError
 
 def load(model_dir: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise UserError(f"'{model_dir}' is not an exported model folder (no config.json); pass a run's final/ folder")

@@ -6,9 +6,12 @@ every PreTrainedModel keeps of the blocks that must not be split across devices.
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from automodel.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def hf_base(model: nn.Module) -> nn.Module:

@@ -7,8 +7,6 @@ batches it would have seen, and a 1-process run sees the same global batches as 
 
 from __future__ import annotations
 
-import torch
-
 from automodel.errors import UserError
 
 
@@ -25,6 +23,8 @@ class GlobalBatchSampler:
 
     def _order(self, epoch: int) -> list[int]:
         if epoch != self._epoch:
+            import torch
+
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
         return self._perm

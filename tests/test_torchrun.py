@@ -20,7 +20,7 @@ def test_torchrun_two_ranks_one_run_dir(tmp_path):
          *args], cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
         env={**os.environ, "AUTOMODEL_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"},
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     # both ranks resolved the same ${stamp:...}: exactly one run directory
     days = os.listdir(tmp_path / "outputs")
     runs = [os.path.join(tmp_path, "outputs", d, r) for d in days for r in os.listdir(tmp_path / "outputs" / d)]
