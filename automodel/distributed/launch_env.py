@@ -19,11 +19,13 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: "object"  # torch.device
-    owns_group: bool  # True when this module created the process group (and so must destroy it)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+_CREATED_HERE = {"group": False}  # whether this module made the default group (and so must destroy it)
 
 
 def launched_world_size() -> int:
@@ -54,21 +56,24 @@ def init(device: str = "auto") -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = _device(device, local_rank)
     if dist.is_initialized():
-        return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns_group=False)
+        return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev)
     world = launched_world_size()
     timeout = datetime.timedelta(minutes=int(os.environ.get("AUTOMODEL_DIST_TIMEOUT_MIN", "30")))
     if world == 1:
         dist.init_process_group(_backend(dev.type), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
         dist.init_process_group(_backend(dev.type), timeout=timeout)  # env:// from the launcher
-    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns_group=True)
+    _CREATED_HERE["group"] = True
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
-def shutdown(env: DistEnv) -> None:
+def shutdown() -> None:
+    """Destroy the default group if automodel created it (a caller's own group, as in tests, is left alone)."""
     import torch.distributed as dist
 
-    if env.owns_group and dist.is_initialized():
+    if _CREATED_HERE["group"] and dist.is_initialized():
         dist.destroy_process_group()
+        _CREATED_HERE["group"] = False
 
 
 def share_run_stamp() -> None:
@@ -84,8 +89,7 @@ def share_run_stamp() -> None:
 
     from automodel.config import set_run_stamp
 
-    env = init("auto")
+    init("auto")  # the engine reuses this group and destroys it at the end
     box = [time.time()]
     dist.broadcast_object_list(box, src=0)
     set_run_stamp(box[0])
-    del env

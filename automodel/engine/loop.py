@@ -45,10 +45,11 @@ class StepRunner:
         scale = self.dp_size / self._global_count(batch.num_target_tokens).clamp(min=1.0)
         loss_sum = torch.zeros((), device=self.device)
         for micro in batch.micro_batches:
-            input_ids = micro["input_ids"].to(self.device, non_blocking=True)
+            # every key but labels is a model input (input_ids, and e.g. position_ids for packed rows)
+            inputs = {k: v.to(self.device, non_blocking=True) for k, v in micro.items() if k != "labels"}
             labels = micro["labels"].to(self.device, non_blocking=True)
             with self.autocast():
-                logits = self.model(input_ids=input_ids).logits
+                logits = self.model(**inputs).logits
             loss = token_sum_cross_entropy(logits, labels)
             (loss * scale).backward()
             loss_sum += loss.detach()

@@ -51,7 +51,7 @@ def train(cfg, out_dir: str) -> TrainResult:
     try:
         return _train(cfg, checked, env, out_dir)
     finally:
-        launch_env.shutdown(env)
+        launch_env.shutdown()
 
 
 def _train(cfg, checked, env, out_dir: str) -> TrainResult:
