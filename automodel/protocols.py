@@ -48,8 +48,10 @@ class ParallelPlugin(Protocol):
 @runtime_checkable
 class DataPlugin(Protocol):
     def build(self, tokenizer: Any, *, seq_len: int, seed: int, dp_rank: int, dp_size: int,
-              global_batch_size: int, micro_batch_size: int) -> "Iterator[StepBatch]":
-        """An endless iterator over optimizer steps; each item holds this rank's micro-batches."""
+              global_batch_size: int, micro_batch_size: int, start_step: int = 0) -> "Iterator[StepBatch]":
+        """An endless iterator over optimizer steps from `start_step` on; each item holds this rank's
+        micro-batches. The batches of a step must depend only on (seed, step), so a resumed run that
+        starts at step k sees exactly what an uninterrupted run saw at step k."""
 
     def sample_prompts(self, n: int) -> list[tuple[str, str]]:
         """Up to n (prompt, expected completion) pairs to demonstrate the trained model (may be empty)."""

@@ -90,11 +90,11 @@ class InstructionData:
             )
         return examples
 
-    def build(self, tokenizer, *, seq_len, seed, dp_rank, dp_size, global_batch_size, micro_batch_size):
+    def build(self, tokenizer, *, seq_len, seed, dp_rank, dp_size, global_batch_size, micro_batch_size, start_step=0):
         examples = self.tokenize(tokenizer, read_jsonl(self.cfg.path, self._columns()), seq_len)
         sampler = GlobalBatchSampler(len(examples), global_batch_size, seed)
         pad_id = tokenizer.pad_token_id
-        step = 0
+        step = start_step
         while True:
             picked = [examples[i] for i in sampler.rank_indices(step, dp_rank, dp_size)]
             yield step_batch(picked, micro_batch_size, pad_id)
