@@ -6,10 +6,9 @@ Weight decay skips biases, norms and embeddings-free 1-D parameters, as is stand
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 from automodel.errors import UserError
-from automodel.optim.schedule import warmup_cosine
+from automodel.optim.schedule import warmup_cosine_scheduler
 
 
 @dataclasses.dataclass
@@ -44,7 +43,5 @@ class AdamW:
             [g for g in groups if g["params"]], lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
             eps=self.cfg.eps, fused=self.cfg.fused or None,
         )
-        shape = functools.partial(
-            warmup_cosine, warmup_steps=self.cfg.warmup_steps, max_steps=max_steps, min_lr_ratio=self.cfg.min_lr_ratio
-        )
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, shape)
+        return opt, warmup_cosine_scheduler(opt, warmup_steps=self.cfg.warmup_steps, max_steps=max_steps,
+                                            min_lr_ratio=self.cfg.min_lr_ratio)

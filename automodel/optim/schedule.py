@@ -12,3 +12,13 @@ def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio:
     span = max(1, max_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine_scheduler(optimizer, *, warmup_steps: int, max_steps: int, min_lr_ratio: float):
+    """A LambdaLR over `warmup_cosine`, stepped once per optimizer step (what optim plugins return)."""
+    import functools
+
+    import torch
+
+    shape = functools.partial(warmup_cosine, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, shape)

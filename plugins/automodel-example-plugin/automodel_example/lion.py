@@ -8,12 +8,11 @@ another plugin.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 
 from automodel.errors import UserError
-from automodel.optim.schedule import warmup_cosine
+from automodel.optim.schedule import warmup_cosine_scheduler
 
 
 @dataclasses.dataclass
@@ -63,6 +62,5 @@ class Lion:
             raise UserError("no parameter requires a gradient: nothing to train")
         opt = LionOptimizer(params, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
                             weight_decay=self.cfg.weight_decay)
-        shape = functools.partial(warmup_cosine, warmup_steps=self.cfg.warmup_steps, max_steps=max_steps,
-                                  min_lr_ratio=self.cfg.min_lr_ratio)
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, shape)
+        return opt, warmup_cosine_scheduler(opt, warmup_steps=self.cfg.warmup_steps, max_steps=max_steps,
+                                            min_lr_ratio=self.cfg.min_lr_ratio)
