@@ -77,6 +77,25 @@ class PrecisionPlugin(Protocol):
 
 @runtime_checkable
 class CheckpointPlugin(Protocol):
+    """`state` is the engine's TrainState: model, optimizer, scheduler, fingerprint (what a resumed run must
+    share with the saved one: architecture, peft, optimizer, data, seed, global batch, seq_len) and
+    config_yaml (the resolved config, kept with each checkpoint)."""
+
+    def resume_point(self, run_dir: str, fingerprint: dict) -> Any:
+        """Every rank, read-only, before the data loader and the model are built: the checkpoint to resume
+        from (an object with `.step`), or None to start at step 0. Refuses (UserError, one line) a checkpoint
+        of another model or config, and a missing or corrupt one."""
+
+    def restore(self, point: Any, state: Any) -> int:
+        """Collective, after the optimizer is built: load model, optimizer, LR schedule and RNG states on
+        whatever mesh this run has (resharding as needed); return the step. Writes nothing."""
+
+    def after_step(self, step: int, state: Any, run_dir: str) -> None:
+        """Collective, after every optimizer step: save when due. A save is committed atomically."""
+
+    def finish(self, state: Any, run_dir: str) -> None:
+        """Collective, after the last step: wait for (and commit) a background save."""
+
     def export_final(self, model: "nn.Module", tokenizer: Any, out_dir: str) -> None:
         """On rank 0: write an HF folder (config, safetensors, tokenizer) that transformers loads."""
 

@@ -1,7 +1,7 @@
 """Checkpoint plugin `hf_export`: the final model as an ordinary Hugging Face folder.
 
 Writes config.json, generation_config.json, model.safetensors and the tokenizer into the folder the
-engine stages atomically. (Periodic distributed checkpoints and resume come later.)
+engine stages atomically, and nothing else: no periodic checkpoints, no resume (the `dcp` plugin does both).
 """
 
 from __future__ import annotations
@@ -20,6 +20,18 @@ class HFExport:
 
     def __init__(self, config: HFExportConfig):
         self.cfg = config
+
+    def resume_point(self, run_dir: str, fingerprint: dict):
+        return None  # this plugin never saves training state, so there is nothing to resume
+
+    def restore(self, point, state) -> int:
+        raise AssertionError("hf_export has no resume points")
+
+    def after_step(self, step: int, state, run_dir: str) -> None:
+        pass
+
+    def finish(self, state, run_dir: str) -> None:
+        pass
 
     def export_final(self, model, tokenizer, out_dir: str) -> None:
         model.save_pretrained(out_dir, safe_serialization=True)

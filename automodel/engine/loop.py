@@ -71,12 +71,14 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def run_loop(step_fn: StepRunner, batches, max_steps: int, log_every: int, on_step, on_log) -> list[dict]:
-    """Train `max_steps` steps; call on_step(step) after each and on_log(record) every `log_every` (and the last)."""
+def run_loop(step_fn: StepRunner, batches, max_steps: int, log_every: int, on_step, on_log,
+             start_step: int = 0) -> list[dict]:
+    """Train steps start_step+1 .. max_steps; call on_step(step) after each and on_log(record) every
+    `log_every` (and the last). A resumed run passes the checkpoint's step as start_step."""
     records = []
     tokens_since = 0
     t_last = time.perf_counter()
-    for step in range(1, max_steps + 1):
+    for step in range(start_step + 1, max_steps + 1):
         batch = next(batches)
         loss_share, grad_norm = step_fn(batch)
         tokens_since += batch.num_tokens

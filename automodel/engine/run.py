@@ -57,7 +57,9 @@ def train(cfg, out_dir: str) -> TrainResult:
 def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     import torch
 
-    from automodel.engine import export, metrics, run_dir
+    from omegaconf import OmegaConf
+
+    from automodel.engine import checkpointing, export, metrics, run_dir
     from automodel.engine.loop import StepRunner, run_loop
     from automodel.engine.memory import check_fits
     from automodel.modules import count_params
@@ -81,8 +83,12 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     tokenizer = p["model"].tokenizer()
     mesh = dims.build_mesh(env.device.type)
     dp_rank, dp_size = dims.dp_coordinate(mesh)
+    fingerprint = checkpointing.fingerprint(cfg, hf_config)
+    resume = p["checkpoint"].resume_point(out_dir, fingerprint)  # read-only; refuses a foreign checkpoint
+    start = resume.step if resume else 0
     batches = p["data"].build(tokenizer, seq_len=t.seq_len, seed=t.seed, dp_rank=dp_rank, dp_size=dp_size,
-                              global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size)
+                              global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+                              start_step=start)
     first = next(batches)  # fail on bad data before spending time on the model
 
     # 3-4. model, peft, layout
@@ -95,6 +101,11 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     # 5. optimizer
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer, scheduler = p["optim"].build(params, t.max_steps)
+    state = checkpointing.TrainState(model, optimizer, scheduler, fingerprint, OmegaConf.to_yaml(cfg, resolve=True))
+    if resume:  # before anything is written: a failed resume leaves the run dir as it was
+        p["checkpoint"].restore(resume, state)
+        if env.is_main:
+            checkpointing.trim_metrics(out_dir, start)
 
     if env.is_main:
         run_dir.write_resolved_config(cfg, out_dir)
@@ -110,14 +121,17 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     progress = metrics.Progress(t.max_steps, enabled=env.is_main)
     t0 = time.perf_counter()
     try:
-        records = run_loop(step, _chain(first, batches), t.max_steps, t.log_every, on_step=progress.advance,
+        records = run_loop(step, _chain(first, batches), t.max_steps, t.log_every, start_step=start,
+                           on_step=lambda s: (progress.advance(s), p["checkpoint"].after_step(s, state, out_dir)),
                            on_log=lambda r: (sink and sink.write(r), progress.logged(r)))
     finally:
         progress.close()
         if sink:
             sink.close()
-    if env.is_main:
-        log.info("trained %d steps in %.1fs; final loss %.4f", t.max_steps, time.perf_counter() - t0, records[-1]["loss"])
+    p["checkpoint"].finish(state, out_dir)
+    if env.is_main and records:
+        log.info("trained %d steps in %.1fs; final loss %.4f", t.max_steps - start, time.perf_counter() - t0,
+                 records[-1]["loss"])
 
     # 7. export
     final_dir = export.export_final(model, tokenizer, p, out_dir, env)

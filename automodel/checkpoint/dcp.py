@@ -1,0 +1,402 @@
+"""Checkpoint plugin `dcp`: periodic distributed checkpoints, exact resume, resharding, and the final HF folder.
+
+Layout of a run directory:
+
+    checkpoints/step_00000010/      one committed checkpoint (a DCP folder)
+        .metadata, __<rank>_0.distcp   model + optimizer tensors (DCP; each rank writes its own shards)
+        rng_rank<r>.safetensors        each rank's torch (and CUDA) RNG state; python's in its metadata
+        automodel_ckpt.json            step, LR schedule, optimizer hyper-parameters, the run's fingerprint,
+                                       the resolved config and the size of every file (written last)
+    checkpoints/step_00000012.partial/  a save in progress (or killed): never taken for a checkpoint
+
+A save writes everything into `<name>.partial/`, and only then does rank 0 write `automodel_ckpt.json` and
+rename the folder to its final name: a crash (even kill -9) at any point leaves either no new folder or a
+`.partial` one, and the previous checkpoint stays the latest valid one. Resume only reads; it refuses (one
+line) a checkpoint from another model or an incompatible config, and one whose files are missing or
+truncated. The DCP payload holds tensors only (the rest is JSON), and loading refuses pickled objects, so
+resuming never unpickles anything.
+
+The data position needs no state of its own: batches are a pure function of (seed, step), so the data
+plugin restarts at the checkpoint's step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from typing import Any, Optional
+
+from automodel.errors import UserError
+
+log = logging.getLogger("automodel")
+
+META = "automodel_ckpt.json"
+FORMAT = 1
+_NAME = re.compile(r"^step_(\d+)$")
+
+
+@dataclasses.dataclass
+class DCPConfig:
+    every_steps: int = 0  # save a checkpoint every N optimizer steps (0: never)
+    keep_last: int = 2  # committed checkpoints kept (older ones are deleted); 0 keeps all
+    resume: Optional[str] = None  # null: start fresh; auto: latest valid checkpoint of this run dir; or a path
+    async_save: bool = False  # write in a background thread (dcp.async_save); the step only waits for a CPU copy
+    folder: str = "checkpoints"  # inside the run directory
+    export_final: bool = True  # write <run dir>/<dirname>/ as an HF folder at the end
+    dirname: str = "final"
+
+
+@dataclasses.dataclass
+class ResumePoint:
+    path: str
+    step: int
+    meta: dict
+
+
+def checkpoint_dirs(root: str) -> list[tuple[int, str]]:
+    """(step, path) of every committed checkpoint folder under `root`, oldest first (validity not checked)."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _NAME.match(name)
+        if m and os.path.isdir(os.path.join(root, name)):
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def read_meta(path: str) -> dict:
+    """The checkpoint's own description, after checking that every file it lists is there, whole."""
+    meta_path = os.path.join(path, META)
+    if not os.path.isfile(meta_path):
+        raise UserError(f"'{path}' is not a complete automodel checkpoint (no {META}); give a "
+                        "<run>/checkpoints/step_N folder, a run directory, or checkpoint.resume=auto")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        files, step = meta["files"], int(meta["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"checkpoint '{path}' is corrupt: {META} does not parse ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"checkpoint '{path}' has format {meta.get('format')}; this automodel reads format {FORMAT}")
+    for name, size in sorted(files.items()):
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            raise UserError(f"checkpoint '{path}' is incomplete: file {name} is missing")
+        if os.path.getsize(full) != size:
+            raise UserError(f"checkpoint '{path}' is corrupt: file {name} has {os.path.getsize(full)} bytes, "
+                            f"{size} were written")
+    meta["step"] = step
+    return meta
+
+
+def find_checkpoint(path: str, folder: str = "checkpoints") -> str:
+    """A checkpoint folder from what a user may name: the folder itself, a run dir, or a checkpoints dir."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise UserError(f"checkpoint '{path}' does not exist; give a <run>/checkpoints/step_N folder or a run directory")
+    if os.path.isfile(os.path.join(path, META)) or _NAME.match(os.path.basename(path)):
+        return path
+    for root in (os.path.join(path, folder), path):
+        found = latest_valid(root)
+        if found:
+            return found
+    raise UserError(f"no complete checkpoint in '{path}' (looked for {folder}/step_N folders with {META})")
+
+
+def latest_valid(root: str) -> str | None:
+    """The newest committed checkpoint under `root` whose files are all there (broken ones are skipped, with a warning)."""
+    for _, path in reversed(checkpoint_dirs(root)):
+        try:
+            read_meta(path)
+            return path
+        except UserError as e:
+            log.warning("skipping checkpoint %s: %s", path, e)
+    return None
+
+
+def describe_difference(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Every key whose value differs between two fingerprints, as 'key is X in the checkpoint but Y in this run'."""
+    found = []
+    for key in sorted(set(saved) | set(current), key=lambda k: (k != "plugin", k)):  # a plugin change first
+        a, b = saved.get(key, "<unset>"), current.get(key, "<unset>")
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += describe_difference(a, b, name + ".")
+        elif a != b:
+            found.append(f"{name} is {a!r} in the checkpoint but {b!r} in this run")
+    return found
+
+
+class DCPCheckpoint:
+    Config = DCPConfig
+
+    def __init__(self, config: DCPConfig):
+        if config.every_steps < 0:
+            raise UserError(f"checkpoint.every_steps={config.every_steps} must be 0 (never) or positive")
+        if config.keep_last < 0:
+            raise UserError(f"checkpoint.keep_last={config.keep_last} must be 0 (keep all) or positive")
+        if config.resume is not None and not str(config.resume).strip():
+            raise UserError("checkpoint.resume is empty; use null, auto, or a checkpoint path")
+        self.cfg = config
+        self._pending = None  # (future, staging, final, meta) of an async save not yet committed
+        self._async_pg = None
+
+    # ------------------------------------------------------------------ resume
+    def resume_point(self, run_dir: str, fingerprint: dict) -> ResumePoint | None:
+        """Which checkpoint to resume from (read-only; every rank). None: start at step 0."""
+        want = self.cfg.resume
+        if want is None or str(want).lower() in ("null", "none", "false"):
+            return None
+        if str(want) == "auto":
+            path = latest_valid(os.path.join(run_dir, self.cfg.folder))
+            if path is None:
+                log.info("checkpoint.resume=auto: no checkpoint in %s yet; starting at step 0",
+                         os.path.join(run_dir, self.cfg.folder))
+                return None
+        else:
+            path = find_checkpoint(str(want), self.cfg.folder)
+        meta = read_meta(path)
+        diff = describe_difference(meta.get("fingerprint", {}), fingerprint)
+        if diff:
+            more = f"; and {len(diff) - 3} more" if len(diff) > 3 else ""
+            raise UserError(f"cannot resume from '{path}': it was made by another model or an incompatible config "
+                            f"({'; '.join(diff[:3])}{more}); resume with the same settings or start fresh "
+                            "(checkpoint.resume=null)")
+        return ResumePoint(path, meta["step"], meta)
+
+    def restore(self, point: ResumePoint, state) -> int:
+        """Collective: load model, optimizer, LR schedule and RNG states from `point`; return its step."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+        )
+
+        t0 = time.perf_counter()
+        model_sd = get_model_state_dict(state.model)
+        optim_sd = get_optimizer_state_dict(state.model, state.optimizer)  # initializes empty optimizer state
+        payload = {"model": model_sd, "optim": optim_sd["state"]}
+        try:
+            dcp.load(payload, checkpoint_id=point.path, planner=_TensorsOnlyLoadPlanner())
+        except UserError:
+            raise
+        except Exception as e:  # DCP wraps per-rank failures; keep one line
+            raise UserError(f"cannot load checkpoint '{point.path}': {_first_line(e)}") from None
+        set_model_state_dict(state.model, payload["model"])
+        groups = _param_groups_from_json(point.meta["param_groups"], state.optimizer)
+        set_optimizer_state_dict(state.model, state.optimizer, {"state": payload["optim"], "param_groups": groups})
+        state.scheduler.load_state_dict(point.meta["scheduler"])
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        _load_rng(point.path, rank)
+        log.info("resumed from %s (step %d) in %.1fs", point.path, point.step, time.perf_counter() - t0)
+        return point.step
+
+    # ------------------------------------------------------------------ save
+    def after_step(self, step: int, state, run_dir: str) -> None:
+        """Collective: save when `step` is due; commit an async save that has finished."""
+        self._poll()
+        if self.cfg.every_steps and step % self.cfg.every_steps == 0:
+            self.save(step, state, run_dir)
+
+    def finish(self, state, run_dir: str) -> None:
+        """Collective: wait for an async save in flight and commit it."""
+        import torch.distributed as dist
+
+        self._wait()
+        if dist.is_initialized():
+            dist.barrier()
+
+    def save(self, step: int, state, run_dir: str) -> str:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        self._wait()  # one save in flight at most
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        root = os.path.join(run_dir, self.cfg.folder)
+        final = os.path.join(root, f"step_{step:08d}")
+        staging = final + ".partial"
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+        if dist.is_initialized():
+            dist.barrier()
+        t0 = time.perf_counter()
+        optim_sd = get_optimizer_state_dict(state.model, state.optimizer)
+        payload = {"model": get_model_state_dict(state.model), "optim": optim_sd["state"]}
+        _save_rng(staging, rank)
+        meta = {
+            "format": FORMAT, "step": step, "time": time.time(),
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "fingerprint": state.fingerprint,
+            "scheduler": state.scheduler.state_dict(),
+            "param_groups": optim_sd["param_groups"],
+            "config_yaml": state.config_yaml,
+        }
+        json.dumps(meta)  # fail now, in every rank, if something is not JSON
+        if self.cfg.async_save:
+            if self._async_pg is None:  # the background thread's collectives must not share the training group
+                self._async_pg = dist.new_group(backend="gloo") if dist.is_initialized() else None
+            future = dcp.async_save(payload, checkpoint_id=staging, process_group=self._async_pg)
+            self._pending = (future, staging, final, meta, t0)
+            log.info("checkpoint of step %d: copied for a background save in %.2fs", step, time.perf_counter() - t0)
+        else:
+            dcp.save(payload, checkpoint_id=staging)
+            if rank == 0:
+                self._commit(staging, final, meta)
+                log.info("saved checkpoint %s in %.2fs", final, time.perf_counter() - t0)
+            if dist.is_initialized():
+                dist.barrier()
+        return final
+
+    def _poll(self) -> None:
+        if self._pending is not None and self._pending[0].done():
+            self._wait()
+
+    def _wait(self) -> None:
+        if self._pending is None:
+            return
+        import torch.distributed as dist
+
+        future, staging, final, meta, t0 = self._pending
+        self._pending = None
+        future.result()  # re-raises a failed background save
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            # the coordinator's future ends after every rank's data and the global .metadata are written
+            self._commit(staging, final, meta)
+            log.info("saved checkpoint %s in the background (%.2fs after the step)", final, time.perf_counter() - t0)
+
+    def _commit(self, staging: str, final: str, meta: dict) -> None:
+        """Rank 0: describe the written files, then rename the folder; the rename is the commit."""
+        meta = dict(meta, files={n: os.path.getsize(os.path.join(staging, n)) for n in sorted(os.listdir(staging))})
+        _write_synced(os.path.join(staging, META), json.dumps(meta, indent=1))
+        _before_commit(staging)
+        if os.path.isdir(final):  # an abandoned later attempt of this step (e.g. after resuming an older checkpoint)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _fsync_dir(os.path.dirname(final))
+        self._prune(os.path.dirname(final))
+
+    def _prune(self, root: str) -> None:
+        if self.cfg.keep_last:
+            for _, path in checkpoint_dirs(root)[:-self.cfg.keep_last]:
+                shutil.rmtree(path, ignore_errors=True)
+        in_flight = self._pending[1] if self._pending else None
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            if name.endswith(".partial") and path != in_flight:
+                shutil.rmtree(path, ignore_errors=True)  # left by a crash: never a checkpoint
+
+    # ------------------------------------------------------------------ export
+    def export_final(self, model, tokenizer, out_dir: str) -> None:
+        """Rank 0: write an HF folder (config, generation config, safetensors, tokenizer)."""
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+
+
+def _before_commit(staging: str) -> None:
+    """A seam for tests that kill the process between the write and the commit."""
+
+
+def _first_line(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] or type(e).__name__
+
+
+class _TensorsOnlyLoadPlanner:
+    """DCP's default load planner, refusing pickled (non-tensor) entries: loading never unpickles."""
+
+    def __new__(cls):
+        from torch.distributed.checkpoint import DefaultLoadPlanner
+
+        class Planner(DefaultLoadPlanner):
+            def load_bytes(self, read_item, value):
+                raise UserError(f"checkpoint entry '{read_item.dest_index.fqn}' is a pickled object; automodel "
+                                "checkpoints hold tensors only, refusing to unpickle it")
+
+        return Planner()
+
+
+def _param_groups_from_json(saved: list[dict], optimizer) -> list[dict]:
+    groups = []
+    for group, current in zip(saved, optimizer.param_groups):
+        fixed = dict(group)
+        for k, v in group.items():  # JSON turned tuples (betas) into lists
+            if isinstance(current.get(k), tuple) and isinstance(v, list):
+                fixed[k] = tuple(v)
+        groups.append(fixed)
+    if len(saved) != len(optimizer.param_groups):
+        raise UserError(f"the checkpoint's optimizer has {len(saved)} parameter groups, this run's has "
+                        f"{len(optimizer.param_groups)}; resume with the same model, peft and optimizer settings")
+    return groups
+
+
+def _save_rng(folder: str, rank: int) -> None:
+    import random
+
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    version, state, gauss = random.getstate()
+    save_file(tensors, os.path.join(folder, f"rng_rank{rank}.safetensors"),
+              metadata={"python": json.dumps([version, list(state), gauss])})
+
+
+def _load_rng(folder: str, rank: int) -> None:
+    import random
+
+    import torch
+    from safetensors import safe_open
+
+    path = os.path.join(folder, f"rng_rank{rank}.safetensors")
+    if not os.path.isfile(path):  # resumed on more ranks than saved: exactness is not possible anyway
+        path = os.path.join(folder, "rng_rank0.safetensors")
+    with safe_open(path, framework="pt") as f:
+        torch.set_rng_state(f.get_tensor("torch"))
+        if "cuda" in f.keys() and torch.cuda.is_available():
+            torch.cuda.set_rng_state(f.get_tensor("cuda"))
+        version, state, gauss = json.loads(f.metadata()["python"])
+    random.setstate((version, tuple(state), gauss))
+
+
+def _write_synced(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_model_state(path: str, template: dict[str, Any]) -> dict[str, Any]:
+    """Offline (one process, no process group needed): fill `template` (fqn -> tensor) with the saved model."""
+    import torch.distributed.checkpoint as dcp
+
+    payload = {"model": template}
+    try:
+        dcp.load(payload, checkpoint_id=path, planner=_TensorsOnlyLoadPlanner())
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot load checkpoint '{path}': {_first_line(e)}") from None
+    return payload["model"]

@@ -1,0 +1,78 @@
+"""Checkpoint test code that also runs inside spawned ranks: a simulated crash, and a worker that runs a plan."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import traceback
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def crash_after(step: int):
+    """Make training stop dead right after step `step`'s checkpoint hook (as a kill would, but in-process)."""
+    from automodel.checkpoint import dcp
+
+    original = dcp.DCPCheckpoint.after_step
+
+    def after_step(self, s, state, run_dir):
+        original(self, s, state, run_dir)
+        if s == step:
+            raise SimulatedCrash(s)
+
+    dcp.DCPCheckpoint.after_step = after_step
+    try:
+        yield
+    finally:
+        dcp.DCPCheckpoint.after_step = original
+
+
+def save_full_weights(model, path: str) -> None:
+    """Collective: the full (unsharded) weights, written by rank 0 as safetensors."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        save_file({k: v.contiguous().clone() for k, v in full.items()}, path)
+
+
+def run_plan(rank: int, world: int, store_path: str, out_dir: str, plan: list) -> None:
+    """plan: (name, run_subdir, crash_at or None, overrides). Rank 0 writes results.json."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("AUTOMODEL_NO_PROGRESS", "1")
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    results = {}
+    try:
+        from helpers import train
+
+        for name, subdir, crash_at, overrides in plan:
+            run = os.path.join(out_dir, subdir)
+            os.makedirs(run, exist_ok=True)
+            if crash_at is not None:
+                try:
+                    with crash_after(crash_at):
+                        train(run, *overrides)
+                    raise AssertionError(f"{name}: the run did not crash")
+                except SimulatedCrash:
+                    results[name] = {"crashed_at": crash_at}
+                continue
+            result = train(run, *overrides)
+            save_full_weights(result.model, os.path.join(out_dir, f"{name}.safetensors"))
+            results[name] = {"losses": [r["loss"] for r in result.records], "steps": [r["step"] for r in result.records]}
+    except Exception:
+        results["error"] = traceback.format_exc()
+        raise
+    finally:
+        if rank == 0:
+            with open(os.path.join(out_dir, "results.json"), "w") as f:
+                json.dump(results, f)
+        dist.destroy_process_group()

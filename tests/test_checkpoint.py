@@ -1,0 +1,212 @@
+"""Checkpoints on one process: exact resume, atomic commit under kill -9, retention, refusals.
+
+A "kill" at step k is simulated in-process by raising right after step k's checkpoint (the process state
+is then thrown away: the resumed run rebuilds everything from the checkpoint), and for real by a
+subprocess that SIGKILLs itself between writing a checkpoint and committing it.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from ckpt_workers import SimulatedCrash, crash_after
+from helpers import losses, train
+
+from automodel.checkpoint import dcp as dcp_plugin
+from automodel.errors import UserError
+
+RUN = ["train.max_steps=6", "train.log_every=1", "train.global_batch_size=8", "train.micro_batch_size=8",
+       "checkpoint.every_steps=2", "checkpoint.export_final=false"]
+
+
+def train_until_crash(out: str, crash_at: int, *overrides: str):
+    with crash_after(crash_at), pytest.raises(SimulatedCrash):
+        train(out, *overrides)
+
+
+def _ckpts(out):
+    return sorted(os.listdir(os.path.join(out, "checkpoints")))
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            h.update(name.encode())
+            with open(os.path.join(root, name), "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("uninterrupted"))
+    return out, train(out, *RUN, "checkpoint.keep_last=0")
+
+
+def test_periodic_checkpoints_hold_model_optimizer_schedule_rng_and_step(uninterrupted):
+    out, _ = uninterrupted
+    assert _ckpts(out) == ["step_00000002", "step_00000004", "step_00000006"]
+    folder = os.path.join(out, "checkpoints", "step_00000004")
+    meta = dcp_plugin.read_meta(folder)
+    assert meta["step"] == 4 and meta["scheduler"]["last_epoch"] == 4
+    assert {"exp_avg", "exp_avg_sq", "step"} <= {k.split(".")[-1] for k in _dcp_keys(folder) if k.startswith("optim.")}
+    assert any(k.startswith("model.") for k in _dcp_keys(folder))
+    assert {".metadata", "rng_rank0.safetensors", "automodel_ckpt.json"} <= set(os.listdir(folder))
+
+
+def _dcp_keys(folder):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return set(FileSystemReader(folder).read_metadata().state_dict_metadata)
+
+
+def test_resume_auto_is_bitwise_identical_to_the_uninterrupted_run(uninterrupted, tmp_path):
+    ref_out, ref = uninterrupted
+    out = str(tmp_path)
+    train_until_crash(out, 4, *RUN, "checkpoint.keep_last=2")
+    assert _ckpts(out) == ["step_00000002", "step_00000004"]
+    resumed = train(out, *RUN, "checkpoint.keep_last=2", "checkpoint.resume=auto")
+    assert [r["step"] for r in resumed.records] == [5, 6]
+    assert losses(resumed) == losses(ref)[4:]  # bitwise: the same floats
+    a, b = ref.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # metrics.jsonl holds each step once; retention kept the last two checkpoints
+    steps = [json.loads(ln)["step"] for ln in open(os.path.join(out, "metrics.jsonl"))]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert _ckpts(out) == ["step_00000004", "step_00000006"]
+
+
+def test_resume_from_a_path_of_another_run_writes_only_into_the_new_run(uninterrupted, tmp_path):
+    ref_out, ref = uninterrupted
+    before = _digest(os.path.join(ref_out, "checkpoints"))
+    resumed = train(str(tmp_path), *RUN, f"checkpoint.resume={ref_out}/checkpoints/step_00000002")
+    assert losses(resumed) == losses(ref)[2:]
+    assert _digest(os.path.join(ref_out, "checkpoints")) == before
+    assert _ckpts(str(tmp_path)) == ["step_00000004", "step_00000006"]
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from automodel.checkpoint import dcp
+def die(staging):
+    if staging.endswith("step_00000004.partial"):
+        os.kill(os.getpid(), signal.SIGKILL)  # everything is written, nothing is committed
+dcp._before_commit = die
+from helpers import train
+train({out!r}, *{run!r})
+"""
+
+
+def test_kill_9_between_write_and_commit_leaves_the_previous_checkpoint_latest(uninterrupted, tmp_path):
+    _, ref = uninterrupted
+    out = str(tmp_path)
+    script = KILL_SCRIPT.format(tests=os.path.dirname(__file__), out=out, run=RUN)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "AUTOMODEL_NO_PROGRESS": "1"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    partial = os.path.join(out, "checkpoints", "step_00000004.partial")
+    assert _ckpts(out) == ["step_00000002", "step_00000004.partial"]
+    assert os.path.isfile(os.path.join(partial, ".metadata"))  # the data was all there, but never committed
+    assert dcp_plugin.latest_valid(os.path.join(out, "checkpoints")).endswith("step_00000002")
+    resumed = train(out, *RUN, "checkpoint.resume=auto")
+    assert [r["step"] for r in resumed.records] == [3, 4, 5, 6]
+    assert losses(resumed) == losses(ref)[2:]
+    assert _ckpts(out) == ["step_00000004", "step_00000006"]  # the stale .partial is gone
+
+
+def _load_all(folder):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(folder).read_metadata().state_dict_metadata
+    sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()}
+    dcp.load(sd, checkpoint_id=folder, no_dist=True)
+    return sd
+
+
+def test_async_save_writes_the_same_checkpoints_and_resumes_bitwise(uninterrupted, tmp_path):
+    ref_out, ref = uninterrupted
+    out = str(tmp_path / "async")
+    os.makedirs(out)
+    train(out, *RUN, "checkpoint.async_save=true", "checkpoint.keep_last=0")
+    assert _ckpts(out) == ["step_00000002", "step_00000004", "step_00000006"]  # the last one committed at the end
+    for name in _ckpts(out):  # training went on while they were written: the CPU copy isolated them
+        a, b = _load_all(os.path.join(ref_out, "checkpoints", name)), _load_all(os.path.join(out, "checkpoints", name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # a crash while a background save may still be in flight: resume=auto takes the latest committed one
+    crashed = str(tmp_path / "crashed")
+    os.makedirs(crashed)
+    train_until_crash(crashed, 5, *RUN, "checkpoint.async_save=true")
+    resumed = train(crashed, *RUN, "checkpoint.async_save=true", "checkpoint.resume=auto")
+    first = resumed.records[0]["step"]
+    assert first in (3, 5) and losses(resumed) == losses(ref)[first - 1:]
+    a, b = ref.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- refusals
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_refuses_a_checkpoint_of_another_model_in_one_line_and_touches_nothing(uninterrupted, tmp_path):
+    ref_out, _ = uninterrupted
+    ckpt = os.path.join(ref_out, "checkpoints", "step_00000004")
+    before = _digest(ref_out)
+    with pytest.raises(UserError) as e:
+        train(str(tmp_path), *RUN, f"checkpoint.resume={ckpt}", "model.config.hidden_size=32")
+    msg = str(e.value)
+    assert "\n" not in msg and "model.hidden_size is 64 in the checkpoint but 32 in this run" in msg, msg
+    with pytest.raises(UserError, match="train.seed is 42 in the checkpoint but 7 in this run"):
+        train(str(tmp_path), *RUN, f"checkpoint.resume={ckpt}", "train.seed=7")
+    with pytest.raises(UserError, match="peft.plugin is 'none' in the checkpoint but 'lora'"):
+        train(str(tmp_path), *RUN, f"checkpoint.resume={ckpt}", "peft=lora")
+    assert _digest(ref_out) == before
+    assert not os.path.exists(os.path.join(str(tmp_path), "config.yaml"))  # the failed run wrote nothing
+
+
+@pytest.mark.parametrize("damage,expect", [
+    ("delete_data", "file __0_0.distcp is missing"),
+    ("truncate_data", "is corrupt: file __0_0.distcp has"),
+    ("delete_meta", "not a complete automodel checkpoint"),
+    ("garble_meta", "is corrupt: automodel_ckpt.json does not parse"),
+    ("delete_dcp_metadata", "file .metadata is missing"),
+])
+def test_refuses_a_missing_or_corrupt_checkpoint_file(uninterrupted, tmp_path, damage, expect):
+    ref_out, _ = uninterrupted
+    ckpt = _copy(os.path.join(ref_out, "checkpoints", "step_00000004"), str(tmp_path / "step_00000004"))
+    target = {"delete_data": "__0_0.distcp", "truncate_data": "__0_0.distcp", "delete_meta": "automodel_ckpt.json",
+              "garble_meta": "automodel_ckpt.json", "delete_dcp_metadata": ".metadata"}[damage]
+    path = os.path.join(ckpt, target)
+    if damage.startswith("delete"):
+        os.remove(path)
+    elif damage == "truncate_data":
+        os.truncate(path, os.path.getsize(path) // 2)
+    else:
+        with open(path, "w") as f:
+            f.write("{not json")
+    before = _digest(ckpt)
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(UserError, match=expect) as e:
+        train(str(run), *RUN, f"checkpoint.resume={ckpt}")
+    assert "\n" not in str(e.value)
+    assert _digest(ckpt) == before and os.listdir(run) == []
+
+
+def test_resume_auto_skips_a_broken_newest_checkpoint_and_refuses_a_missing_path(uninterrupted, tmp_path):
+    ref_out, ref = uninterrupted
+    out = str(tmp_path)
+    _copy(os.path.join(ref_out, "checkpoints"), os.path.join(out, "checkpoints"))
+    os.remove(os.path.join(out, "checkpoints", "step_00000006", "__0_0.distcp"))
+    assert dcp_plugin.latest_valid(os.path.join(out, "checkpoints")).endswith("step_00000004")
+    with pytest.raises(UserError, match="does not exist"):
+        train(str(tmp_path / "x"), *RUN, f"checkpoint.resume={tmp_path}/nowhere")

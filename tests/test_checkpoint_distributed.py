@@ -1,0 +1,81 @@
+"""Checkpoints across ranks (gloo): bitwise resume under 2-rank FSDP2, and resharding 2 ranks -> 1 and 4.
+
+One 2-rank spawn runs the uninterrupted reference, a crash after step 4 and its resume; a 4-rank spawn
+resumes the reference's step-4 checkpoint; one process resumes it too.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from helpers import losses, train
+from safetensors.torch import load_file
+
+RUN = ["train.max_steps=6", "train.log_every=1", "train.global_batch_size=8", "checkpoint.every_steps=2",
+       "checkpoint.export_final=false"]
+FSDP2 = ["parallel=fsdp2", "train.micro_batch_size=4", *RUN]
+
+
+def _spawn(out, world, plan):
+    mp.spawn(_entry, args=(world, os.path.join(out, f"store{world}"), out, plan), nprocs=world, join=True)
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    assert "error" not in results, results.get("error")
+    return results
+
+
+def _entry(rank, world, store, out, plan):
+    from ckpt_workers import run_plan
+
+    run_plan(rank, world, store, out, plan)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ckpt2"))
+    plan = [
+        ("ref", "ref", None, [*FSDP2, "checkpoint.keep_last=0"]),
+        ("crash", "resumed", 4, FSDP2),
+        ("resumed", "resumed", None, [*FSDP2, "checkpoint.resume=auto"]),
+    ]
+    return out, _spawn(out, 2, plan)
+
+
+def _weights_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _max_weight_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_fsdp2_resume_is_bitwise_identical_to_the_uninterrupted_run(two_ranks):
+    out, r = two_ranks
+    assert r["crash"] == {"crashed_at": 4}
+    assert r["resumed"]["steps"] == [5, 6]
+    assert r["resumed"]["losses"] == r["ref"]["losses"][4:]  # the same floats
+    assert _weights_equal(load_file(os.path.join(out, "ref.safetensors")), load_file(os.path.join(out, "resumed.safetensors")))
+    ckpt = os.path.join(out, "ref", "checkpoints", "step_00000004")
+    assert {"rng_rank0.safetensors", "rng_rank1.safetensors", "__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(ckpt))
+
+
+def test_reshard_two_ranks_to_one_process(two_ranks, tmp_path):
+    out, r = two_ranks
+    ckpt = os.path.join(out, "ref", "checkpoints", "step_00000004")
+    one = train(str(tmp_path), "parallel=none", "train.micro_batch_size=8", *RUN, f"checkpoint.resume={ckpt}")
+    diffs = [abs(a - b) for a, b in zip(losses(one), r["ref"]["losses"][4:])]
+    assert [x["step"] for x in one.records] == [5, 6] and max(diffs) < 1e-5, diffs
+    assert _max_weight_diff(one.model.state_dict(), load_file(os.path.join(out, "ref.safetensors"))) < 1e-5
+
+
+def test_reshard_two_ranks_to_four_ranks_fsdp2(two_ranks):
+    out, r = two_ranks
+    ckpt = os.path.join(out, "ref", "checkpoints", "step_00000004")
+    four = _spawn(out, 4, [("four", "four", None, ["parallel=fsdp2", "train.micro_batch_size=2", *RUN,
+                                                     f"checkpoint.resume={ckpt}"])])
+    diffs = [abs(a - b) for a, b in zip(four["four"]["losses"], r["ref"]["losses"][4:])]
+    assert four["four"]["steps"] == [5, 6] and max(diffs) < 1e-5, diffs
+    assert _max_weight_diff(load_file(os.path.join(out, "four.safetensors")), load_file(os.path.join(out, "ref.safetensors"))) < 1e-5
