@@ -48,3 +48,63 @@ def step_batch(examples: list[tuple[list[int], list[int]]], micro_batch_size: in
     targets = sum(sum(1 for t in lab if t != IGNORE_INDEX) for _, lab in examples)
     tokens = sum(len(ids) for ids, _ in examples)
     return StepBatch(micro, targets, tokens)
+
+
+# ---------------------------------------------------------------- sequence packing
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Group example indices into rows of at most `capacity` tokens (best-fit decreasing; deterministic).
+
+    Each row is later laid out as its examples one after another, with position_ids restarting at 0 at
+    every example, so no token attends across examples (see `collate_packed`).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: dict[int, list[int]] = {}  # free space -> rows with exactly that much room left
+    for i in order:
+        need = lengths[i]
+        for room in range(need, capacity + 1):  # the fullest row it still fits in
+            if free.get(room):
+                r = free[room].pop()
+                break
+        else:
+            rows.append([])
+            r, room = len(rows) - 1, capacity
+        rows[r].append(i)
+        free.setdefault(room - need, []).append(r)
+    for row in rows:
+        row.sort()  # examples in their data-set order inside a row
+    return rows
+
+
+def collate_packed(rows: list[list[tuple[list[int], list[int]]]], pad_id: int, multiple: int = 8) -> dict[str, torch.Tensor]:
+    """Lay out each row's examples back to back, with position_ids restarting at 0 at each example.
+
+    transformers (v5 `create_causal_mask`) reads restarting position_ids with no attention mask as packed
+    sequences: SDPA and eager attention get a block-diagonal causal mask (works on CPU), flash-attention
+    takes its varlen path. Padding at the end of a row is a segment of its own, with IGNORE_INDEX labels.
+    """
+    import torch
+
+    longest = max(sum(len(ids) for ids, _ in row) for row in rows)
+    width = -(-longest // multiple) * multiple
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for ids, lab in row:
+            n = len(ids)
+            input_ids[r, at : at + n] = torch.tensor(ids, dtype=torch.long)
+            labels[r, at : at + n] = torch.tensor(lab, dtype=torch.long)
+            position_ids[r, at : at + n] = torch.arange(n)
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def packed_step_batch(rows: list[list[tuple[list[int], list[int]]]], micro_batch_size: int, pad_id: int) -> StepBatch:
+    """Like `step_batch`, for packed rows (each a list of examples)."""
+    micro = [collate_packed(rows[i : i + micro_batch_size], pad_id) for i in range(0, len(rows), micro_batch_size)]
+    targets = sum(sum(1 for t in lab if t != IGNORE_INDEX) for row in rows for _, lab in row)
+    tokens = sum(len(ids) for row in rows for ids, _ in row)
+    return StepBatch(micro, targets, tokens)

@@ -90,7 +90,7 @@ def test_help_lists_groups_and_options(tmp_path):
     assert proc.returncode == 0
     for fragment in ("model: hf, llama3_2_1b, llama3_70b, llama3_8b, mistral_7b, qwen2_5_7b, qwen3_0_6b, tiny",
                      "parallel: fsdp2, fsdp2_tp, hsdp, none", "peft: lora, none", "precision: bf16, fp32",
-                     "checkpoint: hf_export", "optim: adamw", "data: instruction, tiny_tasks", "automodel list"):
+                     "checkpoint: hf_export", "optim: adamw", "data: chat, hellaswag, instruction, squad, text, tiny_tasks", "automodel list"):
         assert fragment in proc.stdout, fragment
 
 

@@ -1,107 +1,122 @@
-"""Data plugin `instruction`: prompt/completion pairs from a JSON-lines file, loss on the completion only.
+"""Data plugins `instruction`, `squad`, `hellaswag`: prompt/completion pairs, loss on the completion only.
 
-Each line is an object with a prompt and a completion column (names configurable). The sequence is
-[bos] prompt completion [eos]; labels mask the prompt, so the model is trained to answer, not to ask.
+Each record gives a prompt and a completion (`instruction` reads two columns, named by data.prompt_column
+and data.completion_column; `squad` and `hellaswag` build them from those public sets' record formats, as
+NeMo AutoModel's recipes do). The sequence is [bos] prompt completion [eos]; labels mask the prompt, so
+the model is trained to answer, not to ask.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
-import os
 from typing import Optional
 
-from automodel.batch import IGNORE_INDEX, step_batch
-from automodel.errors import UserError
-from automodel.sampling import GlobalBatchSampler
-
-log = logging.getLogger(__name__)
+from automodel.data.examples import EncodeStats, ExampleData, SourceConfig, mask_before
 
 
 @dataclasses.dataclass
-class InstructionConfig:
-    path: str = "???"
-    val_path: Optional[str] = None  # held-out pairs; used for the end-of-run sample generations
+class InstructionConfig(SourceConfig):
     prompt_column: str = "prompt"
     completion_column: str = "completion"
     add_eos: bool = True
+    packing: bool = False  # several examples per row, no attention across them (position_ids restart)
 
 
-def read_jsonl(path: str, columns: tuple[str, ...], key: str = "data.path") -> list[dict]:
-    """Rows of a JSON-lines file; a bad line or missing column stops with its file and line number."""
-    if not os.path.isfile(path):
-        raise UserError(f"{key}='{path}' does not exist or is not a file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [c for c in columns if c not in row]
-            if missing:
-                raise UserError(
-                    f"{path}:{lineno}: no column '{missing[0]}'; the columns are: {', '.join(row)} "
-                    f"(map yours with data.prompt_column / data.completion_column)"
-                )
-            rows.append(row)
-    if not rows:
-        raise UserError(f"{key}='{path}' holds no examples")
-    return rows
+class PairData(ExampleData):
+    """Anything that yields (prompt, completion) strings per record."""
 
+    def __init__(self, config):
+        super().__init__(config)
+        self.packing = config.packing
 
-class InstructionData:
-    Config = InstructionConfig
+    def pairs(self, records) -> tuple[list[str], list[str], int]:
+        """(prompts, completions, records skipped as unusable)."""
+        raise NotImplementedError
 
-    def __init__(self, config: InstructionConfig):
-        self.cfg = config
-
-    def _columns(self) -> tuple[str, str]:
-        return self.cfg.prompt_column, self.cfg.completion_column
-
-    def tokenize(self, tokenizer, rows: list[dict], seq_len: int) -> list[tuple[list[int], list[int]]]:
-        """(input_ids, labels) per row, shifted for next-token prediction and truncated to seq_len."""
-        p_col, c_col = self._columns()
-        prompts = tokenizer([str(r[p_col]) for r in rows], add_special_tokens=False)["input_ids"]
-        answers = tokenizer([str(r[c_col]) for r in rows], add_special_tokens=False)["input_ids"]
+    def encode(self, tokenizer, records, seq_len):
+        prompts, answers, skipped = self.pairs(records)
+        stats = EncodeStats(rows=len(records), dropped=skipped)
+        p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+        c_ids = tokenizer(answers, add_special_tokens=False)["input_ids"] if answers else []
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         eos = [tokenizer.eos_token_id] if self.cfg.add_eos and tokenizer.eos_token_id is not None else []
-        examples, truncated = [], 0
-        for p, c in zip(prompts, answers):
-            prompt, full = bos + p, bos + p + c + eos
-            if len(full) - 1 > seq_len:
-                truncated += 1
-                full = full[: seq_len + 1]
-            labels = [t if i + 1 >= len(prompt) else IGNORE_INDEX for i, t in enumerate(full[1:])]
-            if all(t == IGNORE_INDEX for t in labels):
-                continue  # the completion was cut off entirely: nothing to learn from
-            examples.append((full[:-1], labels))
-        if truncated:
-            log.warning("%d of %d examples were longer than train.seq_len=%d and were truncated", truncated, len(rows), seq_len)
-        if not examples:
-            raise UserError(
-                f"every one of the {len(rows)} examples in {self.cfg.path} lost its whole completion to "
-                f"train.seq_len={seq_len}; raise train.seq_len"
-            )
-        return examples
+        examples = []
+        for p, c in zip(p_ids, c_ids):
+            ex = mask_before(bos + p + c + eos, len(bos) + len(p), seq_len, stats)
+            if ex is not None:
+                examples.append(ex)
+        return examples, stats
 
-    def build(self, tokenizer, *, seq_len, seed, dp_rank, dp_size, global_batch_size, micro_batch_size, start_step=0):
-        examples = self.tokenize(tokenizer, read_jsonl(self.cfg.path, self._columns()), seq_len)
-        sampler = GlobalBatchSampler(len(examples), global_batch_size, seed)
-        pad_id = tokenizer.pad_token_id
-        step = start_step
-        while True:
-            picked = [examples[i] for i in sampler.rank_indices(step, dp_rank, dp_size)]
-            yield step_batch(picked, micro_batch_size, pad_id)
-            step += 1
+    def prompts(self, records, n):
+        prompts, answers, _ = self.pairs(records)
+        return list(zip(prompts, answers))[:n]
 
-    def sample_prompts(self, n: int) -> list[tuple[str, str]]:
-        path = self.cfg.val_path or self.cfg.path
-        rows = read_jsonl(path, self._columns(), "data.val_path" if self.cfg.val_path else "data.path")
-        p_col, c_col = self._columns()
-        return [(str(r[p_col]), str(r[c_col])) for r in rows[:n]]
+
+class InstructionData(PairData):
+    Config = InstructionConfig
+    hint = "map yours with data.prompt_column / data.completion_column"
+
+    def columns(self):
+        return self.cfg.prompt_column, self.cfg.completion_column
+
+    def pairs(self, records):
+        return ([str(x) for x in records.column(self.cfg.prompt_column)],
+                [str(x) for x in records.column(self.cfg.completion_column)], 0)
+
+
+@dataclasses.dataclass
+class SquadConfig(SourceConfig):
+    path: str = "rajpurkar/squad"
+    val_split: Optional[str] = "validation"
+    add_eos: bool = True
+    packing: bool = False
+
+
+class SquadData(PairData):
+    """SQuAD records {context, question, answers: {text: [...]}}: prompt "<context> <question> ", completion the
+    first answer (NeMo AutoModel's `make_squad_dataset` format)."""
+
+    Config = SquadConfig
+
+    def columns(self):
+        return "context", "question", "answers"
+
+    def pairs(self, records):
+        prompts, answers, skipped = [], [], 0
+        for r in records.rows:
+            texts = (r["answers"] or {}).get("text") or []
+            if not texts:  # SQuAD v2 unanswerable questions: nothing to train on
+                skipped += 1
+                continue
+            prompts.append(f"{r['context']} {r['question']} ")
+            answers.append(str(texts[0]).strip())
+        return prompts, answers, skipped
+
+
+@dataclasses.dataclass
+class HellaSwagConfig(SourceConfig):
+    path: str = "Rowan/hellaswag"
+    val_split: Optional[str] = "validation"
+    add_eos: bool = True
+    packing: bool = False
+
+
+class HellaSwagData(PairData):
+    """HellaSwag records {ctx, endings: [4 strings], label}: prompt the context, completion the right ending
+    (NeMo AutoModel's `HellaSwag` dataset: context, then target = endings[label])."""
+
+    Config = HellaSwagConfig
+
+    def columns(self):
+        return "ctx", "endings", "label"
+
+    def pairs(self, records):
+        prompts, answers, skipped = [], [], 0
+        for r in records.rows:
+            label = str(r["label"]).strip()
+            if not label.isdigit() or int(label) >= len(r["endings"]):  # the test split has no labels
+                skipped += 1
+                continue
+            prompts.append(str(r["ctx"]))
+            answers.append(" " + str(r["endings"][int(label)]))
+        return prompts, answers, skipped

@@ -1,0 +1,180 @@
+"""What the data plugins share: the source fields of their configs, the held-out split, packing, sampling.
+
+A plugin subclasses `ExampleData` and implements `encode(tokenizer, records, seq_len)`, which turns a
+`Records` table into (input_ids, labels) pairs (labels already shifted, IGNORE_INDEX where there is no loss)
+and counts what it truncated and dropped. Everything else (which examples a rank reads at a step, packing,
+validation batches, messages about unusable data) lives here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+from automodel.batch import IGNORE_INDEX, pack, packed_step_batch, step_batch
+from automodel.data import loading
+from automodel.errors import UserError
+from automodel.sampling import GlobalBatchSampler
+
+log = logging.getLogger(__name__)
+
+Example = tuple[list[int], list[int]]
+VAL_SEED = 20_240_917  # the held-out split does not move when train.seed changes
+
+
+@dataclasses.dataclass
+class SourceConfig:
+    path: str = "???"  # a jsonl/json/parquet/csv/txt file, a save_to_disk folder, or a hub id
+    split: str = "train"  # the split of a hub id or DatasetDict folder to train on
+    val_path: Optional[str] = None  # held-out data in its own file/folder/hub id
+    val_split: Optional[str] = None  # ... or a split of `path` (e.g. validation)
+    val_size: int = 0  # ... or this many examples held out of the training data (seeded)
+
+
+@dataclasses.dataclass
+class EncodeStats:
+    rows: int = 0
+    truncated: int = 0  # longer than train.seq_len: cut
+    dropped: int = 0  # nothing left to learn from (no target token within train.seq_len, or empty)
+
+    def message(self, seq_len: int) -> str:
+        return (f"{self.rows} examples: {self.truncated} longer than train.seq_len={seq_len} were truncated, "
+                f"{self.dropped} dropped (no target token left)")
+
+
+class ExampleData:
+    """Base of the tokenize-everything plugins (instruction, chat, squad, hellaswag)."""
+
+    packing = False  # subclasses whose Config has `packing` read it from there
+    hint = ""  # appended to a missing-column message, e.g. which keys map columns
+
+    def __init__(self, config):
+        self.cfg = config
+        self._cache: dict = {}
+
+    # ------------------------------------------------ what subclasses provide
+    def columns(self) -> tuple[str, ...]:
+        return ()
+
+    def encode(self, tokenizer, records: loading.Records, seq_len: int) -> tuple[list[Example], EncodeStats]:
+        raise NotImplementedError
+
+    def prompts(self, records: loading.Records, n: int) -> list[tuple[str, str]]:
+        return []
+
+    # ------------------------------------------------ loading
+    def records(self, which: str = "train") -> loading.Records | None:
+        c = self.cfg
+        if which == "train":
+            return loading.load(c.path, split=c.split, required=self.columns(), hint=self.hint)
+        if c.val_path:
+            return loading.load(c.val_path, key="data.val_path", split=c.split, required=self.columns(), hint=self.hint)
+        if c.val_split:
+            return loading.load(c.path, split=c.val_split, required=self.columns(), hint=self.hint)
+        return None
+
+    def _encoded(self, tokenizer, seq_len: int, which: str) -> list[Example] | None:
+        key = (id(tokenizer), seq_len, which)
+        if key not in self._cache:
+            self._cache[key] = self._encode_split(tokenizer, seq_len, which)
+        return self._cache[key]
+
+    def _encode_split(self, tokenizer, seq_len: int, which: str) -> list[Example] | None:
+        c = self.cfg
+        if which == "val" and not (c.val_path or c.val_split):
+            if not c.val_size:
+                return None
+            return self._held_out(tokenizer, seq_len)[1]
+        if which == "train" and c.val_size and not (c.val_path or c.val_split):
+            return self._held_out(tokenizer, seq_len)[0]
+        records = self.records(which)
+        return self._checked(tokenizer, records, seq_len, "data.val_path" if which == "val" else "data.path")
+
+    def _checked(self, tokenizer, records: loading.Records, seq_len: int, key: str) -> list[Example]:
+        examples, stats = self.encode(tokenizer, records, seq_len)
+        if not examples:
+            raise UserError(f"{key}='{records.source}' has no usable example: of {stats.message(seq_len)}; "
+                            f"raise train.seq_len or check the data")
+        if stats.truncated or stats.dropped:
+            log.warning("%s: of %s", records.source, stats.message(seq_len))
+        return examples
+
+    def _held_out(self, tokenizer, seq_len: int) -> tuple[list[Example], list[Example]]:
+        import torch
+
+        key = (id(tokenizer), seq_len, "held_out")
+        if key not in self._cache:
+            examples = self._checked(tokenizer, self.records("train"), seq_len, "data.path")
+            n = self.cfg.val_size
+            if n >= len(examples):
+                raise UserError(f"data.val_size={n} leaves nothing to train on ({len(examples)} usable examples); "
+                                f"lower it or set data.val_path")
+            perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(VAL_SEED)).tolist()
+            held = set(perm[:n])
+            self._cache[key] = ([e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)])
+        return self._cache[key]
+
+    # ------------------------------------------------ the DataPlugin contract
+    def units(self, examples: list[Example], seq_len: int, what: str = "training") -> list:
+        """What one sequence slot of a batch holds: an example, or (packing) a row of several."""
+        if not self.packing:
+            return examples
+        rows = pack([len(ids) for ids, _ in examples], seq_len)
+        tokens = sum(len(ids) for ids, _ in examples)
+        log.info("packing: %d %s examples into %d rows of %d tokens: %.1f%% padding (%.1f%% when every example "
+                 "is padded to train.seq_len)", len(examples), what, len(rows), seq_len,
+                 100 * (1 - tokens / (len(rows) * seq_len)), 100 * (1 - tokens / (len(examples) * seq_len)))
+        return [[examples[i] for i in row] for row in rows]
+
+    def collate(self, units: list, micro_batch_size: int, pad_id: int):
+        if self.packing:
+            return packed_step_batch(units, micro_batch_size, pad_id)
+        return step_batch(units, micro_batch_size, pad_id)
+
+    def build(self, tokenizer, *, seq_len, seed, dp_rank, dp_size, global_batch_size, micro_batch_size, start_step=0):
+        units = self.units(self._encoded(tokenizer, seq_len, "train"), seq_len)
+        sampler = GlobalBatchSampler(len(units), global_batch_size, seed)
+        pad_id = _pad_id(tokenizer)
+        step = start_step
+        while True:
+            picked = [units[i] for i in sampler.rank_indices(step, dp_rank, dp_size)]
+            yield self.collate(picked, micro_batch_size, pad_id)
+            step += 1
+
+    def val_batches(self, tokenizer, *, seq_len, dp_rank, dp_size, micro_batch_size):
+        """This rank's micro-batches of the held-out data (every rank gets the same number), or None."""
+        examples = self._encoded(tokenizer, seq_len, "val")
+        if examples is None:
+            return None
+        units = self.units(examples, seq_len, "validation")
+        per_rank = len(units) // dp_size
+        if per_rank == 0:
+            raise UserError(f"the validation data has {len(units)} usable sequences, fewer than the {dp_size} "
+                            f"data-parallel ranks; add validation data")
+        mine = units[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+        return [self.collate(mine[i : i + micro_batch_size], micro_batch_size, _pad_id(tokenizer))
+                for i in range(0, len(mine), micro_batch_size)]
+
+    def sample_prompts(self, n: int) -> list[tuple[str, str]]:
+        records = self.records("val") if (self.cfg.val_path or self.cfg.val_split) else self.records("train")
+        return self.prompts(records, n)
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return tid
+    return 0
+
+
+def mask_before(full: list[int], start: int, seq_len: int, stats: EncodeStats) -> Example | None:
+    """(input_ids, labels) for a token sequence whose targets begin at token `start`, cut to seq_len."""
+    if len(full) - 1 > seq_len:
+        stats.truncated += 1
+        full = full[: seq_len + 1]
+    labels = [t if i + 1 >= start else IGNORE_INDEX for i, t in enumerate(full[1:])]
+    if not any(t != IGNORE_INDEX for t in labels):
+        stats.dropped += 1
+        return None
+    return full[:-1], labels

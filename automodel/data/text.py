@@ -1,0 +1,113 @@
+"""Data plugin `text`: pretraining on raw text, tokenized and concatenated into fixed-length blocks.
+
+Every document (a record's text column; a line of a .txt file) becomes [bos] tokens [eos]; the documents
+are concatenated and cut into blocks of train.seq_len + 1 tokens overlapping by one (input = block[:-1],
+labels = block[1:]), so every token pair is trained on once per epoch and no block needs padding.
+
+`data.streaming=true` reads the source as a `datasets.IterableDataset` (corpora larger than memory): the
+order is a seeded shuffle buffer per epoch, every rank reads the stream and keeps its slice of each global
+batch, and a run resumed at step k re-reads (and discards) the first k global batches, so it sees exactly
+the batches an uninterrupted run saw. Without streaming the blocks are made once and sampled like examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from automodel.batch import step_batch
+from automodel.data import loading
+from automodel.data.examples import EncodeStats, ExampleData, SourceConfig, _pad_id
+from automodel.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TextConfig(SourceConfig):
+    text_column: str = "text"
+    streaming: bool = False  # read through a datasets IterableDataset, never all in memory
+    shuffle_buffer: int = 10_000  # streaming only: documents in the seeded shuffle buffer
+
+
+class TextData(ExampleData):
+    Config = TextConfig
+    hint = "name yours with data.text_column"
+
+    def columns(self):
+        return (self.cfg.text_column,)
+
+    def _doc_tokens(self, tokenizer, texts: list) -> list[list[int]]:
+        texts = [str(t) for t in texts if t is not None and str(t).strip()]
+        if not texts:
+            return []
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        return [bos + ids + eos for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def encode(self, tokenizer, records, seq_len):
+        stream: list[int] = []
+        docs = self._doc_tokens(tokenizer, records.column(self.cfg.text_column))
+        for d in docs:
+            stream.extend(d)
+        n_blocks = (len(stream) - 1) // seq_len if stream else 0
+        if n_blocks == 0:
+            raise UserError(f"{records.source}: {len(docs)} non-empty documents of {len(records)} records hold "
+                            f"{len(stream)} tokens, fewer than one block of train.seq_len+1={seq_len + 1}; "
+                            f"add text or lower train.seq_len")
+        blocks = [stream[k * seq_len : k * seq_len + seq_len + 1] for k in range(n_blocks)]
+        log.info("%s: %d documents, %d tokens -> %d blocks of %d (%d tail tokens unused)", records.source,
+                 len(docs), len(stream), n_blocks, seq_len, len(stream) - 1 - n_blocks * seq_len)
+        return [(b[:-1], b[1:]) for b in blocks], EncodeStats(rows=len(records))
+
+    def build(self, tokenizer, *, seq_len, seed, dp_rank, dp_size, global_batch_size, micro_batch_size, start_step=0):
+        if not self.cfg.streaming:
+            return super().build(tokenizer, seq_len=seq_len, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
+                                 global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
+                                 start_step=start_step)
+        if self.cfg.val_size:
+            raise UserError("data.val_size cannot hold examples out of a stream; set data.val_path or data.val_split")
+        return self._stream(tokenizer, seq_len, seed, dp_rank, dp_size, global_batch_size, micro_batch_size, start_step)
+
+    def blocks(self, tokenizer, seq_len: int, seed: int):
+        """Endless blocks of seq_len + 1 tokens from the stream, epoch after epoch (a new shuffle each)."""
+        ds = loading.load(self.cfg.path, split=self.cfg.split, streaming=True, required=self.columns(), hint=self.hint)
+        ds = ds.shuffle(seed=seed, buffer_size=self.cfg.shuffle_buffer)
+        epoch = 0
+        while True:
+            ds.set_epoch(epoch)
+            buf: list[int] = []
+            made = 0
+            batch = []
+            for row in ds:
+                batch.append(row[self.cfg.text_column])
+                if len(batch) < 256:
+                    continue
+                for d in self._doc_tokens(tokenizer, batch):
+                    buf.extend(d)
+                batch = []
+                while len(buf) > seq_len:
+                    yield buf[: seq_len + 1]
+                    buf, made = buf[seq_len:], made + 1
+            for d in self._doc_tokens(tokenizer, batch):
+                buf.extend(d)
+            while len(buf) > seq_len:
+                yield buf[: seq_len + 1]
+                buf, made = buf[seq_len:], made + 1
+            if made == 0:
+                raise UserError(f"data.path='{self.cfg.path}' holds fewer than train.seq_len+1={seq_len + 1} tokens; "
+                                f"add text or lower train.seq_len")
+            epoch += 1
+
+    def _stream(self, tokenizer, seq_len, seed, dp_rank, dp_size, global_batch_size, micro_batch_size, start_step):
+        blocks = self.blocks(tokenizer, seq_len, seed)
+        for _ in range(start_step * global_batch_size):  # resume: the stream has no random access
+            next(blocks)
+        per_rank, pad_id = global_batch_size // dp_size, _pad_id(tokenizer)
+        while True:
+            step = [next(blocks) for _ in range(global_batch_size)]
+            mine = step[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+            yield step_batch([(b[:-1], b[1:]) for b in mine], micro_batch_size, pad_id)
+
+    def sample_prompts(self, n):
+        return []  # raw text has no prompt/answer pairs (and a stream is not read twice)
