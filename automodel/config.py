@@ -41,6 +41,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     device: str = "auto"  # auto | cpu | cuda
     sample_prompts: int = 3  # greedy generations shown at the end of a run (0: none)
+    val_every: int = 0  # steps between validations on the data's held-out part (0: off); val_loss in metrics
 
 
 TOP_LEVEL = ("train", *registry.GROUPS)

@@ -72,7 +72,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def run_loop(step_fn: StepRunner, batches, max_steps: int, log_every: int, on_step, on_log,
-             start_step: int = 0) -> list[dict]:
+             start_step: int = 0, val_every: int = 0, validate=None) -> list[dict]:
     """Train steps start_step+1 .. max_steps; call on_step(step) after each and on_log(record) every
     `log_every` (and the last). A resumed run passes the checkpoint's step as start_step."""
     records = []
@@ -82,7 +82,8 @@ def run_loop(step_fn: StepRunner, batches, max_steps: int, log_every: int, on_st
         batch = next(batches)
         loss_share, grad_norm = step_fn(batch)
         tokens_since += batch.num_tokens
-        if step % log_every == 0 or step == max_steps:
+        val_due = validate is not None and (step % val_every == 0 or step == max_steps)
+        if step % log_every == 0 or step == max_steps or val_due:
             stats = torch.stack([loss_share.float(), torch.tensor(float(tokens_since), device=loss_share.device)])
             if step_fn.dp_size > 1:
                 dist.all_reduce(stats, group=step_fn.dp_group)
@@ -93,6 +94,8 @@ def run_loop(step_fn: StepRunner, batches, max_steps: int, log_every: int, on_st
                 "grad_norm": float(_full(grad_norm)), "tokens_per_s": tokens / max(now - t_last, 1e-9),
                 "tokens": int(tokens),
             }
+            if val_due:
+                record["val_loss"] = validate()  # collective: every rank evaluates
             records.append(record)
             on_log(record)
             tokens_since, t_last = 0, now

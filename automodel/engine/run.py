@@ -59,7 +59,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
 
     from omegaconf import OmegaConf
 
-    from automodel.engine import checkpointing, export, metrics, run_dir
+    from automodel.engine import checkpointing, export, metrics, run_dir, validate
     from automodel.engine.loop import StepRunner, run_loop
     from automodel.engine.memory import check_fits
     from automodel.modules import count_params
@@ -90,6 +90,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
                               global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
                               start_step=start)
     first = next(batches)  # fail on bad data before spending time on the model
+    val = validate.batches(p["data"], tokenizer, t, dp_rank, dp_size, t.micro_batch_size)
 
     # 3-4. model, peft, layout
     torch.manual_seed(t.seed)
@@ -122,6 +123,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     t0 = time.perf_counter()
     try:
         records = run_loop(step, _chain(first, batches), t.max_steps, t.log_every, start_step=start,
+                           val_every=t.val_every, validate=validate.evaluator(step, val),
                            on_step=lambda s: (progress.advance(s), p["checkpoint"].after_step(s, state, out_dir)),
                            on_log=lambda r: (sink and sink.write(r), progress.logged(r)))
     finally:
