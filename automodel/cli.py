@@ -3,6 +3,7 @@
     automodel [overrides...]        train (Hydra: --help, --cfg job, -m for sweeps)
     automodel list                  installed plugins and config options, with the package providing each
     automodel generate DIR PROMPT   greedy generation from an exported HF folder
+    automodel export CKPT OUT       a DCP checkpoint -> an HF folder, offline, on one process
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from automodel.errors import UserError
 SUBCOMMANDS = {
     "list": "automodel.cli_list:main",
     "generate": "automodel.generate:main",
+    "export": "automodel.cli_export:main",
 }
 
 

@@ -210,3 +210,24 @@ def test_resume_auto_skips_a_broken_newest_checkpoint_and_refuses_a_missing_path
     assert dcp_plugin.latest_valid(os.path.join(out, "checkpoints")).endswith("step_00000004")
     with pytest.raises(UserError, match="does not exist"):
         train(str(tmp_path / "x"), *RUN, f"checkpoint.resume={tmp_path}/nowhere")
+
+
+# ---------------------------------------------------------------- automodel export
+def test_automodel_export_turns_a_checkpoint_into_an_hf_folder_offline(uninterrupted, tmp_path):
+    from helpers import cli
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref_out, ref = uninterrupted
+    out = str(tmp_path / "hf")
+    proc = cli("export", ref_out, out, cwd=str(tmp_path))  # a run dir: its latest checkpoint (step 6)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor([tok("sort: 3 1 2 =>")["input_ids"]])
+    ref.model.eval()
+    with torch.no_grad():
+        diff = (loaded(input_ids=ids).logits - ref.model(input_ids=ids).logits).abs().max().item()
+    assert diff == 0.0, diff
+    bad = cli("export", str(tmp_path / "nowhere"), out, cwd=str(tmp_path))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr, bad.stderr

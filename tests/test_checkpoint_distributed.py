@@ -79,3 +79,15 @@ def test_reshard_two_ranks_to_four_ranks_fsdp2(two_ranks):
     diffs = [abs(a - b) for a, b in zip(four["four"]["losses"], r["ref"]["losses"][4:])]
     assert four["four"]["steps"] == [5, 6] and max(diffs) < 1e-5, diffs
     assert _max_weight_diff(load_file(os.path.join(out, "four.safetensors")), load_file(os.path.join(out, "ref.safetensors"))) < 1e-5
+
+
+def test_export_a_two_rank_fsdp2_checkpoint_offline_on_one_process(two_ranks, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from automodel.cli_export import export
+
+    out, _ = two_ranks
+    hf = export(os.path.join(out, "ref", "checkpoints", "step_00000006"), str(tmp_path / "hf"))
+    loaded = AutoModelForCausalLM.from_pretrained(hf).state_dict()
+    trained = load_file(os.path.join(out, "ref.safetensors"))  # the gathered weights after step 6
+    assert _weights_equal({k: loaded[k] for k in trained}, trained)

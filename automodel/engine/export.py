@@ -25,16 +25,25 @@ def export_final(model, tokenizer, plugins, out_dir: str, env) -> str | None:
     if not env.is_main:
         return None
     full = _unaliased(full, model)
+    final_dir = os.path.join(out_dir, ckpt.cfg.dirname)
+    write_hf_folder(full, tokenizer, plugins, final_dir)
+    log.info("exported the trained model to %s", final_dir)
+    return final_dir
+
+
+def write_hf_folder(full: dict, tokenizer, plugins, final_dir: str) -> None:
+    """One process: a full (unsharded) state dict -> an HF folder, written atomically (+ PEFT adapter).
+
+    Shared by the end of a run and by `automodel export` (a DCP checkpoint, offline)."""
+    import torch
+
     # A fresh, unsharded copy to write from: the trained model may be FSDP-wrapped and live on a GPU.
     plain = plugins["peft"].apply(plugins["model"].build("meta"))
     plain.load_state_dict(full, assign=True, strict=True)
     plain.tie_weights()  # assign=True loads tied tensors separately; re-tie as the config says
-    final_dir = os.path.join(out_dir, ckpt.cfg.dirname)
     with atomic_dir(final_dir) as staging:
         plain = plugins["peft"].export(plain, full, staging)
-        ckpt.export_final(plain.to(torch.float32), tokenizer, staging)
-    log.info("exported the trained model to %s", final_dir)
-    return final_dir
+        plugins["checkpoint"].export_final(plain.to(torch.float32), tokenizer, staging)
 
 
 def _unaliased(state_dict: dict, model) -> dict:
