@@ -42,6 +42,24 @@ def save_full_weights(model, path: str) -> None:
         save_file({k: v.contiguous().clone() for k, v in full.items()}, path)
 
 
+PROBE = [[1, 40, 41, 42, 43, 44, 45, 46]]
+
+
+def save_logits(model, path: str) -> None:
+    """Collective: the trained model's logits on PROBE, written by rank 0."""
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(PROBE)).logits.float()
+    if hasattr(logits, "full_tensor"):
+        logits = logits.full_tensor()
+    if dist.get_rank() == 0:
+        save_file({"logits": logits.contiguous()}, path)
+
+
 def run_plan(rank: int, world: int, store_path: str, out_dir: str, plan: list) -> None:
     """plan: (name, run_subdir, crash_at or None, overrides). Rank 0 writes results.json."""
     import torch
@@ -67,6 +85,7 @@ def run_plan(rank: int, world: int, store_path: str, out_dir: str, plan: list) -
                 continue
             result = train(run, *overrides)
             save_full_weights(result.model, os.path.join(out_dir, f"{name}.safetensors"))
+            save_logits(result.model, os.path.join(out_dir, f"{name}.logits.safetensors"))
             results[name] = {"losses": [r["loss"] for r in result.records], "steps": [r["step"] for r in result.records]}
     except Exception:
         results["error"] = traceback.format_exc()

@@ -49,6 +49,7 @@ class DCPConfig:
     folder: str = "checkpoints"  # inside the run directory
     export_final: bool = True  # write <run dir>/<dirname>/ as an HF folder at the end
     dirname: str = "final"
+    merge_adapter: bool = True  # under PEFT: also write the merged full model (the adapter is always in adapter/)
 
 
 @dataclasses.dataclass
@@ -295,8 +296,16 @@ class DCPCheckpoint:
 
     # ------------------------------------------------------------------ export
     def export_final(self, model, tokenizer, out_dir: str) -> None:
-        """Rank 0: write an HF folder (config, generation config, safetensors, tokenizer)."""
-        model.save_pretrained(out_dir, safe_serialization=True)
+        """Rank 0: write an HF folder (config, generation config, safetensors, tokenizer).
+
+        Under PEFT the peft plugin has already written the adapter, in PEFT format, to out_dir/adapter/,
+        and `model` is the merged model: it is written too unless checkpoint.merge_adapter=false (then the
+        folder holds adapter/ and the tokenizer, and the adapter folder gets the tokenizer as well)."""
+        adapter = os.path.join(out_dir, "adapter")
+        if os.path.isdir(adapter) and not self.cfg.merge_adapter:
+            tokenizer.save_pretrained(adapter)
+        else:
+            model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
 
 

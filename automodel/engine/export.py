@@ -61,6 +61,9 @@ def show_samples(final_dir: str, samples: list[tuple[str, str]]) -> None:
 
     if not samples:
         return
+    if not os.path.isfile(os.path.join(final_dir, "config.json")):  # an adapter-only export (merge_adapter=false)
+        log.info("the export in %s is a PEFT adapter (adapter/): load it onto its base model to try it", final_dir)
+        return
     model, tok = load(final_dir)
     right = 0
     for prompt, expected in samples:
