@@ -84,3 +84,21 @@ class ParallelDims:
         """(this rank's data-parallel index, dp size)."""
         dp = self.dp_mesh(mesh)
         return (dp.get_local_rank(), self.dp) if dp is not None else (0, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelHints:
+    """What the training step must do for a layout, told by the parallel plugin (`hints(dims)`).
+
+    global_position_ids: pass `position_ids` 0..S-1 when the batch has none (HF derives positions and masks
+        from the local sequence length under sequence/context parallel).
+    seq_multiple: right-pad every micro-batch to a multiple of this (labels ignored there) so the sequence
+        splits evenly across tp (with SP) x cp ranks.
+    loss_context: a zero-argument callable returning the context the loss and its backward run under
+        (e.g. `loss_parallel` for vocab-sharded logits), or None.
+    """
+
+    global_position_ids: bool = False
+    seq_multiple: int = 1
+    seq_multiple_reason: str = ""  # e.g. "tp=2 (sequence parallel)", for the refusal of train.seq_len
+    loss_context: object = None

@@ -12,13 +12,16 @@ token loss over the global batch, however it is split.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
 import torch
 import torch.distributed as dist
 
-from automodel.batch import StepBatch
+from automodel.batch import IGNORE_INDEX, StepBatch
+from automodel.distributed.grad_norm import clip_grad_norm
+from automodel.distributed.parallel_dims import ParallelHints
 from automodel.loss import token_sum_cross_entropy
 
 
@@ -32,6 +35,7 @@ class StepRunner:
     max_grad_norm: float
     dp_group: object = None  # process group over data-parallel ranks (None: dp size 1)
     dp_size: int = 1
+    hints: ParallelHints = dataclasses.field(default_factory=ParallelHints)  # what the layout needs of the step
     lr: float = 0.0
 
     def _global_count(self, local: int) -> torch.Tensor:
@@ -48,13 +52,15 @@ class StepRunner:
             # every key but labels is a model input (input_ids, and e.g. position_ids for packed rows)
             inputs = {k: v.to(self.device, non_blocking=True) for k, v in micro.items() if k != "labels"}
             labels = micro["labels"].to(self.device, non_blocking=True)
+            inputs, labels = _for_layout(inputs, labels, self.hints)
             with self.autocast():
                 logits = self.model(**inputs).logits
-            loss = token_sum_cross_entropy(logits, labels)
-            (loss * scale).backward()
-            loss_sum += loss.detach()
+            with self.hints.loss_context() if self.hints.loss_context else contextlib.nullcontext():
+                loss = token_sum_cross_entropy(logits, labels)
+                (loss * scale).backward()
+            loss_sum += _full(loss.detach())
         if self.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._params(), self.max_grad_norm, foreach=True)
+            grad_norm = clip_grad_norm(self._params(), self.max_grad_norm)
         else:
             grad_norm = torch.zeros((), device=self.device)
         self.lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used (a Python float: no sync)
@@ -65,6 +71,18 @@ class StepRunner:
 
     def _params(self):
         return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+
+def _for_layout(inputs: dict, labels: torch.Tensor, hints: ParallelHints) -> tuple[dict, torch.Tensor]:
+    """Right-pad to the layout's sequence multiple (padding is ignored by the loss) and add global
+    position ids where the layout needs them (sequence/context parallel)."""
+    pad = -labels.shape[1] % hints.seq_multiple
+    if pad:
+        inputs = {k: torch.nn.functional.pad(v, (0, pad)) if v.dim() == 2 else v for k, v in inputs.items()}
+        labels = torch.nn.functional.pad(labels, (0, pad), value=IGNORE_INDEX)
+    if hints.global_position_ids and "position_ids" not in inputs:
+        inputs["position_ids"] = torch.arange(labels.shape[1], device=labels.device).unsqueeze(0)
+    return inputs, labels
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     dims = p["parallel"].dims(env.world_size)
     hf_config = p["model"].hf_config()
     p["parallel"].check_model(dims, hf_config)
+    hints = _hints(p["parallel"], dims, t.seq_len)
     accum = accumulation_steps(t, dims.dp)
 
     # 2. will it fit? (a weightless skeleton, adapted by peft so trainable counts are right)
@@ -117,7 +118,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
 
     # 6. loop
     step = StepRunner(model, optimizer, scheduler, lambda: p["precision"].autocast(env.device.type), env.device,
-                      t.max_grad_norm, dp_group=_group(dims.dp_mesh(mesh)), dp_size=dims.dp)
+                      t.max_grad_norm, dp_group=_group(dims.dp_mesh(mesh)), dp_size=dims.dp, hints=hints)
     sink = metrics.MetricsFile(os.path.join(out_dir, "metrics.jsonl")) if env.is_main else None
     progress = metrics.Progress(t.max_steps, enabled=env.is_main)
     t0 = time.perf_counter()
@@ -146,6 +147,17 @@ def _chain(first, rest):
     yield first
     yield from rest
 
+
+
+def _hints(parallel, dims, seq_len: int):
+    """The parallel plugin's ParallelHints (optional method); train.seq_len must split evenly under them."""
+    from automodel.distributed.parallel_dims import ParallelHints
+
+    hints = parallel.hints(dims) if hasattr(parallel, "hints") else ParallelHints()
+    if seq_len % hints.seq_multiple:
+        raise UserError(f"train.seq_len={seq_len} is not divisible by {hints.seq_multiple_reason} = "
+                        f"{hints.seq_multiple}; pick a multiple of {hints.seq_multiple}")
+    return hints
 
 
 def _group(mesh):

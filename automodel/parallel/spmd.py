@@ -1,12 +1,15 @@
 """Parallel plugin `spmd`: DTensor SPMD layouts on a named DeviceMesh.
 
-One plugin serves every preset in conf/parallel/ (fsdp2, fsdp2_tp, ...): the presets differ only in
-sizes, and the order the layers are applied in is fixed here, once:
+One plugin serves every preset in conf/parallel/ (fsdp2, hsdp, tp, fsdp2_tp, ...): the presets differ
+only in sizes. The order the layers are applied in is fixed here, once (torchtitan's order):
 
     TP/SP -> CP -> activation checkpointing -> torch.compile -> FSDP2/HSDP
 
-This version implements FSDP2 (and HSDP when dp_replicate > 1): `fully_shard` on every decoder layer,
-then on the root, so each layer's parameters are all-gathered just before it runs and freed after.
+- TP/SP: tensor_parallel.py, from the HF model's own tensor-parallel plan.
+- activation checkpointing and compile: activation_checkpoint.py, per decoder block.
+- FSDP2: `fully_shard` on every decoder block, then on the root, over the data-parallel mesh
+  (dp_shard, or dp_replicate x dp_shard = HSDP); the precision plugin's MixedPrecisionPolicy applies.
+Context parallel (cp > 1) and pipeline parallel (pp > 1) are refused with one line: not implemented yet.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from automodel.distributed.parallel_dims import ParallelDims
+from automodel.distributed.parallel_dims import ParallelDims, ParallelHints
 from automodel.errors import UserError
 from automodel.modules import decoder_layers
 
@@ -28,7 +31,10 @@ class SPMDConfig:
     tp: int = 1
     cp: int = 1
     pp: int = 1
-    sequence_parallel: bool = True  # with tp > 1
+    sequence_parallel: bool = True  # with tp > 1: norms and the residual stream split along the sequence
+    loss_parallel: bool = False  # with tp > 1: vocab-sharded logits, the loss computed without gathering them
+    activation_checkpointing: str = "none"  # none | full | selective (per decoder block)
+    compile: bool = False  # torch.compile each decoder block
     reshard_after_forward: bool = True  # ZeRO-3 style; false keeps layers gathered from forward to backward
 
 
@@ -37,34 +43,78 @@ class SPMDParallel:
 
     def __init__(self, config: SPMDConfig):
         self.cfg = config
+        from automodel.parallel.activation_checkpoint import AC_MODES
+
+        if config.activation_checkpointing not in AC_MODES:
+            raise UserError(f"parallel.activation_checkpointing={config.activation_checkpointing!r}: choose one of "
+                            f"{', '.join(AC_MODES)}")
 
     def dims(self, world_size: int) -> ParallelDims:
         c = self.cfg
         dims = ParallelDims.infer(world_size, dp_replicate=c.dp_replicate, dp_shard=c.dp_shard, cp=c.cp, tp=c.tp, pp=c.pp)
-        unsupported = [f"{n}={getattr(dims, n)}" for n in ("tp", "cp", "pp") if getattr(dims, n) > 1]
+        unsupported = [f"{n}={getattr(dims, n)}" for n in ("cp", "pp") if getattr(dims, n) > 1]
         if unsupported:
             raise UserError(
-                f"parallel: {', '.join(unsupported)} is not available in this version (FSDP2 and HSDP are); "
-                "use parallel=fsdp2"
+                f"parallel: {', '.join(unsupported)} is not available in this version (FSDP2, HSDP and TP/SP are); "
+                "use parallel=fsdp2, hsdp, tp or fsdp2_tp"
             )
         return dims
 
+    def _sp(self, dims: ParallelDims) -> bool:
+        return dims.tp > 1 and self.cfg.sequence_parallel
+
     def check_model(self, dims: ParallelDims, hf_config) -> None:
+        if dims.tp > 1:
+            from automodel.parallel.tensor_parallel import check_tensor_parallel
+
+            check_tensor_parallel(dims.tp, hf_config)
         layers = getattr(hf_config, "num_hidden_layers", None)
         if dims.pp > 1 and layers is not None and layers < dims.pp:
             raise UserError(f"parallel.pp={dims.pp} needs at least {dims.pp} layers; the model has {layers}")
 
+    def hints(self, dims: ParallelDims) -> ParallelHints:
+        """What the training step must do for this layout (see ParallelHints)."""
+        sp = self._sp(dims)
+        parts = ([f"cp={dims.cp}"] if dims.cp > 1 else []) + ([f"tp={dims.tp} (sequence parallel)"] if sp else [])
+        loss_context = None
+        if dims.tp > 1 and self.cfg.loss_parallel:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            loss_context = loss_parallel
+        return ParallelHints(global_position_ids=sp or dims.cp > 1, seq_multiple=dims.cp * (dims.tp if sp else 1),
+                             seq_multiple_reason=" x ".join(parts), loss_context=loss_context)
+
     def apply(self, model, mesh, dims: ParallelDims, mp_policy):
+        from automodel.parallel.activation_checkpoint import apply_activation_checkpointing, compile_blocks
+
+        # 1. tensor (+ sequence) parallel
+        if dims.tp > 1:
+            from automodel.parallel.tensor_parallel import apply_tensor_parallel
+
+            apply_tensor_parallel(model, mesh["tp"], sequence_parallel=self._sp(dims),
+                                  loss_parallel=self.cfg.loss_parallel)
+        # 2. context parallel: refused in dims()
+        # 3. activation checkpointing, 4. compile (per block)
+        blocks = decoder_layers(model)
+        blocks = apply_activation_checkpointing(model, blocks, self.cfg.activation_checkpointing)
+        if self.cfg.compile:
+            blocks = compile_blocks(blocks)
+        # 5. FSDP2 / HSDP
+        if dims.dp > 1 or dims.tp == 1:
+            self._fully_shard(model, blocks, mesh, dims, mp_policy)
+        elif mp_policy is not None:
+            log.info("no data parallelism: the precision plugin's FSDP policy is unused (autocast still applies)")
+        return model
+
+    def _fully_shard(self, model, blocks, mesh, dims: ParallelDims, mp_policy) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         fsdp_names = tuple(n for n in ("dp_replicate", "dp_shard") if getattr(dims, n) > 1) or ("dp_shard",)
         fsdp_mesh = mesh[fsdp_names]
         kwargs = {"mesh": fsdp_mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
-        layers = decoder_layers(model)
-        for i, layer in enumerate(layers):
-            # The last layer's parameters are needed again first in backward: keeping them saves a gather.
-            reshard = self.cfg.reshard_after_forward and i < len(layers) - 1
-            fully_shard(layer, reshard_after_forward=reshard, **kwargs)
+        for i, block in enumerate(blocks):
+            # The last block's parameters are needed again first in backward: keeping them saves a gather.
+            reshard = self.cfg.reshard_after_forward and i < len(blocks) - 1
+            fully_shard(block, reshard_after_forward=reshard, **kwargs)
         fully_shard(model, reshard_after_forward=self.cfg.reshard_after_forward, **kwargs)
-        log.info("FSDP2 over %s: %d decoder layers + root", "x".join(fsdp_names), len(layers))
-        return model
+        log.info("FSDP2 over %s: %d decoder layers + root", "x".join(fsdp_names), len(blocks))

@@ -1,0 +1,75 @@
+"""Activation checkpointing and torch.compile, applied per decoder block.
+
+- `full`: every block's activations are recomputed in backward (torch's non-reentrant checkpoint).
+- `selective`: op-level selective checkpointing: the outputs of matmuls and attention are saved, the
+  cheap element-wise ops between them are recomputed (torchtitan's "selective op" policy).
+- compile: `module.compile()` on every block, in place, so FSDP2 can still wrap the block afterwards.
+
+Each wrapper replaces the block in its parent container; the returned list is the blocks FSDP wraps.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from automodel.errors import UserError
+
+log = logging.getLogger(__name__)
+
+AC_MODES = ("none", "full", "selective")
+
+
+def _parent_of(model: nn.Module, block: nn.Module) -> tuple[nn.Module, str]:
+    for module in model.modules():
+        for name, child in module.named_children():
+            if child is block:
+                return module, name
+    raise RuntimeError(f"{type(block).__name__} is not inside the model")
+
+
+def _save_matmuls_policy():
+    import torch
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    save = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.linear.default,
+            aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default,
+            aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def apply_activation_checkpointing(model: nn.Module, blocks: list[nn.Module], mode: str) -> list[nn.Module]:
+    if mode not in AC_MODES:
+        raise UserError(f"parallel.activation_checkpointing={mode!r}: choose one of {', '.join(AC_MODES)}")
+    if mode == "none":
+        return blocks
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    kwargs = {}
+    if mode == "selective":
+        import functools
+
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _save_matmuls_policy())
+    wrapped = []
+    for block in blocks:
+        parent, name = _parent_of(model, block)
+        w = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
+        parent.register_module(name, w)
+        wrapped.append(w)
+    log.info("activation checkpointing (%s) on %d blocks", mode, len(wrapped))
+    return wrapped
+
+
+def compile_blocks(blocks: list[nn.Module]) -> list[nn.Module]:
+    for block in blocks:
+        block.compile(fullgraph=False)
+    log.info("torch.compile on %d blocks", len(blocks))
+    return blocks

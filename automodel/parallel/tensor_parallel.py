@@ -1,0 +1,204 @@
+"""Tensor parallel (+ sequence parallel) for HF decoder models, derived from the model itself.
+
+The plan comes from transformers: `model._tp_plan` (the whole model's, with `lm_head` and the embedding)
+or else `config.base_model_tp_plan` (the base model's, prefixed with `base_model_prefix`). Each HF style
+name maps to a torch `ParallelStyle` below; nothing here knows a model name. Sequence parallel (SP) is
+added structurally:
+
+- the residual stream is split along the sequence (`Shard(1)`) across tp ranks from the first decoder
+  block on (the embedding's output stays replicated: HF builds positions and the attention mask from
+  its length, so they stay global, for SDPA and eager attention alike); every row-wise layer's output
+  is reduce-scattered back to that split;
+- modules that own only 1-D weights of size `hidden_size` (the norms of a decoder layer and the final
+  norm) run `SequenceParallel` on that split stream;
+- the modules that hold column-wise layers (attention, MLP) all-gather their input first;
+- the LM head takes the split stream and returns replicated logits, or vocab-sharded logits when
+  `loss_parallel` is on (the loss must then run under `torch.distributed.tensor.parallel.loss_parallel`).
+
+The engine still passes global `position_ids` under SP (see `ParallelHints`); with the replicated
+embedding output HF would derive the same ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torch import nn
+
+from automodel.errors import UserError
+from automodel.modules import decoder_layers, hf_base
+
+log = logging.getLogger(__name__)
+
+
+def resolve_plan(model: nn.Module) -> dict[str, str]:
+    """{module name in the HF model: HF style name}, with `*` expanded against the model's modules."""
+    base = hf_base(model)
+    plan = dict(getattr(base, "_tp_plan", None) or {})
+    if not plan:
+        prefix = getattr(base, "base_model_prefix", "model")
+        plan = {f"{prefix}.{k}": v for k, v in (getattr(base.config, "base_model_tp_plan", None) or {}).items()}
+    if not plan:
+        raise UserError(
+            f"parallel.tp>1: {type(base).__name__} has no tensor-parallel plan (neither `_tp_plan` nor "
+            "`config.base_model_tp_plan`); use parallel.tp=1"
+        )
+    patterns = [(re.compile("^" + re.escape(k).replace(r"\*", r"\d+") + "$"), v) for k, v in plan.items()]
+    resolved = {}
+    for name, _ in base.named_modules():
+        for pattern, style in patterns:
+            if pattern.match(name):
+                resolved[name] = style
+                break
+    return resolved
+
+
+def _style(kind: str, module: nn.Module, sp: bool, loss_parallel: bool, is_output: bool):
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    seq = Shard(1) if sp else Replicate()
+    if is_output:  # the LM head: colwise over the vocabulary
+        return ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                               use_local_output=not loss_parallel)
+    if kind == "embedding_rowwise" or (kind == "rowwise" and isinstance(module, nn.Embedding)):
+        # replicated output: HF builds the attention mask from the embeddings' sequence length
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if kind == "colwise":
+        return ColwiseParallel()
+    if kind in ("colwise_rep", "colwise_gather_output"):  # fused projections: gather so the split stays right
+        return ColwiseParallel(output_layouts=Replicate())
+    if kind == "rowwise":
+        return RowwiseParallel(output_layouts=seq)
+    if kind in ("rowwise_rep", "rowwise_split_input"):
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
+    if kind in ("replicated_with_grad_allreduce", "local_replicated"):
+        return _HeadShardedReplicate()
+    return None
+
+
+from torch.distributed.tensor.parallel import ParallelStyle  # noqa: E402
+
+
+class _HeadShardedReplicate(ParallelStyle):
+    """A module inside the tensor-parallel region (e.g. a per-head q/k norm) that sees only this rank's
+    heads: its weight is replicated and its input is marked as sharded over the heads dimension (-2), so
+    the weight's gradient is summed over tp ranks."""
+
+    def _apply(self, module: nn.Module, mesh):
+        from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+
+        def input_fn(mod, inputs, device_mesh):
+            x = inputs[0]
+            if not isinstance(x, DTensor):
+                x = DTensor.from_local(x, device_mesh, (Shard(x.dim() - 2),), run_check=False)
+            return (x, *inputs[1:])
+
+        def output_fn(mod, outputs, device_mesh):
+            return outputs.to_local() if isinstance(outputs, DTensor) else outputs
+
+        def partition_fn(name, mod, device_mesh):
+            for pname, p in list(mod.named_parameters(recurse=False)):
+                mod.register_parameter(pname, nn.Parameter(
+                    DTensor.from_local(p.data, device_mesh, (Replicate(),), run_check=False), p.requires_grad))
+
+        return distribute_module(module, mesh, partition_fn, input_fn, output_fn)
+
+
+def _sequence_hook(mesh, gather_: bool):
+    """Forward pre-hook on the hidden states: all-gather the sequence (before attention/MLP), or split it
+    (before the first decoder block, which receives the replicated embeddings)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    src, dst = ((Shard(1),), (Replicate(),)) if gather_ else ((Replicate(),), (Shard(1),))
+
+    def gather(x):
+        return DTensor.from_local(x, mesh, src, run_check=False).redistribute(mesh, dst).to_local()
+
+    def hook(module, args, kwargs):
+        if args and isinstance(args[0], torch.Tensor):
+            return (gather(args[0]), *args[1:]), kwargs
+        if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            return args, {**kwargs, "hidden_states": gather(kwargs["hidden_states"])}
+        raise UserError(f"sequence parallel: cannot find the hidden states passed to {type(module).__name__}; "
+                        "set parallel.sequence_parallel=false")
+
+    return hook
+
+
+def _is_hidden_norm(module: nn.Module, hidden: int) -> bool:
+    params = list(module.parameters(recurse=True))
+    return bool(params) and all(p.dim() == 1 and p.shape[0] == hidden for p in params)
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool, loss_parallel: bool) -> nn.Module:
+    from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
+
+    base = hf_base(model)
+    plan = resolve_plan(model)
+    modules = dict(base.named_modules())
+    out_emb, in_emb = base.get_output_embeddings(), base.get_input_embeddings()
+    tied = out_emb is not None and out_emb.weight is in_emb.weight
+    hidden = base.config.hidden_size
+
+    styles, unknown = {}, set()
+    for name, kind in plan.items():
+        module = modules[name]
+        replicated = kind in ("replicated_with_grad_allreduce", "local_replicated")
+        if not replicated and not isinstance(module, (nn.Linear, nn.Embedding)):
+            if hasattr(module, "base_layer"):
+                raise UserError(f"parallel.tp>1: {name} is wrapped by an adapter ({type(module).__name__}); tensor "
+                                "parallel needs full fine-tuning here: use parallel.tp=1 with peft")
+            raise UserError(f"parallel.tp>1: {name} ({type(module).__name__}) cannot follow the HF plan style "
+                            f"'{kind}'; use parallel.tp=1")
+        style = _style(kind, module, sequence_parallel, loss_parallel, is_output=module is out_emb)
+        if style is None:
+            unknown.add(kind)
+        else:
+            styles[name] = style
+    if unknown:
+        raise UserError(f"parallel.tp>1: HF tensor-parallel styles {sorted(unknown)} of {type(base).__name__} are "
+                        "not supported here; use parallel.tp=1")
+    if in_emb is not None and not any(modules[n] is in_emb for n in styles):  # plans without the embedding
+        name = next(n for n, m in modules.items() if m is in_emb)
+        styles[name] = _style("embedding_rowwise", in_emb, sequence_parallel, loss_parallel, False)
+
+    gathered = set()
+    if sequence_parallel:
+        planned = set(styles)
+        # modules holding column-wise layers take the gathered sequence
+        for name, kind in plan.items():
+            parent = name.rpartition(".")[0]
+            if kind.startswith("colwise") and modules[name] is not out_emb and parent:
+                gathered.add(parent)
+        for name, module in modules.items():
+            if name in planned or name in gathered or not name:
+                continue
+            if any(name.startswith(p + ".") for p in gathered | planned):
+                continue  # inside attention/MLP: runs on the gathered sequence
+            if _is_hidden_norm(module, hidden) and not any(
+                    m is not module and _is_hidden_norm(m, hidden) for m in module.children()):
+                styles[name] = SequenceParallel(use_local_output=True)
+
+    parallelize_module(base, tp_mesh, styles)
+    for name in gathered:
+        modules[name].register_forward_pre_hook(_sequence_hook(tp_mesh, gather_=True), with_kwargs=True)
+    if sequence_parallel:
+        decoder_layers(model)[0].register_forward_pre_hook(_sequence_hook(tp_mesh, gather_=False), with_kwargs=True)
+    if tied:
+        base.get_output_embeddings().weight = base.get_input_embeddings().weight  # both Shard(0) over vocab
+    n_sp = sum(isinstance(s, SequenceParallel) for s in styles.values())
+    log.info("tensor parallel over tp=%d: %d modules from the HF plan%s", tp_mesh.size(), len(plan),
+             f", sequence parallel on {n_sp} norms" if sequence_parallel else "")
+    return model
+
+
+def check_tensor_parallel(tp: int, hf_config) -> None:
+    """Refuse model/tp combinations that cannot shard evenly."""
+    for key in ("num_attention_heads", "num_key_value_heads", "vocab_size"):
+        n = getattr(hf_config, key, None)
+        if n is not None and n % tp:
+            raise UserError(f"parallel.tp={tp} does not divide the model's {key}={n}; pick a tp that divides it")
+

@@ -1,0 +1,207 @@
+"""Every implemented DTensor preset against one process on the same global batches (gloo, CPU).
+
+Per-step losses over 6 steps must equal the single-process run within 1e-5 (fp32). One spawned group
+of 2 ranks and one of 4 run every multi-rank check (spawning costs seconds here); the references run in
+this process first. Also: refusals of layouts that cannot work, presets, and FSDP2's per-rank memory.
+"""
+
+import json
+import os
+
+import pytest
+import torch.multiprocessing as mp
+from helpers import compose, losses, train
+
+from automodel import registry
+from automodel.config import validate
+from automodel.distributed.parallel_dims import ParallelDims
+from automodel.errors import UserError
+
+STEPS = ["train.max_steps=6", "train.log_every=1", "train.global_batch_size=8", "checkpoint.export_final=false"]
+TOL = 1e-5
+
+# tiny random configs of the other families (MICRO in helpers.py sets the sizes)
+FAMILIES = {
+    "qwen2": ["model.config.model_type=qwen2"],
+    "qwen3": ["model.config.model_type=qwen3", "+model.config.head_dim=16"],
+    "mistral": ["model.config.model_type=mistral"],
+    "gemma2": ["model.config.model_type=gemma2", "+model.config.head_dim=16", "model.attn_implementation=eager"],
+    "gemma3": ["model.config.model_type=gemma3_text", "+model.config.head_dim=16",
+               "model.config.tie_word_embeddings=true"],
+    "phi3": ["model.config.model_type=phi3", "+model.config.pad_token_id=0"],
+}
+KV4 = ["model.config.num_key_value_heads=4"]  # so that tp=4 divides the KV heads
+
+TWO = [
+    ("tp_llama", ["parallel=tp", *STEPS, "train.micro_batch_size=8"]),
+    ("tp_loss_parallel", ["parallel=tp", "parallel.loss_parallel=true", *STEPS, "train.micro_batch_size=4"]),
+    ("tp_no_sp", ["parallel=tp", "parallel.sequence_parallel=false", *STEPS, "train.micro_batch_size=8"]),
+    ("fsdp2_tp", ["parallel=fsdp2_tp", *STEPS, "train.micro_batch_size=8"]),
+    ("fsdp2_ac_full", ["parallel=fsdp2", "parallel.activation_checkpointing=full", *STEPS, "train.micro_batch_size=4"]),
+    ("fsdp2_ac_selective", ["parallel=fsdp2", "parallel.activation_checkpointing=selective", *STEPS,
+                            "train.micro_batch_size=4"]),
+    *[(f"tp_{fam}", ["parallel=tp", *over, *STEPS, "train.micro_batch_size=8"]) for fam, over in FAMILIES.items()],
+]
+FOUR = [
+    ("fsdp2", ["parallel=fsdp2", *STEPS, "train.micro_batch_size=2"]),
+    ("hsdp", ["parallel=hsdp", *STEPS, "train.micro_batch_size=2"]),
+    ("fsdp2_tp", ["parallel=fsdp2_tp", "parallel.loss_parallel=true", *STEPS, "train.micro_batch_size=4"]),
+    ("tp4", ["parallel=tp", *KV4, *STEPS, "train.micro_batch_size=8"]),
+    ("hsdp_bf16", ["parallel=hsdp", "precision=bf16", *STEPS, "train.micro_batch_size=2"]),
+]
+
+
+def _spawn(tmp_path_factory, world, checks):
+    from layout_workers import run_layouts  # noqa: F401  (importable by the spawned ranks)
+
+    out = str(tmp_path_factory.mktemp(f"ranks{world}"))
+    mp.spawn(_entry, args=(world, os.path.join(out, "store"), out, checks), nprocs=world, join=True)
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    assert "error" not in results, results.get("error")
+    return results
+
+
+def _entry(rank, world, store, out, checks):
+    from layout_workers import run_layouts
+
+    run_layouts(rank, world, store, out, checks)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    refs = {}
+    for name, over in [("llama", []), ("llama_kv4", KV4), *FAMILIES.items()]:
+        os.makedirs(out / name)
+        result = train(str(out / name), *over, *STEPS, "train.micro_batch_size=8")
+        refs[name] = {"losses": losses(result), "grad_norms": [r["grad_norm"] for r in result.records]}
+    return refs
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory, reference):
+    return _spawn(tmp_path_factory, 2, TWO)
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory, reference):
+    return _spawn(tmp_path_factory, 4, FOUR)
+
+
+def _diff(a, b):
+    assert len(a) == len(b) == 6
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+def _report(name, got, ref):
+    d = _diff(got["losses"], ref["losses"])
+    g = _diff(got["grad_norms"], ref["grad_norms"])
+    print(f"{name}: max loss diff {d:.2e}, max grad-norm diff {g:.2e}")
+    return d, g
+
+
+@pytest.mark.parametrize("name", ["tp_llama", "tp_loss_parallel", "tp_no_sp", "fsdp2_tp", "fsdp2_ac_full",
+                                  "fsdp2_ac_selective"])
+def test_llama_layouts_on_two_ranks_match_one_process(two, reference, name):
+    d, g = _report(f"2 ranks {name}", two[name], reference["llama"])
+    assert d < TOL and g < 1e-4
+    assert reference["llama"]["losses"][-1] < reference["llama"]["losses"][0]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tensor_parallel_of_each_family_matches_one_process(two, reference, family):
+    d, g = _report(f"2 ranks tp {family}", two[f"tp_{family}"], reference[family])
+    assert d < TOL and g < 1e-4
+
+
+@pytest.mark.parametrize("name,ref", [("fsdp2", "llama"), ("hsdp", "llama"), ("fsdp2_tp", "llama"),
+                                      ("tp4", "llama_kv4")])
+def test_layouts_on_four_ranks_match_one_process(four, reference, name, ref):
+    d, g = _report(f"4 ranks {name}", four[name], reference[ref])
+    assert d < TOL and g < 1e-4
+
+
+def test_hsdp_with_bf16_params_and_fp32_reduce_trains_close_to_fp32(four, reference):
+    d = _diff(four["hsdp_bf16"]["losses"], reference["llama"]["losses"])
+    print(f"4 ranks hsdp bf16: max loss diff vs fp32 {d:.2e}")
+    assert 0 < d < 0.05
+
+
+def test_fsdp2_holds_one_nth_of_the_parameters_per_rank(four):
+    r = four["fsdp2"]
+    share = r["full_param_bytes"] / 4
+    print("fsdp2 local parameter bytes per rank:", r["local_param_bytes"], "total / 4:", share)
+    assert all(abs(b - share) / share < 0.05 for b in r["local_param_bytes"])
+    # tp x fsdp shards too: each rank holds about a quarter of the parameters
+    r = four["fsdp2_tp"]
+    assert all(abs(b - r["full_param_bytes"] / 4) / (r["full_param_bytes"] / 4) < 0.05 for b in r["local_param_bytes"])
+
+
+# ---- refusals and presets: no processes needed -------------------------------------------------
+
+def _plugin(*overrides):
+    cfg = validate(compose(*overrides))
+    return cfg.plugins["parallel"], cfg
+
+
+PRESETS = ["none", "fsdp2", "hsdp", "tp", "fsdp2_tp", "cp", "fsdp2_cp", "pp", "fsdp2_pp", "fsdp2_tp_pp",
+           "fsdp2_cp_tp_pp"]
+
+
+def test_every_preset_exists_and_every_size_is_overridable():
+    for preset in PRESETS:
+        compose(f"parallel={preset}")
+    plugin, _ = _plugin("parallel=fsdp2_tp", "parallel.tp=4")
+    dims = plugin.dims(8)
+    assert (dims.dp_shard, dims.tp) == (2, 4)
+    plugin, _ = _plugin("parallel=hsdp")
+    dims = plugin.dims(8)
+    assert (dims.dp_replicate, dims.dp_shard, dims.dp) == (2, 4, 8)
+    assert registry.load("parallel", "spmd")
+
+
+@pytest.mark.parametrize("preset,world,expected", [
+    ("cp", 2, "parallel: cp=2 is not available in this version"),
+    ("pp", 4, "parallel: pp=4 is not available in this version"),
+    ("fsdp2_tp_pp", 8, "parallel: pp=2 is not available in this version"),
+    ("fsdp2_cp_tp_pp", 16, "parallel: cp=2, pp=2 is not available in this version"),
+    ("fsdp2_tp", 3, "parallel: world size 3 is not divisible by tp=2"),
+])
+def test_layouts_not_available_or_impossible_are_refused_in_one_line(preset, world, expected):
+    plugin, _ = _plugin(f"parallel={preset}")
+    with pytest.raises(UserError) as e:
+        plugin.dims(world)
+    assert str(e.value).startswith(expected) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override,tp,pp,expected", [
+    ("model.config.num_attention_heads=6", 4, 1, "parallel.tp=4 does not divide the model's num_attention_heads=6"),
+    ("model.config.num_key_value_heads=2", 4, 1, "parallel.tp=4 does not divide the model's num_key_value_heads=2"),
+    ("model.config.num_hidden_layers=2", 1, 4, "parallel.pp=4 needs at least 4 layers; the model has 2"),
+])
+def test_model_layout_mismatches_are_refused_before_any_model_is_built(override, tp, pp, expected):
+    plugin, cfg = _plugin("parallel=fsdp2", "model.config.hidden_size=96", override)
+    dims = ParallelDims.infer(tp * pp, dp_shard=1, tp=tp, pp=pp)
+    with pytest.raises(UserError) as e:
+        plugin.check_model(dims, cfg.plugins["model"].hf_config())
+    assert str(e.value).startswith(expected)
+
+
+def test_sequence_length_must_split_across_tp_with_sequence_parallel():
+    from automodel.engine.run import _hints
+
+    plugin, _ = _plugin("parallel=tp")
+    dims = plugin.dims(4)
+    with pytest.raises(UserError) as e:
+        _hints(plugin, dims, 50)
+    assert str(e.value) == "train.seq_len=50 is not divisible by tp=4 (sequence parallel) = 4; pick a multiple of 4"
+    assert _hints(plugin, dims, 48).seq_multiple == 4
+    plugin, _ = _plugin("parallel=tp", "parallel.sequence_parallel=false")
+    assert _hints(plugin, plugin.dims(4), 50).seq_multiple == 1
+
+
+def test_unknown_activation_checkpointing_mode_is_refused():
+    with pytest.raises(UserError) as e:
+        _plugin("parallel=fsdp2", "parallel.activation_checkpointing=some")
+    assert str(e.value).startswith("parallel.activation_checkpointing='some': choose one of none, full, selective")
