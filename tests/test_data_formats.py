@@ -210,3 +210,22 @@ def test_squad_and_hellaswag_record_formats(tmp_path, tok):
     assert prompts == ["He picks up the ball and"] * 2 and answers == [" throws it"] * 2 and skipped == 1
     with pytest.raises(UserError, match="no column 'ctx'"):
         HellaSwagData(HellaSwagConfig(path=str(squad))).records()
+
+
+def test_cli_offline_hub_id_and_unusable_data_stop_with_one_line(tmp_path):
+    from helpers import cli
+
+    def one_line(proc):
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "warn" not in ln.lower()]
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("automodel: error: "), proc.stderr
+        return lines[0][len("automodel: error: "):]
+
+    msg = one_line(cli("data=squad", cwd=str(tmp_path), env={"HF_HUB_OFFLINE": "1"}))
+    assert msg.startswith("data.path='rajpurkar/squad' is not a local file or folder, and loading it as a Hugging "
+                          "Face hub data set failed")
+    empty = tmp_path / "empty.parquet"
+    import datasets
+
+    datasets.Dataset.from_list([{"text": "x"}]).select([]).to_parquet(str(empty))
+    assert one_line(cli("data=text", f"data.path={empty}", cwd=str(tmp_path))) == f"data.path='{empty}' holds no examples"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.parquet"]  # no run directory left behind

@@ -141,6 +141,8 @@ def _builder(builder: str, path: str, key: str, streaming: bool):
     try:
         return datasets.load_dataset(builder, data_files=path, split="train", streaming=streaming, **kwargs)
     except Exception as e:  # pandas / pyarrow parse errors carry the line where they have one
+        if "corresponds to no data" in str(e):  # datasets' words for a file without rows
+            raise UserError(f"{key}='{path}' holds no examples") from None
         raise UserError(f"{path}: could not be read as {builder} ({_first_line(e)})") from None
 
 
