@@ -229,3 +229,32 @@ def test_cli_offline_hub_id_and_unusable_data_stop_with_one_line(tmp_path):
     datasets.Dataset.from_list([{"text": "x"}]).select([]).to_parquet(str(empty))
     assert one_line(cli("data=text", f"data.path={empty}", cwd=str(tmp_path))) == f"data.path='{empty}' holds no examples"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.parquet"]  # no run directory left behind
+
+
+@pytest.mark.parametrize("plugin", ["text", "chat", "squad", "hellaswag"])
+def test_every_plugin_trains_through_the_engine(tmp_path, plugin):
+    from helpers import train
+
+    p = tmp_path / "d.jsonl"
+    rows = {
+        "text": lambda i: {"text": f"story {i}: " + "the cat sat " * (i % 5)},
+        "chat": lambda i: {"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"yo {i}"}]},
+        "squad": lambda i: {"context": f"Box {i} is red.", "question": f"What colour is box {i}?",
+                            "answers": {"text": ["red"], "answer_start": [9]}},
+        "hellaswag": lambda i: {"ctx": f"Step {i}: he opens", "endings": ["the door", "a", "b", "c"], "label": "0"},
+    }[plugin]
+    p.write_text("".join(json.dumps(rows(i)) + "\n" for i in range(64)))
+    extra = {"chat": ["data.chat_template=chatml"], "squad": ["data.val_split=null", "data.val_size=8"],
+             "hellaswag": ["data.val_split=null", "data.val_size=8"], "text": ["data.val_size=4"]}[plugin]
+    result = train(str(tmp_path), f"data={plugin}", f"data.path={p}", *extra, "train.max_steps=2", "train.log_every=1",
+                   "train.val_every=2" if plugin != "chat" else "train.val_every=0", "train.global_batch_size=4",
+                   "train.micro_batch_size=4", "checkpoint.export_final=false")
+    assert [r["step"] for r in result.records] == [1, 2] and all(r["loss"] > 0 for r in result.records)
+    assert plugin == "chat" or result.records[-1]["val_loss"] > 0
+
+
+def test_a_split_of_a_single_file_is_refused(tmp_path, tok):
+    path = _write(tmp_path, "jsonl")
+    data = SquadData(SquadConfig(path=path))  # val_split=validation by default: fine for the hub id, not a file
+    with pytest.raises(UserError, match=r"is one file, which has no split 'validation'"):
+        data.val_batches(tok, seq_len=32, dp_rank=0, dp_size=1, micro_batch_size=4)

@@ -157,8 +157,11 @@ class ExampleData:
                 for i in range(0, len(mine), micro_batch_size)]
 
     def sample_prompts(self, n: int) -> list[tuple[str, str]]:
-        records = self.records("val") if (self.cfg.val_path or self.cfg.val_split) else self.records("train")
-        return self.prompts(records, n)
+        try:  # held-out prompts if there are any (asked for after training: never fail the run here)
+            records = self.records("val") if (self.cfg.val_path or self.cfg.val_split) else None
+        except UserError:
+            records = None
+        return self.prompts(records or self.records("train"), n)
 
 
 def _pad_id(tokenizer) -> int:

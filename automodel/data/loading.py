@@ -62,6 +62,9 @@ def load(path: str, *, key: str = "data.path", split: str = "train", streaming: 
     if os.path.isdir(path):
         data = _from_disk(path, key, split, streaming)
     elif os.path.isfile(path):
+        if split != "train":
+            raise UserError(f"{key}='{path}' is one file, which has no split '{split}' (hub ids and save_to_disk "
+                            f"folders have splits); use data.val_path or data.val_size for held-out data")
         ext = os.path.splitext(path)[1].lower()
         if ext not in BUILDERS:
             raise UserError(f"{key}='{path}': unknown file type '{ext or '(none)'}'; use one of: "
