@@ -143,16 +143,18 @@ class ExampleData:
             step += 1
 
     def val_batches(self, tokenizer, *, seq_len, dp_rank, dp_size, micro_batch_size):
-        """This rank's micro-batches of the held-out data (every rank gets the same number), or None."""
+        """This rank's micro-batches of the held-out data, or None. The set is split over the dp ranks in
+        contiguous slices; a short last slice is topped up with target-free copies of a row, so every rank
+        runs the same number of forward passes and the loss is exactly that of the whole set for any dp."""
         examples = self._encoded(tokenizer, seq_len, "val")
         if examples is None:
             return None
         units = self.units(examples, seq_len, "validation")
-        per_rank = len(units) // dp_size
-        if per_rank == 0:
-            raise UserError(f"the validation data has {len(units)} usable sequences, fewer than the {dp_size} "
-                            f"data-parallel ranks; add validation data")
+        per_rank = -(-len(units) // dp_size)
         mine = units[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+        blank = ([(ids, [IGNORE_INDEX] * len(ids)) for ids, _ in units[0]] if self.packing
+                 else (units[0][0], [IGNORE_INDEX] * len(units[0][0])))
+        mine = mine + [blank] * (per_rank - len(mine))
         return [self.collate(mine[i : i + micro_batch_size], micro_batch_size, _pad_id(tokenizer))
                 for i in range(0, len(mine), micro_batch_size)]
 
