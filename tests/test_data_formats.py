@@ -258,3 +258,25 @@ def test_a_split_of_a_single_file_is_refused(tmp_path, tok):
     data = SquadData(SquadConfig(path=path))  # val_split=validation by default: fine for the hub id, not a file
     with pytest.raises(UserError, match=r"is one file, which has no split 'validation'"):
         data.val_batches(tok, seq_len=32, dp_rank=0, dp_size=1, micro_batch_size=4)
+
+
+@pytest.mark.parametrize("fmt", ["txt", "parquet", "save_to_disk"])
+def test_text_streams_the_same_blocks_from_every_source(tmp_path, tok, fmt):
+    import datasets
+
+    docs = [f"line {i} " + "ab " * (i % 6) for i in range(50)]
+    ref = tmp_path / "ref.jsonl"
+    ref.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    if fmt == "txt":
+        path = tmp_path / "c.txt"
+        path.write_text("\n".join(docs) + "\n")
+    elif fmt == "parquet":
+        path = tmp_path / "c.parquet"
+        datasets.Dataset.from_list([{"text": d} for d in docs]).to_parquet(str(path))
+    else:
+        path = tmp_path / "saved"
+        datasets.Dataset.from_list([{"text": d} for d in docs]).save_to_disk(str(path))
+    kw = dict(seq_len=16, seed=1, dp_rank=0, dp_size=1, global_batch_size=4, micro_batch_size=4)
+    want = next(TextData(TextConfig(path=str(ref), streaming=True, shuffle_buffer=8)).build(tok, **kw))
+    got = next(TextData(TextConfig(path=str(path), streaming=True, shuffle_buffer=8)).build(tok, **kw))
+    assert (want.micro_batches[0]["input_ids"] == got.micro_batches[0]["input_ids"]).all()
