@@ -27,7 +27,11 @@ def _quiet_third_party() -> None:
 
 
 def fail(error: UserError) -> None:
-    print(f"automodel: error: {error}", file=sys.stderr, flush=True)
+    """Print the one line (once: every rank of a job hits the same refusal, rank 0 says it) and exit."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"automodel: error: {error}", file=sys.stderr, flush=True)
     sys.exit(error.exit_code)
 
 
@@ -71,13 +75,23 @@ def _run_job(cfg) -> float | None:
 
     from automodel.engine import run_dir
 
-    out = HydraConfig.get().runtime.output_dir
+    hydra_cfg = HydraConfig.get()
+    out = hydra_cfg.runtime.output_dir
     try:
+        from automodel.config import validate
+        from automodel.engine.preflight import preflight
+        from automodel.launch import local
+
+        checked = validate(cfg)
+        if local.should_relaunch(checked.launcher):
+            preflight(checked, world_size=checked.launcher.nproc_per_node)
+            return local.relaunch(checked.launcher, list(hydra_cfg.overrides.task), out)
         from automodel.engine.run import train
 
         result = train(cfg, out)
     except UserError as e:
-        run_dir.discard_if_untouched(out)
+        if local.launched_world_size() == 1:  # with several ranks, another may still be writing there
+            run_dir.discard_if_untouched(out)
         fail(e)
     return result.final_loss if result is not None else None
 

@@ -10,7 +10,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from automodel import registry
 from automodel.errors import UserError
@@ -34,7 +34,7 @@ class TrainConfig:
 
     max_steps: int = 300
     global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
-    micro_batch_size: int = 16  # sequences per forward pass on one rank; accumulation makes up the rest
+    micro_batch_size: Optional[int] = None  # per rank per forward pass; null = global / dp (no accumulation)
     seq_len: int = 128  # longest sequence; longer examples are truncated (and counted)
     seed: int = 42
     log_every: int = 10  # the only steps that synchronise the host with the device
@@ -44,7 +44,7 @@ class TrainConfig:
     val_every: int = 0  # steps between validations on the data's held-out part (0: off); val_loss in metrics
 
 
-TOP_LEVEL = ("train", *registry.GROUPS)
+TOP_LEVEL = ("train", "launcher", *registry.GROUPS)
 
 
 # ---------------------------------------------------------------- resolvers
@@ -89,6 +89,7 @@ def register_resolvers() -> None:
 class Validated:
     train: TrainConfig
     plugins: dict[str, Any]  # group -> plugin instance
+    launcher: Any = None  # automodel.launch.local.LauncherConfig
 
 
 def validate(cfg) -> Validated:
@@ -105,6 +106,9 @@ def validate(cfg) -> Validated:
     except Exception as e:  # an interpolation that does not resolve
         raise UserError(f"train: {str(e).splitlines()[0]}") from None
     train = registry.validate(TrainConfig, train_node, "train")
+    from automodel.launch.local import LauncherConfig
+
+    launcher = registry.validate(LauncherConfig, OmegaConf.to_container(cfg.get("launcher", {})), "launcher")
     plugins = {}
     for group in registry.GROUPS:
         try:
@@ -114,14 +118,14 @@ def validate(cfg) -> Validated:
         except Exception as e:  # interpolation errors and the like, still one line
             raise UserError(f"{group}: {str(e).splitlines()[0]}") from None
     _check_train(train)
-    return Validated(train, plugins)
+    return Validated(train, plugins, launcher)
 
 
 def _check_train(t: TrainConfig) -> None:
     for key in ("max_steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every"):
-        if getattr(t, key) < 1:
+        if getattr(t, key) is not None and getattr(t, key) < 1:
             raise UserError(f"train.{key}={getattr(t, key)} must be at least 1")
-    if t.micro_batch_size > t.global_batch_size:
+    if t.micro_batch_size is not None and t.micro_batch_size > t.global_batch_size:
         raise UserError(
             f"train.micro_batch_size={t.micro_batch_size} is larger than train.global_batch_size="
             f"{t.global_batch_size}; the micro batch is per rank, the global batch is per optimizer step"

@@ -10,7 +10,7 @@ from helpers import compose
 from automodel import registry
 from automodel.config import TrainConfig, conf_dir, validate
 from automodel.distributed.parallel_dims import ParallelDims
-from automodel.engine.run import accumulation_steps
+from automodel.engine.preflight import accumulation_steps
 from automodel.errors import UserError
 from automodel.sampling import GlobalBatchSampler
 

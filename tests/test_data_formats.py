@@ -280,3 +280,18 @@ def test_text_streams_the_same_blocks_from_every_source(tmp_path, tok, fmt):
     want = next(TextData(TextConfig(path=str(ref), streaming=True, shuffle_buffer=8)).build(tok, **kw))
     got = next(TextData(TextConfig(path=str(path), streaming=True, shuffle_buffer=8)).build(tok, **kw))
     assert (want.micro_batches[0]["input_ids"] == got.micro_batches[0]["input_ids"]).all()
+
+
+def test_hub_id_without_network_fails_at_once_without_offline_flag(monkeypatch):
+    import socket
+    import time
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=r"failed: the hub cannot be reached from here \(offline\? use a local"):
+        InstructionData(InstructionConfig(path="nobody/no-such-set")).records()
+    assert time.perf_counter() - t0 < 5  # huggingface_hub's own retries would take about 25 s

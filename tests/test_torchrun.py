@@ -13,7 +13,8 @@ from helpers import MICRO
 
 
 def test_torchrun_two_ranks_one_run_dir(tmp_path):
-    args = [*MICRO, "parallel=fsdp2", "train.max_steps=6", "train.log_every=3", "train.global_batch_size=8",
+    # launcher.nproc_per_node=2 must not launch again: torchrun already did
+    args = [*MICRO, "parallel=fsdp2", "launcher.nproc_per_node=2", "train.max_steps=6", "train.log_every=3", "train.global_batch_size=8",
             "train.micro_batch_size=2"]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "automodel",
@@ -28,5 +29,5 @@ def test_torchrun_two_ranks_one_run_dir(tmp_path):
     run = runs[0]
     records = [json.loads(ln) for ln in open(os.path.join(run, "metrics.jsonl"))]
     assert [r["step"] for r in records] == [3, 6]  # written once (rank 0), not once per rank
-    assert "2 rank(s)" in proc.stdout and "dp_shard=2" in proc.stdout
+    assert "2 rank(s)" in proc.stdout and "dp_shard=2" in proc.stdout and "launching" not in proc.stdout
     assert os.path.isfile(os.path.join(run, "final", "model.safetensors"))

@@ -164,9 +164,50 @@ def _from_disk(path: str, key: str, split: str, streaming: bool):
 
 def _hub(path: str, key: str, split: str, streaming: bool):
     datasets = _datasets()
+    online = _hub_reachable()
     try:
-        return datasets.load_dataset(path, split=split, streaming=streaming)
+        with _offline(not online):  # unreachable: the local cache only, at once (no 25 s of retries)
+            return datasets.load_dataset(path, split=split, streaming=streaming)
     except Exception as e:
+        why = "the hub cannot be reached from here" if not online else _first_line(e)
         raise UserError(f"{key}='{path}' is not a local file or folder, and loading it as a Hugging Face hub data "
-                        f"set failed: {_first_line(e)} (offline? use a local jsonl/json/parquet/csv/txt file or a "
+                        f"set failed: {why} (offline? use a local jsonl/json/parquet/csv/txt file or a "
                         f"save_to_disk folder)") from None
+
+
+def _hub_reachable() -> bool:
+    """False when offline mode is set or the hub's host does not resolve (a quick check, no request)."""
+    import socket
+    import urllib.parse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.getaddrinfo(urllib.parse.urlparse(constants.ENDPOINT).hostname, 443)
+        return True
+    except OSError:
+        return False
+
+
+class _offline:
+    """Switch datasets and huggingface_hub to offline mode for one call (they read the flag at import)."""
+
+    def __init__(self, on: bool):
+        self.on, self.saved = on, None
+
+    def __enter__(self):
+        if self.on:
+            import datasets.config
+            from huggingface_hub import constants
+
+            self.saved = (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE)
+            datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            import datasets.config
+            from huggingface_hub import constants
+
+            datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = self.saved

@@ -16,7 +16,8 @@ import logging
 import os
 import time
 
-from automodel.config import TrainConfig, validate
+from automodel.config import validate
+from automodel.engine.preflight import preflight
 from automodel.distributed import launch_env
 from automodel.errors import UserError
 
@@ -33,16 +34,6 @@ class TrainResult:
     @property
     def final_loss(self) -> float | None:
         return self.records[-1]["loss"] if self.records else None
-
-
-def accumulation_steps(t: TrainConfig, dp: int) -> int:
-    per_step = t.micro_batch_size * dp
-    if t.global_batch_size % per_step:
-        raise UserError(
-            f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
-            f"{t.micro_batch_size} x {dp} data-parallel rank(s) = {per_step}; pick a multiple of {per_step}"
-        )
-    return t.global_batch_size // per_step
 
 
 def train(cfg, out_dir: str) -> TrainResult:
@@ -69,11 +60,10 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
         logging.getLogger().setLevel(logging.WARNING)
 
     # 1. layout
-    dims = p["parallel"].dims(env.world_size)
+    dims, micro, accum = preflight(checked, env.world_size)
     hf_config = p["model"].hf_config()
     p["parallel"].check_model(dims, hf_config)
     hints = _hints(p["parallel"], dims, t.seq_len)
-    accum = accumulation_steps(t, dims.dp)
 
     # 2. will it fit? (a weightless skeleton, adapted by peft so trainable counts are right)
     skeleton = p["peft"].apply(p["model"].build("meta"))
@@ -88,10 +78,10 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     resume = p["checkpoint"].resume_point(out_dir, fingerprint)  # read-only; refuses a foreign checkpoint
     start = resume.step if resume else 0
     batches = p["data"].build(tokenizer, seq_len=t.seq_len, seed=t.seed, dp_rank=dp_rank, dp_size=dp_size,
-                              global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+                              global_batch_size=t.global_batch_size, micro_batch_size=micro,
                               start_step=start)
     first = next(batches)  # fail on bad data before spending time on the model
-    val = validate.batches(p["data"], tokenizer, t, dp_rank, dp_size, t.micro_batch_size)
+    val = validate.batches(p["data"], tokenizer, t, dp_rank, dp_size, micro)
 
     # 3-4. model, peft, layout
     torch.manual_seed(t.seed)
@@ -113,7 +103,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
         run_dir.write_resolved_config(cfg, out_dir)
         log.info("model %s: %.2fM parameters (%.2fM trainable); layout %s; %d rank(s); global batch %d = "
                  "%d micro x %d dp x %d accumulation; device %s", p["model"].name, total / 1e6, trainable / 1e6,
-                 dims.describe(), env.world_size, t.global_batch_size, t.micro_batch_size, dims.dp, accum,
+                 dims.describe(), env.world_size, t.global_batch_size, micro, dims.dp, accum,
                  env.device)
 
     # 6. loop

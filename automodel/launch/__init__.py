@@ -1,0 +1,1 @@
+"""Getting ranks started: local multi-process launch, SLURM environments, and sweep summaries."""

@@ -1,0 +1,96 @@
+"""`launcher.nproc_per_node=N`: start N ranks of this job through torch's elastic launcher.
+
+The relaunch happens inside the Hydra job, after validation and after Hydra chose the job's directory,
+so a single run and every job of a multirun sweep get their own N-rank world writing into the same
+directory Hydra made. A process that already belongs to a distributed launch (torchrun, or SLURM with
+several tasks) is never launched again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import uuid
+
+from automodel.errors import UserError
+
+log = logging.getLogger("automodel")
+
+
+@dataclasses.dataclass
+class LauncherConfig:
+    nproc_per_node: int = 1  # ranks to start on this machine (1: run in this process)
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+
+
+def already_launched() -> bool:
+    """True inside torchrun/torch.distributed.run, a spawner that set WORLD_SIZE, or a multi-task SLURM step."""
+    return "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def should_relaunch(launcher: LauncherConfig) -> bool:
+    if launcher.nproc_per_node < 1:
+        raise UserError(f"launcher.nproc_per_node={launcher.nproc_per_node} must be at least 1")
+    if launcher.nproc_per_node == 1:
+        return False
+    if already_launched():
+        world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+        if world != launcher.nproc_per_node and os.environ.get("RANK", "0") == "0":
+            log.warning("launcher.nproc_per_node=%d ignored: this process is already one of %d launched ranks",
+                        launcher.nproc_per_node, world)
+        return False
+    return True
+
+
+def relaunch(launcher: LauncherConfig, job_overrides: list[str], out_dir: str) -> float | None:
+    """Run this job again as N local ranks writing into out_dir, through torch's elastic launcher (what
+    `torchrun --standalone` runs, called in-process so a failed rank is reported here in one line)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, get_args_parser
+
+    n = launcher.nproc_per_node
+    # ranks share this machine's cores; torchrun would otherwise warn and pin every rank to one thread
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    args = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={n}", "-m", "automodel", *job_overrides, f"hydra.run.dir={out_dir}"]
+    )
+    # what torch.distributed.run.run() does for --standalone: a private c10d rendezvous on a free port
+    args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
+    config, cmd, cmd_args = config_from_args(args)
+    log.info("launching %d local ranks (torch.distributed.run --standalone --nproc-per-node=%d)", n, n)
+    elastic_log = logging.getLogger("torch.distributed.elastic")
+    level = elastic_log.level
+    elastic_log.setLevel(logging.CRITICAL)  # the ranks report their own errors
+    try:
+        elastic_launch(config, cmd)(*cmd_args)
+    except ChildFailedError as e:
+        codes = sorted({f.exitcode for f in e.failures.values()})
+        if 2 in codes and all(c == 2 or c < 0 for c in codes):
+            from automodel.engine import run_dir
+
+            run_dir.discard_if_untouched(out_dir)  # here, once every rank has stopped using it
+            sys.exit(2)  # a user error, already printed by rank 0 (the agent then stopped the other ranks)
+        ranks = ", ".join(str(r) for r in sorted(e.failures))
+        raise SystemExit(f"automodel: error: rank(s) {ranks} failed with exit code(s) {codes}; see their output above")
+    finally:
+        elastic_log.setLevel(level)
+    return final_loss(out_dir)
+
+
+def final_loss(out_dir: str) -> float | None:
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    last = None
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            last = record.get("loss", last)
+    return last
