@@ -60,6 +60,24 @@ def save_logits(model, path: str) -> None:
         save_file({"logits": logits.contiguous()}, path)
 
 
+_READ = {"numel": 0}
+
+
+def count_hf_reads() -> None:
+    """Count the elements each rank reads from HF safetensors through DCP's HuggingFaceStorageReader."""
+    import math
+
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    original = HuggingFaceStorageReader._process_read_request
+
+    def counting(self, f, req, planner):
+        _READ["numel"] += math.prod(req.lengths)
+        return original(self, f, req, planner)
+
+    HuggingFaceStorageReader._process_read_request = counting
+
+
 def run_plan(rank: int, world: int, store_path: str, out_dir: str, plan: list) -> None:
     """plan: (name, run_subdir, crash_at or None, overrides). Rank 0 writes results.json."""
     import torch
@@ -69,6 +87,7 @@ def run_plan(rank: int, world: int, store_path: str, out_dir: str, plan: list) -
     os.environ.setdefault("AUTOMODEL_NO_PROGRESS", "1")
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     results = {}
+    count_hf_reads()
     try:
         from helpers import train
 
@@ -87,6 +106,9 @@ def run_plan(rank: int, world: int, store_path: str, out_dir: str, plan: list) -
             save_full_weights(result.model, os.path.join(out_dir, f"{name}.safetensors"))
             save_logits(result.model, os.path.join(out_dir, f"{name}.logits.safetensors"))
             results[name] = {"losses": [r["loss"] for r in result.records], "steps": [r["step"] for r in result.records]}
+            reads = [None] * world
+            dist.all_gather_object(reads, _READ["numel"])
+            results[name]["hf_read_numel"], _READ["numel"] = reads, 0
     except Exception:
         results["error"] = traceback.format_exc()
         raise

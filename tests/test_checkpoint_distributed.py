@@ -36,15 +36,30 @@ def _entry(rank, world, store, out, plan):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ckpt2"))
+    hf_folder = _save_micro_hf_model(os.path.join(out, "pretrained"))
     plan = [
         ("ref", "ref", None, [*FSDP2, "checkpoint.keep_last=0"]),
         ("crash", "resumed", 4, FSDP2),
         ("resumed", "resumed", None, [*FSDP2, "checkpoint.resume=auto"]),
+        ("hf_shards", "hf_shards", None, [*FSDP2, f"model.path={hf_folder}"]),
         ("lora_ref", "lora_ref", None, [*LORA, "checkpoint.merge_adapter=false"]),
         ("lora_crash", "lora_resumed", 2, [*LORA, "checkpoint.export_final=false"]),
         ("lora_resumed", "lora_resumed", None, [*LORA, "checkpoint.export_final=false", "checkpoint.resume=auto"]),
     ]
     return out, _spawn(out, 2, plan)
+
+
+def _save_micro_hf_model(folder):
+    """A pretrained-model folder as transformers writes it (safetensors, config, tokenizer), from a seed."""
+    from helpers import MICRO, compose
+
+    from automodel.config import validate
+
+    plugins = validate(compose(*MICRO)).plugins
+    torch.manual_seed(1234)
+    plugins["model"].build("cpu").save_pretrained(folder, safe_serialization=True)
+    plugins["model"].tokenizer().save_pretrained(folder)
+    return folder
 
 
 def _weights_equal(a, b):
@@ -122,3 +137,21 @@ def test_lora_under_fsdp2_resumes_bitwise_and_exports_a_peft_adapter_that_reload
         got = model(input_ids=torch.tensor(PROBE)).logits
     trained = load_file(os.path.join(out, "lora_ref.logits.safetensors"))["logits"]
     assert (got - trained).abs().max().item() < 1e-5
+
+
+def test_hf_weights_load_straight_into_fsdp2_shards_each_rank_reading_its_part(two_ranks, tmp_path):
+    import math
+
+    from safetensors import safe_open
+
+    out, r = two_ranks
+    folder = os.path.join(out, "pretrained")
+    with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
+        total = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    reads = r["hf_shards"]["hf_read_numel"]
+    assert sum(reads) == total and max(reads) <= 0.55 * total, (reads, total)  # each rank its own half
+    assert all(n == 0 for name, res in r.items() if name != "hf_shards" for n in res.get("hf_read_numel", [0]))
+    # the same training as one process loading the folder with transformers' from_pretrained
+    one = train(str(tmp_path), "parallel=none", "train.micro_batch_size=8", *RUN, f"model.path={folder}")
+    diffs = [abs(a - b) for a, b in zip(losses(one), r["hf_shards"]["losses"])]
+    assert len(diffs) == 6 and max(diffs) < 1e-5, diffs

@@ -85,10 +85,13 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
 
     # 3-4. model, peft, layout
     torch.manual_seed(t.seed)
-    model = p["model"].build("cpu").to(env.device)
+    pretrained = checkpointing.shard_source(cfg, p, env.world_size)  # HF safetensors read straight into shards
+    model = p["model"].build("meta") if pretrained else p["model"].build("cpu").to(env.device)
     model = p["peft"].apply(model)
     model.train()
     model = p["parallel"].apply(model, mesh, dims, p["precision"].mixed_precision_policy())
+    if pretrained:
+        p["checkpoint"].load_pretrained(model, pretrained, env.device)
 
     # 5. optimizer
     params = [q for q in model.parameters() if q.requires_grad]
