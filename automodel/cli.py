@@ -49,8 +49,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from automodel import compose
     from automodel.distributed import launch_env
+    from automodel.launch import slurm
 
     try:
+        slurm.export_torch_env()  # under `srun -n N automodel ...`: the N tasks become one world
+        slurm.check_can_submit(argv)
         launch_env.share_run_stamp()  # every rank of a torchrun/SLURM job names the same run dir
         compose.check(argv)
     except UserError as e:
@@ -63,7 +66,10 @@ def _hydra_main(argv: list[str]) -> None:
 
     from automodel.config import CONFIG_NAME, conf_dir, register_resolvers
 
+    from hydra_plugins import automodel_slurm
+
     register_resolvers()
+    automodel_slurm.register()  # hydra/launcher=slurm (conf/hydra/launcher/slurm.yaml)
     sys.argv = [sys.argv[0] or "automodel", *argv]
     entry = hydra.main(config_path=str(conf_dir()), config_name=CONFIG_NAME, version_base="1.3")(_run_job)
     entry()

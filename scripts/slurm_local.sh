@@ -64,8 +64,10 @@ install_packages() {
   command -v apt-get >/dev/null || fail "missing ${missing[*]} and no apt-get to install them"
   say "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >"$LOG/apt.log" 2>&1 || fail "apt-get update failed (see $LOG/apt.log)"
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >>"$LOG/apt.log" 2>&1 ||
+  # bounded: an unreachable mirror must fail (and let the tests skip), not hang
+  local apt=(timeout 240 apt-get -o Acquire::Retries=1 -o Acquire::http::Timeout=20)
+  "${apt[@]}" update -qq >"$LOG/apt.log" 2>&1 || fail "apt-get update failed (see $LOG/apt.log)"
+  "${apt[@]}" install -y -qq --no-install-recommends "${missing[@]}" >>"$LOG/apt.log" 2>&1 ||
     fail "apt-get install failed (see $LOG/apt.log)"
 }
 

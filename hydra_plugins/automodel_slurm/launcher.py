@@ -1,0 +1,50 @@
+"""`hydra/launcher=slurm`: hydra-submitit-launcher's SLURM launcher, made to run automodel jobs.
+
+A multirun becomes a job array, one array task per sweep point, each with `tasks_per_node` x `nodes`
+SLURM tasks forming one torch.distributed world. Added to the plain submitit launcher:
+
+* on the compute node, where automodel's CLI never ran: automodel's resolvers, the sweep directory the
+  submitter chose (`${stamp:...}` would name another time there), and the torch.distributed variables;
+* requeue and resume: on SLURM's warning signal (`--signal=USR2@signal_delay_s` before the time limit,
+  or `scancel --signal=USR2` for a preemption), submitit calls `checkpoint()` on global rank 0, which
+  hands back the same job with `checkpoint.resume=auto`; submitit then requeues it. The requeued job
+  continues from the run directory's latest checkpoint (saved every `checkpoint.every_steps`); batches
+  are a pure function of (seed, step), so it ends where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _SubmititSlurmLauncher
+
+from automodel.launch.slurm import export_torch_env
+
+_FRESH = {f"checkpoint.resume={v}" for v in ("null", "none", "false", "")}
+
+
+class SlurmLauncher(_SubmititSlurmLauncher):
+    """hydra-submitit-launcher's SLURM launcher, made to run automodel jobs (see the module docstring)."""
+
+    def launch(self, job_overrides, initial_job_idx):
+        # `${stamp:...}` would give another time on the compute node: pin the directory chosen here
+        self._sweep_dir = str(self.config.hydra.sweep.dir)
+        self._resumable = "resume" in self.config.get("checkpoint", {})
+        return super().launch(job_overrides, initial_job_idx)
+
+    def __call__(self, sweep_overrides, job_dir_key, job_num, job_id, singleton_state) -> Any:
+        from automodel.config import register_resolvers
+
+        register_resolvers()  # on the compute node, where automodel's CLI did not run
+        export_torch_env()
+        overrides = [*sweep_overrides, f"hydra.sweep.dir='{self._sweep_dir}'"]
+        return super().__call__(overrides, job_dir_key, job_num, job_id, singleton_state)
+
+    def checkpoint(self, sweep_overrides, *args: Any, **kwargs: Any) -> Any:
+        """Called by submitit on rank 0 when the job is signalled: the job to requeue in its place."""
+        overrides = list(sweep_overrides)
+        if self._resumable:  # continue from the run's latest save, unless the job names its own checkpoint
+            overrides = [o for o in overrides if o.lstrip("+~").lower() not in _FRESH]
+            if not any(o.lstrip("+~").startswith("checkpoint.resume=") for o in overrides):
+                overrides.append("checkpoint.resume=auto")
+        return super().checkpoint(overrides, *args, **kwargs)
