@@ -1,0 +1,175 @@
+"""SLURM launches against a real single-node cluster (scripts/slurm_local.sh): a 2-task FSDP2 job, a sweep
+as a job array, and a job that is signalled mid-run, requeues itself and resumes.
+
+The cluster is started here when it can be (root, Debian/apt, packages installable) and stopped at the
+end if this module started it; otherwise every test is skipped with the reason. AUTOMODEL_TEST_SLURM=0
+skips them on purpose. Every wait is bounded.
+"""
+
+import csv
+import fcntl
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from helpers import MICRO, cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "slurm_local.sh")
+SLURM_DIR = os.environ.get("AUTOMODEL_SLURM_DIR", "/tmp/automodel-slurm")
+FAST = [*MICRO, "train.max_steps=4", "train.log_every=2", "train.global_batch_size=8", "checkpoint.export_final=false"]
+
+
+def _skip_reason() -> str | None:
+    if os.environ.get("AUTOMODEL_TEST_SLURM", "1") == "0":
+        return "AUTOMODEL_TEST_SLURM=0"
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        return "starting a local SLURM cluster needs root on Linux (scripts/slurm_local.sh)"
+    if not shutil.which("dpkg-query") or not (shutil.which("apt-get") or shutil.which("slurmctld")):
+        return "starting a local SLURM cluster needs Debian/Ubuntu packages (apt-get)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """The environment to submit with (SLURM_CONF ...); the cluster is up while the module runs."""
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    os.makedirs(os.path.dirname(SLURM_DIR) or "/", exist_ok=True)
+    lock = open(SLURM_DIR + ".lock", "w")  # one test session at a time uses (and may stop) the cluster
+    deadline = time.time() + 300
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.time() > deadline:
+                pytest.skip(f"the local SLURM cluster stayed in use by another test session ({SLURM_DIR}.lock)")
+            time.sleep(1)
+    env = {**os.environ, "AUTOMODEL_SLURM_DIR": SLURM_DIR}
+    was_up = subprocess.run(["bash", SCRIPT, "status"], env=env, capture_output=True, timeout=60).returncode == 0
+    if not was_up:
+        try:
+            start = subprocess.run(["bash", SCRIPT, "start"], env=env, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            start = None
+        if start is None or start.returncode != 0:
+            subprocess.run(["bash", SCRIPT, "stop"], env=env, capture_output=True, timeout=120)
+            lock.close()
+            why = "timed out after 300s" if start is None else start.stderr.strip().splitlines()[-3:]
+            pytest.skip(f"could not start a local SLURM cluster with scripts/slurm_local.sh: {why}")
+    job_env = {"SLURM_CONF": os.path.join(SLURM_DIR, "etc", "slurm.conf"), "OMP_NUM_THREADS": "1",
+               "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/usr/bin:/sbin:/bin"}
+    yield job_env
+    if not was_up:
+        subprocess.run(["bash", SCRIPT, "stop"], env=env, capture_output=True, timeout=120)
+    lock.close()
+
+
+def _sweep_dir(cwd) -> str:
+    (sweep,) = glob.glob(os.path.join(str(cwd), "multirun", "*", "*"))
+    return sweep
+
+
+def _records(job_dir) -> list[dict]:
+    with open(os.path.join(job_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _job_ids(sweep) -> list[str]:
+    """SLURM job ids (array ids for sweeps) that submitit made folders for in the sweep's .submitit/."""
+    return sorted(d for d in os.listdir(os.path.join(sweep, ".submitit")) if d.split("_")[0].isdigit())
+
+
+def _sh(env, *cmd: str) -> str:
+    return subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=60).stdout
+
+
+def _sacct(env, job_id: str, *extra: str, fields: str = "State") -> list[str]:
+    """sacct's lines for the job, once SLURM has finished it (its result comes back slightly before)."""
+    deadline = time.time() + 60
+    while True:
+        lines = _sh(env, "sacct", "-n", "-X", "-P", *extra, "-o", fields, "-j", job_id).split()
+        if (lines and not any(s in line for line in lines for s in ("RUNNING", "PENDING", "COMPLETING"))
+                or time.time() > deadline):
+            return lines
+        time.sleep(0.5)
+
+
+def test_a_two_task_job_is_one_fsdp2_world(slurm, tmp_path):
+    proc = cli("-m", "hydra/launcher=slurm", "launcher.nproc_per_node=2", "parallel=fsdp2", *FAST, cwd=str(tmp_path),
+               env=slurm, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    sweep = _sweep_dir(tmp_path)
+    (job_id,) = _job_ids(sweep)
+    rank0_log = open(os.path.join(sweep, ".submitit", job_id, f"{job_id}_0_log.out")).read()
+    assert "2 rank(s)" in rank0_log and "8 = 4 micro x 2 dp x 1 accumulation" in rank0_log, rank0_log[-2000:]
+    records = _records(os.path.join(sweep, "0"))  # written by rank 0 only: one line per logged step
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(r["tokens"] > 0 and r["loss"] > 0 for r in records)
+    assert _sacct(slurm, job_id) == ["COMPLETED"]
+
+
+def test_a_sweep_is_a_job_array_with_a_summary(slurm, tmp_path):
+    proc = cli("-m", "hydra/launcher=slurm", *FAST, "optim.lr=1e-3,3e-3", cwd=str(tmp_path), env=slurm, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "sweep summary (2 jobs)" in proc.stdout
+    sweep = _sweep_dir(tmp_path)
+    (array_id,) = {d.split("_")[0] for d in _job_ids(sweep)}
+    tasks = sorted(_sacct(slurm, array_id, fields="JobID,State"))
+    assert tasks == [f"{array_id}_0|COMPLETED", f"{array_id}_1|COMPLETED"], tasks
+    rows = list(csv.DictReader(open(os.path.join(sweep, "summary.csv"))))
+    assert [(r["job"], r["optim.lr"], r["status"]) for r in rows] == [("0", "0.001", "ok"), ("1", "0.003", "ok")]
+    for row in rows:
+        assert float(row["final_loss"]) == _records(os.path.join(sweep, row["job"]))[-1]["loss"]
+    assert rows[0]["final_loss"] != rows[1]["final_loss"]  # each array task got its own sweep point
+
+
+def test_a_signalled_job_requeues_resumes_and_ends_like_an_uninterrupted_run(slurm, tmp_path):
+    from helpers import train
+
+    steps = [*MICRO, "train.max_steps=40", "train.log_every=5", "train.global_batch_size=8"]
+    args = ["-m", "hydra/launcher=slurm", "launcher.nproc_per_node=2", "parallel=fsdp2", *steps,
+            "checkpoint.every_steps=10", "checkpoint.export_final=false"]
+    box = {}
+    submitter = threading.Thread(target=lambda: box.update(proc=cli(*args, cwd=str(tmp_path), env=slurm, timeout=400)))
+    submitter.start()
+    # once a checkpoint is committed, preempt: USR2 to the job's tasks, as SLURM does before a time limit
+    deadline = time.time() + 180
+    committed = []
+    while not committed and time.time() < deadline and submitter.is_alive():
+        committed = glob.glob(os.path.join(str(tmp_path), "multirun", "*", "*", "0", "checkpoints", "step_*[0-9]"))
+        time.sleep(0.1)
+    assert committed, "no checkpoint was committed within 180s"
+    (job_id,) = _job_ids(_sweep_dir(tmp_path))
+    _sh(slurm, "scancel", "--signal=USR2", job_id)
+    # SLURM holds a requeued job back (BeginTime, ~2 min); release it at once so the test stays short
+    deadline = time.time() + 60
+    while time.time() < deadline and "BeginTime" not in _sh(slurm, "squeue", "-h", "-j", job_id, "-o", "%r"):
+        time.sleep(0.2)
+    _sh(slurm, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    submitter.join(timeout=300)
+    assert not submitter.is_alive(), "the requeued job did not finish within 300s"
+    proc = box["proc"]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+    sweep = _sweep_dir(tmp_path)
+    log = "".join(open(p).read() for p in glob.glob(os.path.join(sweep, ".submitit", job_id, f"{job_id}_0_log.*")))
+    assert "this job is preempted" in log and f"Requeued job {job_id}" in log, log[-3000:]
+    assert "resumed from" in log, log[-3000:]
+    states = _sacct(slurm, job_id, "-D")  # -D: every run of the job, the requeued one too
+    assert states[0] == "REQUEUED" and states[-1] == "COMPLETED", states
+    records = _records(os.path.join(sweep, "0"))
+    assert [r["step"] for r in records] == list(range(5, 41, 5))  # each step logged once, none lost
+
+    (tmp_path / "uninterrupted").mkdir()
+    reference = train(str(tmp_path / "uninterrupted"), *steps[len(MICRO):], "checkpoint.export_final=false")
+    assert records[-1]["loss"] == pytest.approx(reference.final_loss, abs=1e-5)  # 2 ranks vs 1: same to 1e-5
