@@ -87,17 +87,29 @@ def test_reshard_two_ranks_to_one_process(two_ranks, tmp_path):
     one = train(str(tmp_path), "parallel=none", "train.micro_batch_size=8", *RUN, f"checkpoint.resume={ckpt}")
     diffs = [abs(a - b) for a, b in zip(losses(one), r["ref"]["losses"][4:])]
     assert [x["step"] for x in one.records] == [5, 6] and max(diffs) < 1e-5, diffs
-    assert _max_weight_diff(one.model.state_dict(), load_file(os.path.join(out, "ref.safetensors"))) < 1e-5
+    weights = _max_weight_diff(one.model.state_dict(), load_file(os.path.join(out, "ref.safetensors")))
+    assert weights < 1e-5, weights
+    print(f"one process: loss diffs {diffs}, max weight diff {weights:.2e}")
 
 
-def test_reshard_two_ranks_to_four_ranks_fsdp2(two_ranks):
-    out, r = two_ranks
+@pytest.fixture(scope="module")
+def four_ranks(two_ranks):
+    out, _ = two_ranks
     ckpt = os.path.join(out, "ref", "checkpoints", "step_00000004")
-    four = _spawn(out, 4, [("four", "four", None, ["parallel=fsdp2", "train.micro_batch_size=2", *RUN,
-                                                     f"checkpoint.resume={ckpt}"])])
-    diffs = [abs(a - b) for a, b in zip(four["four"]["losses"], r["ref"]["losses"][4:])]
-    assert four["four"]["steps"] == [5, 6] and max(diffs) < 1e-5, diffs
-    assert _max_weight_diff(load_file(os.path.join(out, "four.safetensors")), load_file(os.path.join(out, "ref.safetensors"))) < 1e-5
+    return _spawn(out, 4, [
+        ("four", "four", None, ["parallel=fsdp2", "train.micro_batch_size=2", *RUN, f"checkpoint.resume={ckpt}"]),
+        ("four_tp", "four_tp", None, ["parallel=fsdp2_tp", "train.micro_batch_size=4", *RUN, f"checkpoint.resume={ckpt}"]),
+    ])
+
+
+@pytest.mark.parametrize("name", ["four", "four_tp"])  # 4 x FSDP2; 2 FSDP2 x 2 TP
+def test_reshard_two_ranks_to_four_ranks(two_ranks, four_ranks, name):
+    out, r = two_ranks
+    diffs = [abs(a - b) for a, b in zip(four_ranks[name]["losses"], r["ref"]["losses"][4:])]
+    assert four_ranks[name]["steps"] == [5, 6] and max(diffs) < 1e-5, diffs
+    weights = _max_weight_diff(load_file(os.path.join(out, f"{name}.safetensors")), load_file(os.path.join(out, "ref.safetensors")))
+    assert weights < 1e-5, weights
+    print(f"{name}: loss diffs {diffs}, max weight diff {weights:.2e}")
 
 
 def test_export_a_two_rank_fsdp2_checkpoint_offline_on_one_process(two_ranks, tmp_path):
@@ -150,8 +162,10 @@ def test_hf_weights_load_straight_into_fsdp2_shards_each_rank_reading_its_part(t
         total = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     reads = r["hf_shards"]["hf_read_numel"]
     assert sum(reads) == total and max(reads) <= 0.55 * total, (reads, total)  # each rank its own half
+    print(f"hf shards: elements read per rank {reads} of {total}")
     assert all(n == 0 for name, res in r.items() if name != "hf_shards" for n in res.get("hf_read_numel", [0]))
     # the same training as one process loading the folder with transformers' from_pretrained
     one = train(str(tmp_path), "parallel=none", "train.micro_batch_size=8", *RUN, f"model.path={folder}")
     diffs = [abs(a - b) for a, b in zip(losses(one), r["hf_shards"]["losses"])]
     assert len(diffs) == 6 and max(diffs) < 1e-5, diffs
+    print(f"hf shards vs one process from_pretrained: loss diffs {diffs}")
