@@ -47,6 +47,10 @@ class ParallelPlugin(Protocol):
 
 @runtime_checkable
 class DataPlugin(Protocol):
+    """Optional: `val_batches(tokenizer, *, seq_len, dp_rank, dp_size, micro_batch_size) -> list[StepBatch] | None`,
+    this rank's share of the held-out data (every rank the same number of forward passes), used every
+    train.val_every steps; None when the data has no held-out part."""
+
     def build(self, tokenizer: Any, *, seq_len: int, seed: int, dp_rank: int, dp_size: int,
               global_batch_size: int, micro_batch_size: int, start_step: int = 0) -> "Iterator[StepBatch]":
         """An endless iterator over optimizer steps from `start_step` on; each item holds this rank's
