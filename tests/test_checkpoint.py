@@ -231,3 +231,18 @@ def test_automodel_export_turns_a_checkpoint_into_an_hf_folder_offline(uninterru
     assert diff == 0.0, diff
     bad = cli("export", str(tmp_path / "nowhere"), out, cwd=str(tmp_path))
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr, bad.stderr
+
+
+def test_export_every_save_puts_an_hf_folder_of_that_step_in_each_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = str(tmp_path)
+    train(out, "train.max_steps=4", "train.log_every=1", "train.global_batch_size=8", "train.micro_batch_size=8",
+          "checkpoint.every_steps=2", "checkpoint.export_final=false", "checkpoint.export_every_save=true")
+    for name in ("step_00000002", "step_00000004"):
+        folder = os.path.join(out, "checkpoints", name)
+        dcp_plugin.read_meta(folder)  # still a valid, complete checkpoint
+        hf = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "hf")).state_dict()
+        saved = _load_all(folder)
+        assert all(torch.equal(hf[k], saved["model." + k]) for k in hf if "model." + k in saved)
+        assert sum(("model." + k) in saved for k in hf) == len([k for k in saved if k.startswith("model.")])

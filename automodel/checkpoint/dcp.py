@@ -49,6 +49,7 @@ class DCPConfig:
     folder: str = "checkpoints"  # inside the run directory
     export_final: bool = True  # write <run dir>/<dirname>/ as an HF folder at the end
     dirname: str = "final"
+    export_every_save: bool = False  # also write an HF folder into every checkpoint (checkpoints/step_N/hf/)
     merge_adapter: bool = True  # under PEFT: also write the merged full model (the adapter is always in adapter/)
 
 
@@ -241,6 +242,8 @@ class DCPCheckpoint:
             "config_yaml": state.config_yaml,
         }
         json.dumps(meta)  # fail now, in every rank, if something is not JSON
+        if self.cfg.export_every_save and state.export_hf is not None:
+            state.export_hf(os.path.join(staging, "hf"))  # inside the staging folder: committed with it
         if self.cfg.async_save:
             if self._async_pg is None:  # the background thread's collectives must not share the training group
                 self._async_pg = dist.new_group(backend="gloo") if dist.is_initialized() else None
@@ -275,7 +278,8 @@ class DCPCheckpoint:
 
     def _commit(self, staging: str, final: str, meta: dict) -> None:
         """Rank 0: describe the written files, then rename the folder; the rename is the commit."""
-        meta = dict(meta, files={n: os.path.getsize(os.path.join(staging, n)) for n in sorted(os.listdir(staging))})
+        files = [n for n in sorted(os.listdir(staging)) if os.path.isfile(os.path.join(staging, n))]
+        meta = dict(meta, files={n: os.path.getsize(os.path.join(staging, n)) for n in files})
         _write_synced(os.path.join(staging, META), json.dumps(meta, indent=1))
         _before_commit(staging)
         if os.path.isdir(final):  # an abandoned later attempt of this step (e.g. after resuming an older checkpoint)

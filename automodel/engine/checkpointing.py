@@ -26,6 +26,7 @@ class TrainState:
     scheduler: Any
     fingerprint: dict
     config_yaml: str  # the resolved config, stored with every checkpoint (for `automodel export`)
+    export_hf: Any = None  # collective: folder -> an HF folder of the current model written there (rank 0)
 
 
 def fingerprint(cfg, hf_config) -> dict:

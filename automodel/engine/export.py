@@ -21,14 +21,21 @@ def export_final(model, tokenizer, plugins, out_dir: str, env) -> str | None:
     ckpt = plugins["checkpoint"]
     if not ckpt.cfg.export_final:
         return None
+    final_dir = export_to(model, tokenizer, plugins, os.path.join(out_dir, ckpt.cfg.dirname), env)
+    if final_dir:
+        log.info("exported the trained model to %s", final_dir)
+    return final_dir
+
+
+def export_to(model, tokenizer, plugins, folder: str, env) -> str | None:
+    """Collective: gather the full state dict on rank 0 and write `folder` there (None on other ranks)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not env.is_main:
         return None
-    full = _unaliased(full, model)
-    final_dir = os.path.join(out_dir, ckpt.cfg.dirname)
-    write_hf_folder(full, tokenizer, plugins, final_dir)
-    log.info("exported the trained model to %s", final_dir)
-    return final_dir
+    write_hf_folder(_unaliased(full, model), tokenizer, plugins, folder)
+    return folder
 
 
 def write_hf_folder(full: dict, tokenizer, plugins, final_dir: str) -> None:

@@ -96,7 +96,8 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     # 5. optimizer
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer, scheduler = p["optim"].build(params, t.max_steps)
-    state = checkpointing.TrainState(model, optimizer, scheduler, fingerprint, OmegaConf.to_yaml(cfg, resolve=True))
+    state = checkpointing.TrainState(model, optimizer, scheduler, fingerprint, OmegaConf.to_yaml(cfg, resolve=True),
+                                     export_hf=lambda folder: export.export_to(model, tokenizer, p, folder, env))
     if resume:  # before anything is written: a failed resume leaves the run dir as it was
         p["checkpoint"].restore(resume, state)
         if env.is_main:
