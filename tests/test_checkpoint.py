@@ -246,3 +246,14 @@ def test_export_every_save_puts_an_hf_folder_of_that_step_in_each_checkpoint(tmp
         saved = _load_all(folder)
         assert all(torch.equal(hf[k], saved["model." + k]) for k in hf if "model." + k in saved)
         assert sum(("model." + k) in saved for k in hf) == len([k for k in saved if k.startswith("model.")])
+
+
+def test_cli_refusal_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path):
+    from helpers import cli
+
+    run = tmp_path / "run"
+    proc = cli("hydra.run.dir=" + str(run), "train.max_steps=2", f"checkpoint.resume={tmp_path}/nowhere",
+               cwd=str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
+    assert proc.stderr.startswith("automodel: error: checkpoint '") and "does not exist" in proc.stderr
+    assert not run.exists()

@@ -42,6 +42,7 @@ def two_ranks(tmp_path_factory):
         ("crash", "resumed", 4, FSDP2),
         ("resumed", "resumed", None, [*FSDP2, "checkpoint.resume=auto"]),
         ("hf_shards", "hf_shards", None, [*FSDP2, f"model.path={hf_folder}"]),
+        ("async", "async", None, [*FSDP2, "checkpoint.async_save=true", "checkpoint.keep_last=0"]),
         ("lora_ref", "lora_ref", None, [*LORA, "checkpoint.merge_adapter=false"]),
         ("lora_crash", "lora_resumed", 2, [*LORA, "checkpoint.export_final=false"]),
         ("lora_resumed", "lora_resumed", None, [*LORA, "checkpoint.export_final=false", "checkpoint.resume=auto"]),
@@ -169,3 +170,16 @@ def test_hf_weights_load_straight_into_fsdp2_shards_each_rank_reading_its_part(t
     diffs = [abs(a - b) for a, b in zip(losses(one), r["hf_shards"]["losses"])]
     assert len(diffs) == 6 and max(diffs) < 1e-5, diffs
     print(f"hf shards vs one process from_pretrained: loss diffs {diffs}")
+
+
+def test_async_save_under_fsdp2_writes_the_same_checkpoints(two_ranks):
+    from test_checkpoint import _load_all
+
+    out, r = two_ranks
+    assert r["async"]["losses"] == r["ref"]["losses"]
+    names = sorted(os.listdir(os.path.join(out, "async", "checkpoints")))
+    assert names == ["step_00000002", "step_00000004", "step_00000006"]
+    for name in names:  # written in the background while training went on
+        a = _load_all(os.path.join(out, "ref", "checkpoints", name))
+        b = _load_all(os.path.join(out, "async", "checkpoints", name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
