@@ -257,3 +257,16 @@ def test_cli_refusal_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
     assert proc.stderr.startswith("automodel: error: checkpoint '") and "does not exist" in proc.stderr
     assert not run.exists()
+
+
+def test_extending_max_steps_on_resume_follows_the_new_schedule(tmp_path):
+    runs = {n: str(tmp_path / n) for n in ("six", "longer", "eight")}
+    for d in runs.values():
+        os.makedirs(d)
+    six = train(runs["six"], *RUN, "optim.warmup_steps=1")
+    longer = train(runs["longer"], *RUN, "optim.warmup_steps=1", "train.max_steps=8",
+                   f"checkpoint.resume={runs['six']}/checkpoints/step_00000004")
+    eight = train(runs["eight"], *RUN, "optim.warmup_steps=1", "train.max_steps=8")
+    # from step 5 on, the LR is the 8-step schedule's, not the 6-step one's next value
+    assert [r["lr"] for r in longer.records] == [r["lr"] for r in eight.records][4:]
+    assert longer.records[0]["lr"] != six.records[4]["lr"]

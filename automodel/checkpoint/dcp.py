@@ -194,6 +194,7 @@ class DCPCheckpoint:
         groups = _param_groups_from_json(point.meta["param_groups"], state.optimizer)
         set_optimizer_state_dict(state.model, state.optimizer, {"state": payload["optim"], "param_groups": groups})
         state.scheduler.load_state_dict(point.meta["scheduler"])
+        _lr_from_schedule(state.scheduler, state.optimizer)
         rank = dist.get_rank() if dist.is_initialized() else 0
         _load_rng(point.path, rank)
         log.info("resumed from %s (step %d) in %.1fs", point.path, point.step, time.perf_counter() - t0)
@@ -407,6 +408,23 @@ def _param_groups_from_json(saved: list[dict], optimizer) -> list[dict]:
         raise UserError(f"the checkpoint's optimizer has {len(saved)} parameter groups, this run's has "
                         f"{len(optimizer.param_groups)}; resume with the same model, peft and optimizer settings")
     return groups
+
+
+def _lr_from_schedule(scheduler, optimizer) -> None:
+    """Set the next step's LR from this run's schedule at the restored position.
+
+    With the same train.max_steps this is the saved LR exactly (the same formula on the same step); a run
+    extended to more steps continues on its own, longer schedule instead of the old one's next value."""
+    import warnings
+
+    if not hasattr(scheduler, "get_lr"):
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "call get_last_lr()": here the value for the next step is wanted
+        lrs = scheduler.get_lr()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def _save_rng(folder: str, rank: int) -> None:
