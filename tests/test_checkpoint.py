@@ -179,17 +179,25 @@ def test_refuses_a_checkpoint_of_another_model_in_one_line_and_touches_nothing(u
     ("delete_meta", "not a complete automodel checkpoint"),
     ("garble_meta", "is corrupt: automodel_ckpt.json does not parse"),
     ("delete_dcp_metadata", "file .metadata is missing"),
+    ("flip_byte", "is corrupt: file __0_0.distcp does not match its checksum"),
 ])
 def test_refuses_a_missing_or_corrupt_checkpoint_file(uninterrupted, tmp_path, damage, expect):
     ref_out, _ = uninterrupted
     ckpt = _copy(os.path.join(ref_out, "checkpoints", "step_00000004"), str(tmp_path / "step_00000004"))
     target = {"delete_data": "__0_0.distcp", "truncate_data": "__0_0.distcp", "delete_meta": "automodel_ckpt.json",
-              "garble_meta": "automodel_ckpt.json", "delete_dcp_metadata": ".metadata"}[damage]
+              "garble_meta": "automodel_ckpt.json", "delete_dcp_metadata": ".metadata",
+              "flip_byte": "__0_0.distcp"}[damage]
     path = os.path.join(ckpt, target)
     if damage.startswith("delete"):
         os.remove(path)
     elif damage == "truncate_data":
         os.truncate(path, os.path.getsize(path) // 2)
+    elif damage == "flip_byte":  # same size, one bit different: only the checksum can tell
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            byte = f.read(1)[0]
+            f.seek(-1, 1)
+            f.write(bytes([byte ^ 0x01]))
     else:
         with open(path, "w") as f:
             f.write("{not json")

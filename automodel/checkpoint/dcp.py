@@ -46,6 +46,7 @@ class DCPConfig:
     keep_last: int = 2  # committed checkpoints kept (older ones are deleted); 0 keeps all
     resume: Optional[str] = None  # null: start fresh; auto: latest valid checkpoint of this run dir; or a path
     async_save: bool = False  # write in a background thread (dcp.async_save); the step only waits for a CPU copy
+    checksums: bool = True  # a CRC32 of every file, checked on resume and export (catches corrupted bytes)
     folder: str = "checkpoints"  # inside the run directory
     export_final: bool = True  # write <run dir>/<dirname>/ as an HF folder at the end
     dirname: str = "final"
@@ -181,6 +182,15 @@ class DCPCheckpoint:
         )
 
         t0 = time.perf_counter()
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        bad = verify_checksums(point.path, point.meta, rank, world)  # each rank checks its share of the files
+        if world > 1:
+            found = [None] * world
+            dist.all_gather_object(found, bad)
+            bad = next((b for b in found if b), None)
+        if bad:
+            raise UserError(bad)
         model_sd = get_model_state_dict(state.model)
         optim_sd = get_optimizer_state_dict(state.model, state.optimizer)  # initializes empty optimizer state
         payload = {"model": model_sd, "optim": optim_sd["state"]}
@@ -195,7 +205,6 @@ class DCPCheckpoint:
         set_optimizer_state_dict(state.model, state.optimizer, {"state": payload["optim"], "param_groups": groups})
         state.scheduler.load_state_dict(point.meta["scheduler"])
         _lr_from_schedule(state.scheduler, state.optimizer)
-        rank = dist.get_rank() if dist.is_initialized() else 0
         _load_rng(point.path, rank)
         log.info("resumed from %s (step %d) in %.1fs", point.path, point.step, time.perf_counter() - t0)
         return point.step
@@ -253,8 +262,16 @@ class DCPCheckpoint:
             log.info("checkpoint of step %d: copied for a background save in %.2fs", step, time.perf_counter() - t0)
         else:
             dcp.save(payload, checkpoint_id=staging)
+            crcs = {}
+            if self.cfg.checksums:  # each rank sums the files it wrote; rank 0 adds the rest at the commit
+                mine = [n for n in os.listdir(staging) if n.startswith(f"__{rank}_") or n == f"rng_rank{rank}.safetensors"]
+                crcs = {n: _crc32(os.path.join(staging, n)) for n in mine}
+                if dist.is_initialized() and dist.get_world_size() > 1:
+                    parts = [None] * dist.get_world_size()
+                    dist.all_gather_object(parts, crcs)
+                    crcs = {k: v for part in parts for k, v in part.items()}
             if rank == 0:
-                self._commit(staging, final, meta)
+                self._commit(staging, final, meta, crcs)
                 log.info("saved checkpoint %s in %.2fs", final, time.perf_counter() - t0)
             if dist.is_initialized():
                 dist.barrier()
@@ -277,10 +294,13 @@ class DCPCheckpoint:
             self._commit(staging, final, meta)
             log.info("saved checkpoint %s in the background (%.2fs after the step)", final, time.perf_counter() - t0)
 
-    def _commit(self, staging: str, final: str, meta: dict) -> None:
+    def _commit(self, staging: str, final: str, meta: dict, crcs: dict | None = None) -> None:
         """Rank 0: describe the written files, then rename the folder; the rename is the commit."""
         files = [n for n in sorted(os.listdir(staging)) if os.path.isfile(os.path.join(staging, n))]
         meta = dict(meta, files={n: os.path.getsize(os.path.join(staging, n)) for n in files})
+        if self.cfg.checksums:
+            crcs = crcs or {}
+            meta["crc32"] = {n: crcs[n] if n in crcs else _crc32(os.path.join(staging, n)) for n in files}
         _write_synced(os.path.join(staging, META), json.dumps(meta, indent=1))
         _before_commit(staging)
         if os.path.isdir(final):  # an abandoned later attempt of this step (e.g. after resuming an older checkpoint)
@@ -410,6 +430,25 @@ def _param_groups_from_json(saved: list[dict], optimizer) -> list[dict]:
     return groups
 
 
+def _crc32(path: str) -> int:
+    import zlib
+
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def verify_checksums(path: str, meta: dict, rank: int = 0, world: int = 1) -> str | None:
+    """The first file (of this rank's share) whose CRC32 differs from the one recorded, as a message."""
+    recorded = meta.get("crc32") or {}
+    for name in sorted(recorded)[rank::world]:
+        if _crc32(os.path.join(path, name)) != recorded[name]:
+            return f"checkpoint '{path}' is corrupt: file {name} does not match its checksum"
+    return None
+
+
 def _lr_from_schedule(scheduler, optimizer) -> None:
     """Set the next step's LR from this run's schedule at the restored position.
 
@@ -482,6 +521,9 @@ def load_model_state(path: str, template: dict[str, Any]) -> dict[str, Any]:
     """Offline (one process, no process group needed): fill `template` (fqn -> tensor) with the saved model."""
     import torch.distributed.checkpoint as dcp
 
+    bad = verify_checksums(path, read_meta(path))
+    if bad:
+        raise UserError(bad)
     payload = {"model": template}
     try:
         dcp.load(payload, checkpoint_id=path, planner=_TensorsOnlyLoadPlanner())
