@@ -35,6 +35,9 @@ class ModelPlugin(Protocol):
 
 @runtime_checkable
 class ParallelPlugin(Protocol):
+    """Optional: `hints(dims) -> automodel.distributed.parallel_dims.ParallelHints`, what the training step
+    must do for the layout (global position_ids, sequence padding, loss_parallel context, CP split)."""
+
     def dims(self, world_size: int) -> "ParallelDims":
         """Mesh sizes for this world size; raises UserError for layouts that cannot work."""
 

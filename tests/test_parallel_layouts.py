@@ -41,6 +41,8 @@ TWO = [
     ("fsdp2_ac_selective", ["parallel=fsdp2", "parallel.activation_checkpointing=selective", *STEPS,
                             "train.micro_batch_size=4"]),
     *[(f"tp_{fam}", ["parallel=tp", *over, *STEPS, "train.micro_batch_size=8"]) for fam, over in FAMILIES.items()],
+    ("cp_llama", ["parallel=cp", *STEPS, "train.micro_batch_size=4"]),
+    ("cp_gemma2", ["parallel=cp", *FAMILIES["gemma2"], *STEPS, "train.micro_batch_size=8"]),  # eager attention
 ]
 FOUR = [
     ("fsdp2", ["parallel=fsdp2", *STEPS, "train.micro_batch_size=2"]),
@@ -48,6 +50,8 @@ FOUR = [
     ("fsdp2_tp", ["parallel=fsdp2_tp", "parallel.loss_parallel=true", *STEPS, "train.micro_batch_size=4"]),
     ("tp4", ["parallel=tp", *KV4, *STEPS, "train.micro_batch_size=8"]),
     ("hsdp_bf16", ["parallel=hsdp", "precision=bf16", *STEPS, "train.micro_batch_size=2"]),
+    ("fsdp2_cp", ["parallel=fsdp2_cp", *STEPS, "train.micro_batch_size=2"]),
+    ("cp_tp", ["parallel=fsdp2_tp", "parallel.cp=2", "parallel.loss_parallel=true", *STEPS, "train.micro_batch_size=8"]),
 ]
 
 
@@ -109,6 +113,12 @@ def test_llama_layouts_on_two_ranks_match_one_process(two, reference, name):
     assert reference["llama"]["losses"][-1] < reference["llama"]["losses"][0]
 
 
+@pytest.mark.parametrize("name,ref", [("cp_llama", "llama"), ("cp_gemma2", "gemma2")])
+def test_context_parallel_on_two_ranks_matches_one_process(two, reference, name, ref):
+    d, g = _report(f"2 ranks {name}", two[name], reference[ref])
+    assert d < TOL and g < 1e-4
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_tensor_parallel_of_each_family_matches_one_process(two, reference, family):
     d, g = _report(f"2 ranks tp {family}", two[f"tp_{family}"], reference[family])
@@ -116,7 +126,7 @@ def test_tensor_parallel_of_each_family_matches_one_process(two, reference, fami
 
 
 @pytest.mark.parametrize("name,ref", [("fsdp2", "llama"), ("hsdp", "llama"), ("fsdp2_tp", "llama"),
-                                      ("tp4", "llama_kv4")])
+                                      ("tp4", "llama_kv4"), ("fsdp2_cp", "llama"), ("cp_tp", "llama")])
 def test_layouts_on_four_ranks_match_one_process(four, reference, name, ref):
     d, g = _report(f"4 ranks {name}", four[name], reference[ref])
     assert d < TOL and g < 1e-4
@@ -162,10 +172,10 @@ def test_every_preset_exists_and_every_size_is_overridable():
 
 
 @pytest.mark.parametrize("preset,world,expected", [
-    ("cp", 2, "parallel: cp=2 is not available in this version"),
     ("pp", 4, "parallel: pp=4 is not available in this version"),
+    ("fsdp2_pp", 4, "parallel: pp=2 is not available in this version"),
     ("fsdp2_tp_pp", 8, "parallel: pp=2 is not available in this version"),
-    ("fsdp2_cp_tp_pp", 16, "parallel: cp=2, pp=2 is not available in this version"),
+    ("fsdp2_cp_tp_pp", 16, "parallel: pp=2 is not available in this version"),
     ("fsdp2_tp", 3, "parallel: world size 3 is not divisible by tp=2"),
 ])
 def test_layouts_not_available_or_impossible_are_refused_in_one_line(preset, world, expected):
@@ -199,9 +209,53 @@ def test_sequence_length_must_split_across_tp_with_sequence_parallel():
     assert _hints(plugin, dims, 48).seq_multiple == 4
     plugin, _ = _plugin("parallel=tp", "parallel.sequence_parallel=false")
     assert _hints(plugin, plugin.dims(4), 50).seq_multiple == 1
+    plugin, _ = _plugin("parallel=fsdp2_tp", "parallel.cp=2")
+    with pytest.raises(UserError) as e:
+        _hints(plugin, plugin.dims(8), 36)
+    assert str(e.value) == ("train.seq_len=36 is not divisible by 2 x cp=2 (causal load balancing) x tp=2 (sequence "
+                            "parallel) = 8; pick a multiple of 8")
+
+
+def test_context_parallel_splits_the_sequence_with_causal_load_balancing():
+    from automodel.parallel.context_parallel import ContextParallel
+
+    cp = ContextParallel.__new__(ContextParallel)
+    cp.size = 2
+    assert cp.indices(8, 0).tolist() == [0, 1, 6, 7] and cp.indices(8, 1).tolist() == [2, 3, 4, 5]
+    # equal causal work: the number of (query, key) pairs each rank attends to
+    work = [sum(i + 1 for i in cp.indices(64, r).tolist()) for r in range(2)]
+    assert work[0] == work[1]
+
+
+@pytest.mark.skipif(not os.environ.get("AUTOMODEL_SLOW_TESTS"), reason="torch.compile costs minutes on 2 CPU cores; "
+                    "set AUTOMODEL_SLOW_TESTS=1")
+def test_compile_and_activation_checkpointing_under_fsdp2_match_one_process(tmp_path_factory, reference):
+    checks = [("compile_ac", ["parallel=fsdp2", "parallel.compile=true", "parallel.activation_checkpointing=full",
+                              *STEPS, "train.micro_batch_size=4"])]
+    got = _spawn(tmp_path_factory, 2, checks)["compile_ac"]
+    d, g = _report("2 ranks fsdp2 + compile + full AC", got, reference["llama"])
+    assert d < TOL
 
 
 def test_unknown_activation_checkpointing_mode_is_refused():
     with pytest.raises(UserError) as e:
         _plugin("parallel=fsdp2", "parallel.activation_checkpointing=some")
     assert str(e.value).startswith("parallel.activation_checkpointing='some': choose one of none, full, selective")
+
+
+def test_parity_script_prints_both_curves_and_their_largest_difference(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import MICRO
+
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "parity.py")
+    proc = subprocess.run(
+        [sys.executable, script, "train.micro_batch_size=8", "train.micro_batch_size=4", "--steps", "3",
+         "--out", str(tmp_path), "--", "train.global_batch_size=8", *MICRO],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "AUTOMODEL_NO_PROGRESS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    rows = [ln.split() for ln in proc.stdout.splitlines() if ln.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["1", "2", "3"]
+    assert all(abs(float(r[1]) - float(r[2])) < TOL for r in rows)
+    assert "largest loss difference:" in proc.stdout and "within tolerance" in proc.stdout

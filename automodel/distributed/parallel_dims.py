@@ -102,3 +102,5 @@ class ParallelHints:
     seq_multiple: int = 1
     seq_multiple_reason: str = ""  # e.g. "tp=2 (sequence parallel)", for the refusal of train.seq_len
     loss_context: object = None
+    shard_sequence: object = None  # (inputs, labels) -> this rank's part of the sequence (context parallel)
+    reduce_loss: object = None  # token-sum loss -> summed over the ranks that split the sequence (autograd-aware)

@@ -57,6 +57,8 @@ class StepRunner:
                 logits = self.model(**inputs).logits
             with self.hints.loss_context() if self.hints.loss_context else contextlib.nullcontext():
                 loss = token_sum_cross_entropy(logits, labels)
+                if self.hints.reduce_loss:
+                    loss = self.hints.reduce_loss(loss)
                 (loss * scale).backward()
             loss_sum += _full(loss.detach())
         if self.max_grad_norm > 0:
@@ -82,6 +84,8 @@ def _for_layout(inputs: dict, labels: torch.Tensor, hints: ParallelHints) -> tup
         labels = torch.nn.functional.pad(labels, (0, pad), value=IGNORE_INDEX)
     if hints.global_position_ids and "position_ids" not in inputs:
         inputs["position_ids"] = torch.arange(labels.shape[1], device=labels.device).unsqueeze(0)
+    if hints.shard_sequence:
+        inputs, labels = hints.shard_sequence(inputs, labels)
     return inputs, labels
 
 

@@ -9,7 +9,9 @@ only in sizes. The order the layers are applied in is fixed here, once (torchtit
 - activation checkpointing and compile: activation_checkpoint.py, per decoder block.
 - FSDP2: `fully_shard` on every decoder block, then on the root, over the data-parallel mesh
   (dp_shard, or dp_replicate x dp_shard = HSDP); the precision plugin's MixedPrecisionPolicy applies.
-Context parallel (cp > 1) and pipeline parallel (pp > 1) are refused with one line: not implemented yet.
+- CP: context_parallel.py, all-gathered K/V with causal load balancing (every device, CPU included).
+  FSDP then shards over dp_shard x cp (the cp ranks' gradients are summed through it).
+Pipeline parallel (pp > 1) is refused with one line: not implemented yet.
 """
 
 from __future__ import annotations
@@ -52,11 +54,10 @@ class SPMDParallel:
     def dims(self, world_size: int) -> ParallelDims:
         c = self.cfg
         dims = ParallelDims.infer(world_size, dp_replicate=c.dp_replicate, dp_shard=c.dp_shard, cp=c.cp, tp=c.tp, pp=c.pp)
-        unsupported = [f"{n}={getattr(dims, n)}" for n in ("cp", "pp") if getattr(dims, n) > 1]
-        if unsupported:
+        if dims.pp > 1:
             raise UserError(
-                f"parallel: {', '.join(unsupported)} is not available in this version (FSDP2, HSDP and TP/SP are); "
-                "use parallel=fsdp2, hsdp, tp or fsdp2_tp"
+                f"parallel: pp={dims.pp} is not available in this version (FSDP2, HSDP, TP/SP and CP are); "
+                "use parallel=fsdp2, hsdp, tp, fsdp2_tp, cp or fsdp2_cp"
             )
         return dims
 
@@ -75,14 +76,18 @@ class SPMDParallel:
     def hints(self, dims: ParallelDims) -> ParallelHints:
         """What the training step must do for this layout (see ParallelHints)."""
         sp = self._sp(dims)
-        parts = ([f"cp={dims.cp}"] if dims.cp > 1 else []) + ([f"tp={dims.tp} (sequence parallel)"] if sp else [])
+        parts = ([f"2 x cp={dims.cp} (causal load balancing)"] if dims.cp > 1 else []) + (
+            [f"tp={dims.tp} (sequence parallel)"] if sp else [])
         loss_context = None
         if dims.tp > 1 and self.cfg.loss_parallel:
             from torch.distributed.tensor.parallel import loss_parallel
 
             loss_context = loss_parallel
-        return ParallelHints(global_position_ids=sp or dims.cp > 1, seq_multiple=dims.cp * (dims.tp if sp else 1),
-                             seq_multiple_reason=" x ".join(parts), loss_context=loss_context)
+        cp = dims.cp > 1
+        return ParallelHints(global_position_ids=sp or cp, seq_multiple=(2 * dims.cp if cp else 1) * (dims.tp if sp else 1),
+                             seq_multiple_reason=" x ".join(parts), loss_context=loss_context,
+                             shard_sequence=(lambda inputs, labels: self._cp.shard_sequence(inputs, labels)) if cp else None,
+                             reduce_loss=(lambda loss: self._cp.reduce_loss(loss)) if cp else None)
 
     def apply(self, model, mesh, dims: ParallelDims, mp_policy):
         from automodel.parallel.activation_checkpoint import apply_activation_checkpointing, compile_blocks
@@ -93,14 +98,19 @@ class SPMDParallel:
 
             apply_tensor_parallel(model, mesh["tp"], sequence_parallel=self._sp(dims),
                                   loss_parallel=self.cfg.loss_parallel)
-        # 2. context parallel: refused in dims()
+        # 2. context parallel
+        if dims.cp > 1:
+            from automodel.parallel.context_parallel import ContextParallel
+
+            self._cp = ContextParallel(mesh["cp"])
+            self._cp.apply(model)
         # 3. activation checkpointing, 4. compile (per block)
         blocks = decoder_layers(model)
         blocks = apply_activation_checkpointing(model, blocks, self.cfg.activation_checkpointing)
         if self.cfg.compile:
             blocks = compile_blocks(blocks)
         # 5. FSDP2 / HSDP
-        if dims.dp > 1 or dims.tp == 1:
+        if dims.dp * dims.cp > 1 or dims.tp == 1:
             self._fully_shard(model, blocks, mesh, dims, mp_policy)
         elif mp_policy is not None:
             log.info("no data parallelism: the precision plugin's FSDP policy is unused (autocast still applies)")
@@ -109,7 +119,12 @@ class SPMDParallel:
     def _fully_shard(self, model, blocks, mesh, dims: ParallelDims, mp_policy) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        fsdp_names = tuple(n for n in ("dp_replicate", "dp_shard") if getattr(dims, n) > 1) or ("dp_shard",)
+        shard = [n for n in ("dp_shard", "cp") if getattr(dims, n) > 1]
+        if len(shard) == 2:
+            mesh[tuple(shard)]._flatten("dp_shard_cp")
+            shard = ["dp_shard_cp"]
+        fsdp_names = tuple(["dp_replicate"] if dims.dp_replicate > 1 else []) + tuple(shard)
+        fsdp_names = fsdp_names or ("dp_shard",)
         fsdp_mesh = mesh[fsdp_names]
         kwargs = {"mesh": fsdp_mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
         for i, block in enumerate(blocks):
