@@ -59,6 +59,8 @@ def evaluate(s, val) -> float:
                     ctx = hints.loss_context() if getattr(hints, "loss_context", None) else contextlib.nullcontext()
                     with ctx:
                         loss = token_sum_cross_entropy(logits, labels)
+                        if getattr(hints, "reduce_loss", None):  # context parallel: sum over the sequence split
+                            loss = hints.reduce_loss(loss)
                     loss_sum += (loss.full_tensor() if hasattr(loss, "full_tensor") else loss).float()
     finally:
         s.model.train(was_training)
