@@ -17,8 +17,8 @@ import os
 import time
 
 from automodel.config import validate
-from automodel.engine.preflight import preflight
 from automodel.distributed import launch_env
+from automodel.engine.preflight import preflight
 from automodel.errors import UserError
 
 log = logging.getLogger("automodel")

@@ -31,7 +31,8 @@ def launched_world_size() -> int:
 
 def already_launched() -> bool:
     """True inside torchrun/torch.distributed.run, a spawner that set WORLD_SIZE, or a multi-task SLURM step."""
-    return "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    # SLURM_STEP_NUM_TASKS: tasks of this job *step* (srun); a batch script (one process) is not a world
+    return "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
 
 
 def should_relaunch(launcher: LauncherConfig) -> bool:
