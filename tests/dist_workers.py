@@ -35,7 +35,9 @@ def run_checks(rank: int, world: int, store_path: str, out_dir: str, checks: lis
         if rank == 0:
             with open(os.path.join(out_dir, "results.json"), "w") as f:
                 json.dump(results, f)
-        dist.destroy_process_group()
+        from helpers import leave_group
+
+        leave_group(clean="error" not in results)
 
 
 def _export_logits_diff(result, run_dir: str):

@@ -54,4 +54,6 @@ def run_layouts(rank: int, world: int, store_path: str, out_dir: str, checks: li
         if rank == 0:
             with open(os.path.join(out_dir, "results.json"), "w") as f:
                 json.dump(results, f)
-        dist.destroy_process_group()
+        from helpers import leave_group
+
+        leave_group(clean="error" not in results)

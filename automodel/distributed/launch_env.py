@@ -67,11 +67,16 @@ def init(device: str = "auto") -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
-def shutdown() -> None:
-    """Destroy the default group if automodel created it (a caller's own group, as in tests, is left alone)."""
+def shutdown(clean: bool = False) -> None:
+    """Destroy the default group if automodel created it (a caller's own group, as in tests, is left alone).
+
+    After a clean run every rank first waits for the others: a rank tearing gloo down while a peer still
+    uses its connections can make that peer abort at exit ('terminate called without an active exception')."""
     import torch.distributed as dist
 
     if _CREATED_HERE["group"] and dist.is_initialized():
+        if clean and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
         _CREATED_HERE["group"] = False
 
