@@ -36,7 +36,12 @@ class ModelPlugin(Protocol):
 @runtime_checkable
 class ParallelPlugin(Protocol):
     """Optional: `hints(dims) -> automodel.distributed.parallel_dims.ParallelHints`, what the training step
-    must do for the layout (global position_ids, sequence padding, loss_parallel context, CP split)."""
+    must do for the layout (global position_ids, sequence padding, loss_parallel context, CP split, pipeline).
+
+    Optional, needed when its hints say `pipeline`: `pipeline(mesh, dims, device, n_microbatches, loss_fn)`,
+    called after `apply`, returning an object with `run(input_ids, labels, train=True) -> list[Tensor]` (one
+    forward/backward of the whole local batch through the schedule; the micro-batch losses on the rank that
+    holds the last stage, [] elsewhere) and `n_microbatches`."""
 
     def dims(self, world_size: int) -> "ParallelDims":
         """Mesh sizes for this world size; raises UserError for layouts that cannot work."""
@@ -45,7 +50,8 @@ class ParallelPlugin(Protocol):
         """Refuse (UserError) model/layout combinations before any weights are built."""
 
     def apply(self, model: "nn.Module", mesh: Any, dims: "ParallelDims", mp_policy: Any) -> "nn.Module":
-        """Parallelize in place (TP -> CP -> AC -> compile -> FSDP) and return the model to train."""
+        """Parallelize in place (TP -> CP -> AC -> compile -> FSDP) and return the model to train: under a
+        pipeline, this rank's part of it (its parameters under the model's own names)."""
 
 
 @runtime_checkable

@@ -1,7 +1,7 @@
 """Every implemented DTensor preset against one process on the same global batches (gloo, CPU).
 
 Per-step losses over 6 steps must equal the single-process run within 1e-5 (fp32). One spawned group
-of 2 ranks and one of 4 run every multi-rank check (spawning costs seconds here); the references run in
+each of 2, 4 and 8 ranks runs every multi-rank check (spawning costs seconds here); the references run in
 this process first. Also: refusals of layouts that cannot work, presets, and FSDP2's per-rank memory.
 """
 
@@ -31,6 +31,9 @@ FAMILIES = {
     "phi3": ["model.config.model_type=phi3", "+model.config.pad_token_id=0"],
 }
 KV4 = ["model.config.num_key_value_heads=4"]  # so that tp=4 divides the KV heads
+# Gemma 2 with untied embeddings (pp cannot split tied ones) and a sliding window shorter than the sequence:
+# its layers alternate sliding and full attention, which each stage must keep by the layer's own index.
+GEMMA2_SLIDING = [*FAMILIES["gemma2"], "model.config.tie_word_embeddings=false", "+model.config.sliding_window=8"]
 
 TWO = [
     ("tp_llama", ["parallel=tp", *STEPS, "train.micro_batch_size=8"]),
@@ -43,6 +46,13 @@ TWO = [
     *[(f"tp_{fam}", ["parallel=tp", *over, *STEPS, "train.micro_batch_size=8"]) for fam, over in FAMILIES.items()],
     ("cp_llama", ["parallel=cp", *STEPS, "train.micro_batch_size=4"]),
     ("cp_gemma2", ["parallel=cp", *FAMILIES["gemma2"], *STEPS, "train.micro_batch_size=8"]),  # eager attention
+    ("pp_1f1b", ["parallel=pp", *STEPS, "train.micro_batch_size=2"]),
+    ("pp_gpipe", ["parallel=pp", "parallel.pp_schedule=gpipe", *STEPS, "train.micro_batch_size=4"]),
+    ("pp_interleaved", ["parallel=pp", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2", *STEPS,
+                        "train.micro_batch_size=2"]),
+    ("pp_interleaved_gemma2", ["parallel=pp", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2",
+                               *GEMMA2_SLIDING, *STEPS, "train.micro_batch_size=2"]),
+    ("pp_ac_full", ["parallel=pp", "parallel.activation_checkpointing=full", *STEPS, "train.micro_batch_size=2"]),
 ]
 FOUR = [
     ("fsdp2", ["parallel=fsdp2", *STEPS, "train.micro_batch_size=2"]),
@@ -52,6 +62,16 @@ FOUR = [
     ("hsdp_bf16", ["parallel=hsdp", "precision=bf16", *STEPS, "train.micro_batch_size=2"]),
     ("fsdp2_cp", ["parallel=fsdp2_cp", *STEPS, "train.micro_batch_size=2"]),
     ("cp_tp", ["parallel=fsdp2_tp", "parallel.cp=2", "parallel.loss_parallel=true", *STEPS, "train.micro_batch_size=8"]),
+    ("fsdp2_pp", ["parallel=fsdp2_pp", *STEPS, "train.micro_batch_size=2"]),
+    ("tp_pp", ["parallel=fsdp2_tp_pp", "parallel.loss_parallel=true", *STEPS, "train.micro_batch_size=4"]),
+    ("cp_pp", ["parallel=fsdp2_pp", "parallel.cp=2", *STEPS, "train.micro_batch_size=4"]),
+    ("pp4", ["parallel=pp", *STEPS, "train.micro_batch_size=2"]),
+    ("fsdp2_pp_interleaved", ["parallel=fsdp2_pp", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2",
+                              *STEPS, "train.micro_batch_size=2"]),
+]
+EIGHT = [
+    ("fsdp2_tp_pp", ["parallel=fsdp2_tp_pp", *STEPS, "train.micro_batch_size=2"]),  # dp 2 x tp 2 x pp 2
+    ("cp_tp_pp", ["parallel=fsdp2_cp_tp_pp", *STEPS, "train.micro_batch_size=4"]),  # cp 2 x tp 2 x pp 2
 ]
 
 
@@ -76,7 +96,7 @@ def _entry(rank, world, store, out, checks):
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
     refs = {}
-    for name, over in [("llama", []), ("llama_kv4", KV4), *FAMILIES.items()]:
+    for name, over in [("llama", []), ("llama_kv4", KV4), ("gemma2_sliding", GEMMA2_SLIDING), *FAMILIES.items()]:
         os.makedirs(out / name)
         result = train(str(out / name), *over, *STEPS, "train.micro_batch_size=8")
         refs[name] = {"losses": losses(result), "grad_norms": [r["grad_norm"] for r in result.records]}
@@ -91,6 +111,11 @@ def two(tmp_path_factory, reference):
 @pytest.fixture(scope="module")
 def four(tmp_path_factory, reference):
     return _spawn(tmp_path_factory, 4, FOUR)
+
+
+@pytest.fixture(scope="module")
+def eight(tmp_path_factory, reference):
+    return _spawn(tmp_path_factory, 8, EIGHT)
 
 
 def _diff(a, b):
@@ -116,6 +141,25 @@ def test_llama_layouts_on_two_ranks_match_one_process(two, reference, name):
 @pytest.mark.parametrize("name,ref", [("cp_llama", "llama"), ("cp_gemma2", "gemma2")])
 def test_context_parallel_on_two_ranks_matches_one_process(two, reference, name, ref):
     d, g = _report(f"2 ranks {name}", two[name], reference[ref])
+    assert d < TOL and g < 1e-4
+
+
+@pytest.mark.parametrize("name,ref", [("pp_1f1b", "llama"), ("pp_gpipe", "llama"), ("pp_interleaved", "llama"),
+                                      ("pp_interleaved_gemma2", "gemma2_sliding"), ("pp_ac_full", "llama")])
+def test_pipeline_on_two_ranks_matches_one_process(two, reference, name, ref):
+    d, g = _report(f"2 ranks {name}", two[name], reference[ref])
+    assert d < TOL and g < 1e-4
+
+
+@pytest.mark.parametrize("name", ["fsdp2_pp", "tp_pp", "cp_pp", "pp4", "fsdp2_pp_interleaved"])
+def test_pipeline_compositions_on_four_ranks_match_one_process(four, reference, name):
+    d, g = _report(f"4 ranks {name}", four[name], reference["llama"])
+    assert d < TOL and g < 1e-4
+
+
+@pytest.mark.parametrize("name", ["fsdp2_tp_pp", "cp_tp_pp"])
+def test_three_and_four_dimensional_layouts_on_eight_ranks_match_one_process(eight, reference, name):
+    d, g = _report(f"8 ranks {name}", eight[name], reference["llama"])
     assert d < TOL and g < 1e-4
 
 
@@ -171,24 +215,47 @@ def test_every_preset_exists_and_every_size_is_overridable():
     assert registry.load("parallel", "spmd")
 
 
-@pytest.mark.parametrize("preset,world,expected", [
-    ("pp", 4, "parallel: pp=4 is not available in this version"),
-    ("fsdp2_pp", 4, "parallel: pp=2 is not available in this version"),
-    ("fsdp2_tp_pp", 8, "parallel: pp=2 is not available in this version"),
-    ("fsdp2_cp_tp_pp", 16, "parallel: pp=2 is not available in this version"),
-    ("fsdp2_tp", 3, "parallel: world size 3 is not divisible by tp=2"),
+@pytest.mark.parametrize("overrides,world,expected", [
+    (["parallel=fsdp2_tp"], 3, "parallel: world size 3 is not divisible by tp=2"),
+    (["parallel=fsdp2_tp_pp"], 6, "parallel: world size 6 is not divisible by tp=2 x pp=2"),
+    (["parallel=pp", "parallel.pp_schedule=zb"], 2, "parallel.pp_schedule='zb': choose one of gpipe, 1f1b, "
+                                                   "interleaved_1f1b"),
+    (["parallel=pp", "parallel.pp_schedule=interleaved_1f1b"], 2, "parallel.pp_schedule=interleaved_1f1b needs "
+                                                                  "parallel.pp_virtual_stages >= 2"),
+    (["parallel=pp", "parallel.pp_virtual_stages=2"], 2, "parallel.pp_virtual_stages=2 needs "
+                                                         "parallel.pp_schedule=interleaved_1f1b"),
 ])
-def test_layouts_not_available_or_impossible_are_refused_in_one_line(preset, world, expected):
-    plugin, _ = _plugin(f"parallel={preset}")
+def test_impossible_layouts_are_refused_in_one_line(overrides, world, expected):
+    plugin, _ = _plugin(*overrides)
     with pytest.raises(UserError) as e:
         plugin.dims(world)
     assert str(e.value).startswith(expected) and "\n" not in str(e.value)
 
 
+def test_pipeline_refuses_tied_embeddings_too_few_micro_batches_and_packing(tmp_path):
+    from automodel.engine.run import _hints
+
+    plugin, cfg = _plugin("parallel=pp", "model.config.tie_word_embeddings=true")
+    with pytest.raises(UserError) as e:
+        plugin.check_model(plugin.dims(2), cfg.plugins["model"].hf_config())
+    assert str(e.value).startswith("parallel.pp>1: the model ties its input embedding to its output head")
+    plugin, _ = _plugin("parallel=pp")
+    with pytest.raises(UserError) as e:
+        _hints(plugin, plugin.dims(4), 48, accum=2)
+    assert str(e.value) == ("parallel.pp_schedule=1f1b with pp=4 needs at least 4 micro-batches per step, but "
+                            "train.global_batch_size / (train.micro_batch_size x 1 data-parallel rank(s)) = 2; lower "
+                            "train.micro_batch_size or raise train.global_batch_size")
+    assert _hints(plugin, plugin.dims(4), 48, accum=4).pipeline
+    plugin, _ = _plugin("parallel=pp", "parallel.pp_schedule=gpipe")
+    assert _hints(plugin, plugin.dims(4), 48, accum=1).min_microbatches == 1
+    assert _hints(plugin, plugin.dims(4), 48).packing_refused_by == "parallel.pp>1"
+
+
 @pytest.mark.parametrize("override,tp,pp,expected", [
     ("model.config.num_attention_heads=6", 4, 1, "parallel.tp=4 does not divide the model's num_attention_heads=6"),
     ("model.config.num_key_value_heads=2", 4, 1, "parallel.tp=4 does not divide the model's num_key_value_heads=2"),
-    ("model.config.num_hidden_layers=2", 1, 4, "parallel.pp=4 needs at least 4 layers; the model has 2"),
+    ("model.config.num_hidden_layers=2", 1, 4, "parallel.pp=4 x pp_virtual_stages=1 = 4 stages need at least 4 "
+                                               "layers; the model has 2"),
 ])
 def test_model_layout_mismatches_are_refused_before_any_model_is_built(override, tp, pp, expected):
     plugin, cfg = _plugin("parallel=fsdp2", "model.config.hidden_size=96", override)

@@ -201,7 +201,7 @@ class DCPCheckpoint:
         except Exception as e:  # DCP wraps per-rank failures; keep one line
             raise UserError(f"cannot load checkpoint '{point.path}': {_first_line(e)}") from None
         set_model_state_dict(state.model, payload["model"])
-        groups = _param_groups_from_json(point.meta["param_groups"], state.optimizer)
+        groups = _param_groups_from_json(point.meta["param_groups"], state.optimizer, optim_sd["param_groups"])
         set_optimizer_state_dict(state.model, state.optimizer, {"state": payload["optim"], "param_groups": groups})
         state.scheduler.load_state_dict(point.meta["scheduler"])
         _lr_from_schedule(state.scheduler, state.optimizer)
@@ -416,10 +416,12 @@ class _TensorsOnlyLoadPlanner:
         return Planner()
 
 
-def _param_groups_from_json(saved: list[dict], optimizer) -> list[dict]:
+def _param_groups_from_json(saved: list[dict], optimizer, current_groups: list[dict]) -> list[dict]:
+    """The saved hyper-parameters of each group, over this rank's parameters (`current_groups`' names: under
+    pipeline parallel each rank holds other parameters than the rank that wrote the JSON)."""
     groups = []
-    for group, current in zip(saved, optimizer.param_groups):
-        fixed = dict(group)
+    for group, current, names in zip(saved, optimizer.param_groups, current_groups):
+        fixed = dict(group, params=names["params"])
         for k, v in group.items():  # JSON turned tuples (betas) into lists
             if isinstance(current.get(k), tuple) and isinstance(v, list):
                 fixed[k] = tuple(v)

@@ -104,3 +104,7 @@ class ParallelHints:
     loss_context: object = None
     shard_sequence: object = None  # (inputs, labels) -> this rank's part of the sequence (context parallel)
     reduce_loss: object = None  # token-sum loss -> summed over the ranks that split the sequence (autograd-aware)
+    pipeline: bool = False  # the step runs through the parallel plugin's `pipeline(...)` schedule
+    packing_refused_by: str = ""  # e.g. "parallel.pp>1": the layout cannot train packed rows (checked up front)
+    min_microbatches: int = 1  # micro-batches per step the layout needs (a pipeline schedule's)
+    min_microbatches_reason: str = ""

@@ -10,7 +10,7 @@ from automodel.fs import atomic_dir
 log = logging.getLogger("automodel")
 
 
-def export_final(model, tokenizer, plugins, out_dir: str, env) -> str | None:
+def export_final(model, tokenizer, plugins, out_dir: str, env, pp_group=None) -> str | None:
     """Collective: every rank takes part in gathering; rank 0 writes. Returns the folder (rank 0) or None."""
     import torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -21,21 +21,41 @@ def export_final(model, tokenizer, plugins, out_dir: str, env) -> str | None:
     ckpt = plugins["checkpoint"]
     if not ckpt.cfg.export_final:
         return None
-    final_dir = export_to(model, tokenizer, plugins, os.path.join(out_dir, ckpt.cfg.dirname), env)
+    final_dir = export_to(model, tokenizer, plugins, os.path.join(out_dir, ckpt.cfg.dirname), env, pp_group)
     if final_dir:
         log.info("exported the trained model to %s", final_dir)
     return final_dir
 
 
-def export_to(model, tokenizer, plugins, folder: str, env) -> str | None:
-    """Collective: gather the full state dict on rank 0 and write `folder` there (None on other ranks)."""
+def export_to(model, tokenizer, plugins, folder: str, env, pp_group=None) -> str | None:
+    """Collective: gather the full state dict on rank 0 and write `folder` there (None on other ranks).
+
+    `pp_group`: under pipeline parallel each stage holds part of the model; the parts are gathered too."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if pp_group is None:
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        full = _gather_stages(model, pp_group)
     if not env.is_main:
         return None
     write_hf_folder(_unaliased(full, model), tokenizer, plugins, folder)
     return folder
+
+
+def _gather_stages(model, pp_group) -> dict:
+    """Every stage's full tensors, merged on global rank 0 (other ranks get {})."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    part = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # gathered over dp/tp
+    part = {k: v.detach().cpu() for k, v in part.items()}
+    members = dist.get_process_group_ranks(pp_group)
+    if 0 not in members:  # only the pp group of global rank 0 sends its stages there
+        return {}
+    parts = [None] * len(members) if dist.get_rank() == 0 else None
+    dist.gather_object(part, parts, dst=0, group=pp_group)
+    return {k: v for p in parts for k, v in p.items()} if parts else {}
 
 
 def write_hf_folder(full: dict, tokenizer, plugins, final_dir: str) -> None:

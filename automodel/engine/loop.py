@@ -74,6 +74,23 @@ class StepRunner:
     def _params(self):
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
+    def eval_loss_sum(self, val: list[StepBatch]) -> torch.Tensor:
+        """The token-loss sum over this rank's share of the held-out batches (no gradients)."""
+        loss_sum = torch.zeros((), device=self.device)
+        for sb in val:
+            for micro in sb.micro_batches:
+                inputs = {k: v.to(self.device) for k, v in micro.items() if k != "labels"}
+                labels = micro["labels"].to(self.device)
+                inputs, labels = _for_layout(inputs, labels, self.hints)
+                with self.autocast():
+                    logits = self.model(**inputs).logits
+                with self.hints.loss_context() if self.hints.loss_context else contextlib.nullcontext():
+                    loss = token_sum_cross_entropy(logits, labels)
+                    if self.hints.reduce_loss:  # context parallel: sum over the sequence split
+                        loss = self.hints.reduce_loss(loss)
+                loss_sum += _full(loss).float()
+        return loss_sum
+
 
 def _for_layout(inputs: dict, labels: torch.Tensor, hints: ParallelHints) -> tuple[dict, torch.Tensor]:
     """Right-pad to the layout's sequence multiple (padding is ignored by the loss) and add global
@@ -94,9 +111,10 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def run_loop(step_fn: StepRunner, batches, max_steps: int, log_every: int, on_step, on_log,
-             start_step: int = 0, val_every: int = 0, validate=None) -> list[dict]:
+             start_step: int = 0, val_every: int = 0, validate=None, stop=None) -> list[dict]:
     """Train steps start_step+1 .. max_steps; call on_step(step) after each and on_log(record) every
-    `log_every` (and the last). A resumed run passes the checkpoint's step as start_step."""
+    `log_every` (and the last). A resumed run passes the checkpoint's step as start_step. `stop(step)`,
+    asked after on_step, ends the loop early when it returns True (a preemption)."""
     records = []
     tokens_since = 0
     t_last = time.perf_counter()
@@ -122,4 +140,6 @@ def run_loop(step_fn: StepRunner, batches, max_steps: int, log_every: int, on_st
             on_log(record)
             tokens_since, t_last = 0, now
         on_step(step)
+        if stop is not None and stop(step):
+            break
     return records

@@ -40,9 +40,12 @@ def train(cfg, out_dir: str) -> TrainResult:
     checked = validate(cfg)
     env = launch_env.init(checked.train.device)
     try:
-        return _train(cfg, checked, env, out_dir)
-    finally:
+        result = _train(cfg, checked, env, out_dir)
+    except BaseException:
         launch_env.shutdown()
+        raise
+    launch_env.shutdown(clean=True)
+    return result
 
 
 def _train(cfg, checked, env, out_dir: str) -> TrainResult:
@@ -63,7 +66,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     dims, micro, accum = preflight(checked, env.world_size)
     hf_config = p["model"].hf_config()
     p["parallel"].check_model(dims, hf_config)
-    hints = _hints(p["parallel"], dims, t.seq_len)
+    hints = _hints(p["parallel"], dims, t.seq_len, accum)
 
     # 2. will it fit? (a weightless skeleton, adapted by peft so trainable counts are right)
     skeleton = p["peft"].apply(p["model"].build("meta"))
@@ -81,6 +84,9 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
                               global_batch_size=t.global_batch_size, micro_batch_size=micro,
                               start_step=start)
     first = next(batches)  # fail on bad data before spending time on the model
+    if hints.packing_refused_by and any("position_ids" in m for m in first.micro_batches):
+        raise UserError(f"{hints.packing_refused_by} does not support packed sequences; turn packing off "
+                        "(data.packing=false)")
     val = validate.batches(p["data"], tokenizer, t, dp_rank, dp_size, micro)
 
     # 3-4. model, peft, layout
@@ -96,8 +102,10 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     # 5. optimizer
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer, scheduler = p["optim"].build(params, t.max_steps)
+    pp_group = mesh["pp"].get_group() if dims.pp > 1 else None  # pipeline stages: each holds part of the model
     state = checkpointing.TrainState(model, optimizer, scheduler, fingerprint, OmegaConf.to_yaml(cfg, resolve=True),
-                                     export_hf=lambda folder: export.export_to(model, tokenizer, p, folder, env))
+                                     export_hf=lambda folder: export.export_to(model, tokenizer, p, folder, env,
+                                                                               pp_group))
     if resume:  # before anything is written: a failed resume leaves the run dir as it was
         p["checkpoint"].restore(resume, state)
         if env.is_main:
@@ -111,8 +119,17 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
                  env.device)
 
     # 6. loop
-    step = StepRunner(model, optimizer, scheduler, lambda: p["precision"].autocast(env.device.type), env.device,
-                      t.max_grad_norm, dp_group=_group(dims.dp_mesh(mesh)), dp_size=dims.dp, hints=hints)
+    step_args = (model, optimizer, scheduler, lambda: p["precision"].autocast(env.device.type), env.device,
+                 t.max_grad_norm)
+    step_kwargs = dict(dp_group=_group(dims.dp_mesh(mesh)), dp_size=dims.dp, hints=hints)
+    if hints.pipeline:
+        from automodel.engine.pipeline_step import PipelineStepRunner
+
+        step = PipelineStepRunner(*step_args, **step_kwargs, seq_len=t.seq_len, micro_batch_size=micro,
+                                  pp_group=pp_group)
+        step.pipeline = p["parallel"].pipeline(mesh, dims, env.device, accum, step.micro_loss)
+    else:
+        step = StepRunner(*step_args, **step_kwargs)
     sink = metrics.MetricsFile(os.path.join(out_dir, "metrics.jsonl")) if env.is_main else None
     progress = metrics.Progress(t.max_steps, enabled=env.is_main)
     t0 = time.perf_counter()
@@ -131,7 +148,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
                  records[-1]["loss"])
 
     # 7. export
-    final_dir = export.export_final(model, tokenizer, p, out_dir, env)
+    final_dir = export.export_final(model, tokenizer, p, out_dir, env, pp_group)
     if env.is_main and final_dir and t.sample_prompts:
         export.show_samples(final_dir, p["data"].sample_prompts(t.sample_prompts))
     return TrainResult(records, final_dir, model, tokenizer)
@@ -143,14 +160,19 @@ def _chain(first, rest):
 
 
 
-def _hints(parallel, dims, seq_len: int):
-    """The parallel plugin's ParallelHints (optional method); train.seq_len must split evenly under them."""
+def _hints(parallel, dims, seq_len: int, accum: int = 1):
+    """The parallel plugin's ParallelHints (optional method); train.seq_len must split evenly under them,
+    and a step must have the micro-batches the layout needs."""
     from automodel.distributed.parallel_dims import ParallelHints
 
     hints = parallel.hints(dims) if hasattr(parallel, "hints") else ParallelHints()
     if seq_len % hints.seq_multiple:
         raise UserError(f"train.seq_len={seq_len} is not divisible by {hints.seq_multiple_reason} = "
                         f"{hints.seq_multiple}; pick a multiple of {hints.seq_multiple}")
+    if accum < hints.min_microbatches:
+        raise UserError(f"{hints.min_microbatches_reason} needs at least {hints.min_microbatches} micro-batches per "
+                        f"step, but train.global_batch_size / (train.micro_batch_size x {dims.dp} data-parallel "
+                        f"rank(s)) = {accum}; lower train.micro_batch_size or raise train.global_batch_size")
     return hints
 
 

@@ -8,8 +8,6 @@ over tokens on each rank and divided by the global target count (one all-reduce)
 
 from __future__ import annotations
 
-import contextlib
-
 from automodel.errors import UserError
 
 
@@ -36,35 +34,15 @@ def evaluate(s, val) -> float:
     import torch
     import torch.distributed as dist
 
-    from automodel.engine import loop
-    from automodel.loss import token_sum_cross_entropy
-
-    hints = getattr(s, "hints", None)
-    prepare = getattr(loop, "_for_layout", None)
     was_training = s.model.training
     s.model.eval()
-    loss_sum = torch.zeros((), device=s.device)
-    count = 0
     try:
         with torch.no_grad():
-            for sb in val:
-                count += sb.num_target_tokens
-                for micro in sb.micro_batches:
-                    inputs = {k: v.to(s.device) for k, v in micro.items() if k != "labels"}
-                    labels = micro["labels"].to(s.device)
-                    if prepare is not None and hints is not None:
-                        inputs, labels = prepare(inputs, labels, hints)
-                    with s.autocast():
-                        logits = s.model(**inputs).logits
-                    ctx = hints.loss_context() if getattr(hints, "loss_context", None) else contextlib.nullcontext()
-                    with ctx:
-                        loss = token_sum_cross_entropy(logits, labels)
-                        if getattr(hints, "reduce_loss", None):  # context parallel: sum over the sequence split
-                            loss = hints.reduce_loss(loss)
-                    loss_sum += (loss.full_tensor() if hasattr(loss, "full_tensor") else loss).float()
+            loss_sum = s.eval_loss_sum(val)
     finally:
         s.model.train(was_training)
-    stats = torch.stack([loss_sum, torch.tensor(float(count), device=s.device)])
+    count = sum(sb.num_target_tokens for sb in val)
+    stats = torch.stack([loss_sum.float(), torch.tensor(float(count), device=s.device)])
     if s.dp_size > 1:
         dist.all_reduce(stats, group=s.dp_group)
     total, n = stats.tolist()

@@ -70,6 +70,10 @@ class ContextParallel:
 
         base = hf_base(model)
         configs = {id(m.config): m.config for m in base.modules() if hasattr(m, "config")}
+        # pipeline stages share their blocks (and those blocks' config): switched by an earlier stage already
+        configs = {k: c for k, c in configs.items() if not c._attn_implementation.startswith("automodel_cp_")}
+        if not configs:
+            return
         originals = {c._attn_implementation for c in configs.values()}
         if len(originals) != 1:
             raise UserError(f"parallel.cp>1: the model mixes attention implementations {sorted(originals)}")

@@ -11,7 +11,9 @@ only in sizes. The order the layers are applied in is fixed here, once (torchtit
   (dp_shard, or dp_replicate x dp_shard = HSDP); the precision plugin's MixedPrecisionPolicy applies.
 - CP: context_parallel.py, all-gathered K/V with causal load balancing (every device, CPU included).
   FSDP then shards over dp_shard x cp (the cp ranks' gradients are summed through it).
-Pipeline parallel (pp > 1) is refused with one line: not implemented yet.
+- PP: pipeline.py. The model is first cut into this rank's stages (gpipe, 1f1b, or interleaved_1f1b
+  with several stages per rank); every stage then gets the order above (TP -> ... -> FSDP, the stage
+  as FSDP's root). The engine runs the step through `pipeline(...)`'s schedule.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class SPMDConfig:
     activation_checkpointing: str = "none"  # none | full | selective (per decoder block)
     compile: bool = False  # torch.compile each decoder block
     reshard_after_forward: bool = True  # ZeRO-3 style; false keeps layers gathered from forward to backward
+    pp_schedule: str = "1f1b"  # with pp > 1: gpipe | 1f1b | interleaved_1f1b
+    pp_virtual_stages: int = 1  # stages per rank (interleaved_1f1b: 2 or more)
 
 
 class SPMDParallel:
@@ -50,15 +54,16 @@ class SPMDParallel:
         if config.activation_checkpointing not in AC_MODES:
             raise UserError(f"parallel.activation_checkpointing={config.activation_checkpointing!r}: choose one of "
                             f"{', '.join(AC_MODES)}")
+        self._cp = None
+        self._stages = []  # (stage index, stage module) of this rank, under pp > 1
 
     def dims(self, world_size: int) -> ParallelDims:
         c = self.cfg
         dims = ParallelDims.infer(world_size, dp_replicate=c.dp_replicate, dp_shard=c.dp_shard, cp=c.cp, tp=c.tp, pp=c.pp)
         if dims.pp > 1:
-            raise UserError(
-                f"parallel: pp={dims.pp} is not available in this version (FSDP2, HSDP, TP/SP and CP are); "
-                "use parallel=fsdp2, hsdp, tp, fsdp2_tp, cp or fsdp2_cp"
-            )
+            from automodel.parallel.pipeline import check_schedule
+
+            check_schedule(c.pp_schedule, dims.pp, c.pp_virtual_stages, None, tied=False)
         return dims
 
     def _sp(self, dims: ParallelDims) -> bool:
@@ -69,9 +74,12 @@ class SPMDParallel:
             from automodel.parallel.tensor_parallel import check_tensor_parallel
 
             check_tensor_parallel(dims.tp, hf_config)
-        layers = getattr(hf_config, "num_hidden_layers", None)
-        if dims.pp > 1 and layers is not None and layers < dims.pp:
-            raise UserError(f"parallel.pp={dims.pp} needs at least {dims.pp} layers; the model has {layers}")
+        if dims.pp > 1:
+            from automodel.parallel.pipeline import check_schedule
+
+            check_schedule(self.cfg.pp_schedule, dims.pp, self.cfg.pp_virtual_stages,
+                           getattr(hf_config, "num_hidden_layers", None),
+                           tied=bool(getattr(hf_config, "tie_word_embeddings", False)))
 
     def hints(self, dims: ParallelDims) -> ParallelHints:
         """What the training step must do for this layout (see ParallelHints)."""
@@ -84,12 +92,47 @@ class SPMDParallel:
 
             loss_context = loss_parallel
         cp = dims.cp > 1
+        min_micro = 1
+        if dims.pp > 1:
+            from automodel.parallel.pipeline import min_microbatches
+
+            min_micro = min_microbatches(self.cfg.pp_schedule, dims.pp)
         return ParallelHints(global_position_ids=sp or cp, seq_multiple=(2 * dims.cp if cp else 1) * (dims.tp if sp else 1),
                              seq_multiple_reason=" x ".join(parts), loss_context=loss_context,
                              shard_sequence=(lambda inputs, labels: self._cp.shard_sequence(inputs, labels)) if cp else None,
-                             reduce_loss=(lambda loss: self._cp.reduce_loss(loss)) if cp else None)
+                             reduce_loss=(lambda loss: self._cp.reduce_loss(loss)) if cp else None,
+                             pipeline=dims.pp > 1, min_microbatches=min_micro,
+                             packing_refused_by=" and ".join(n for n, on in (("parallel.cp>1", cp), ("parallel.pp>1", dims.pp > 1)) if on),
+                             min_microbatches_reason=f"parallel.pp_schedule={self.cfg.pp_schedule} with pp={dims.pp}")
+
+    def _position_ids(self, n: int, device):
+        """Global positions of a pipeline stage's micro-batch of n tokens per row on this rank."""
+        import torch
+
+        if self._cp is not None:
+            return self._cp.q_index.unsqueeze(0)
+        return torch.arange(n, device=device).unsqueeze(0)
 
     def apply(self, model, mesh, dims: ParallelDims, mp_policy):
+        if dims.cp > 1:
+            from automodel.parallel.context_parallel import ContextParallel
+
+            self._cp = ContextParallel(mesh["cp"])
+        if dims.pp == 1:
+            self._lay_out(model, model, mesh, dims, mp_policy)
+            return model
+        # 0. pipeline: this rank's stages, each laid out below as a model of its own
+        from automodel.parallel.pipeline import split
+
+        model, self._stages = split(model, mesh["pp"].get_local_rank(), dims.pp, self.cfg.pp_virtual_stages,
+                                    self._position_ids)
+        for _, stage in self._stages:
+            self._lay_out(stage.shell, stage, mesh, dims, mp_policy)
+        return model  # this rank's part of the model, under the model's own parameter names
+
+    def _lay_out(self, model, root, mesh, dims: ParallelDims, mp_policy) -> None:
+        """TP -> CP -> AC -> compile -> FSDP on `model`; `root` (the model itself, or the pipeline stage that
+        runs it) is FSDP's root."""
         from automodel.parallel.activation_checkpoint import apply_activation_checkpointing, compile_blocks
 
         # 1. tensor (+ sequence) parallel
@@ -99,10 +142,7 @@ class SPMDParallel:
             apply_tensor_parallel(model, mesh["tp"], sequence_parallel=self._sp(dims),
                                   loss_parallel=self.cfg.loss_parallel)
         # 2. context parallel
-        if dims.cp > 1:
-            from automodel.parallel.context_parallel import ContextParallel
-
-            self._cp = ContextParallel(mesh["cp"])
+        if self._cp is not None:
             self._cp.apply(model)
         # 3. activation checkpointing, 4. compile (per block)
         blocks = decoder_layers(model)
@@ -110,11 +150,17 @@ class SPMDParallel:
         if self.cfg.compile:
             blocks = compile_blocks(blocks)
         # 5. FSDP2 / HSDP
-        if dims.dp * dims.cp > 1 or dims.tp == 1:
-            self._fully_shard(model, blocks, mesh, dims, mp_policy)
+        if dims.dp * dims.cp > 1 or (dims.tp == 1 and dims.pp == 1):
+            self._fully_shard(root, blocks, mesh, dims, mp_policy)
         elif mp_policy is not None:
             log.info("no data parallelism: the precision plugin's FSDP policy is unused (autocast still applies)")
-        return model
+
+    def pipeline(self, mesh, dims: ParallelDims, device, n_microbatches: int, loss_fn):
+        """Under pp > 1, after `apply`: this rank's stages and their schedule (automodel.parallel.pipeline.Pipeline)."""
+        from automodel.parallel.pipeline import Pipeline
+
+        return Pipeline(self._stages, dims.pp * self.cfg.pp_virtual_stages, mesh["pp"].get_group(), device,
+                        self.cfg.pp_schedule, n_microbatches, loss_fn)
 
     def _fully_shard(self, model, blocks, mesh, dims: ParallelDims, mp_policy) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

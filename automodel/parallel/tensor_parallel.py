@@ -128,6 +128,19 @@ def _sequence_hook(mesh, gather_: bool):
     return hook
 
 
+def _gathered_output_hook(mesh):
+    """Forward hook: a block's sequence-split output, all-gathered along the sequence."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    def gather(x):
+        return DTensor.from_local(x, mesh, (Shard(1),), run_check=False).redistribute(mesh, (Replicate(),)).to_local()
+
+    def hook(module, args, output):
+        return (gather(output[0]), *output[1:]) if isinstance(output, tuple) else gather(output)
+
+    return hook
+
+
 def _is_hidden_norm(module: nn.Module, hidden: int) -> bool:
     params = list(module.parameters(recurse=True))
     return bool(params) and all(p.dim() == 1 and p.shape[0] == hidden for p in params)
@@ -140,7 +153,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool,
     plan = resolve_plan(model)
     modules = dict(base.named_modules())
     out_emb, in_emb = base.get_output_embeddings(), base.get_input_embeddings()
-    tied = out_emb is not None and out_emb.weight is in_emb.weight
+    tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
     hidden = base.config.hidden_size
 
     styles, unknown = {}, set()
@@ -186,7 +199,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool,
     for name in gathered:
         modules[name].register_forward_pre_hook(_sequence_hook(tp_mesh, gather_=True), with_kwargs=True)
     if sequence_parallel:
-        decoder_layers(model)[0].register_forward_pre_hook(_sequence_hook(tp_mesh, gather_=False), with_kwargs=True)
+        blocks = decoder_layers(model)
+        blocks[0].register_forward_pre_hook(_sequence_hook(tp_mesh, gather_=False), with_kwargs=True)
+        if out_emb is None:  # a pipeline stage before the last: it hands the next one the whole sequence
+            blocks[-1].register_forward_hook(_gathered_output_hook(tp_mesh))
     if tied:
         base.get_output_embeddings().weight = base.get_input_embeddings().weight  # both Shard(0) over vocab
     n_sp = sum(isinstance(s, SequenceParallel) for s in styles.values())

@@ -1,0 +1,96 @@
+"""The training step under pipeline parallel: the parallel plugin's schedule runs forward and backward.
+
+The contract is StepRunner's (loop.py): one call per optimizer step, returning (loss share, grad norm),
+with the same loss normalization (token sum / global target count x dp), applied here in the schedule's
+loss function on the last stage. The step's micro-batches become the schedule's micro-batches: each is
+padded to one width (the stages exchange buffers of one shape) and they are stacked. The last stage's
+loss is summed over the pp group so every rank logs it, and the grad norm is taken over every stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+
+from automodel.batch import IGNORE_INDEX, StepBatch
+from automodel.distributed.grad_norm import clip_grad_norm
+from automodel.engine.loop import StepRunner, _for_layout, _full
+from automodel.errors import UserError
+from automodel.loss import token_sum_cross_entropy
+
+
+@dataclasses.dataclass
+class PipelineStepRunner(StepRunner):
+    seq_len: int = 0  # train.seq_len: every micro-batch is padded to (a multiple of) it
+    micro_batch_size: int = 1  # rows per schedule micro-batch
+    pp_group: object = None
+    pipeline: object = None  # automodel.parallel.pipeline.Pipeline, set once this runner's loss exists
+
+    def __post_init__(self):
+        multiple = math.lcm(8, self.hints.seq_multiple)  # collated widths are multiples of 8
+        self.width = -(-self.seq_len // multiple) * multiple
+        self._scale = torch.ones((), device=self.device)
+
+    def micro_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss function: one micro-batch's token-sum loss, normalized for the global batch."""
+        loss = token_sum_cross_entropy(logits, labels)
+        if self.hints.reduce_loss:
+            loss = self.hints.reduce_loss(loss)
+        return loss * self._scale
+
+    def _stack(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, targets = [], []
+        for micro in micro_batches:
+            if "position_ids" in micro:
+                raise UserError("parallel.pp>1 does not support packed sequences; turn packing off (data.packing=false)")
+            x, y = micro["input_ids"], micro["labels"]
+            rows, pad = self.micro_batch_size - y.shape[0], self.width - y.shape[1]
+            x = torch.nn.functional.pad(x, (0, pad, 0, rows))
+            y = torch.nn.functional.pad(y, (0, pad, 0, rows), value=IGNORE_INDEX)
+            inputs, y = _for_layout({"input_ids": x.to(self.device)}, y.to(self.device), self.hints)
+            ids.append(inputs["input_ids"])
+            targets.append(y)
+        return torch.cat(ids), torch.cat(targets)
+
+    def _run(self, micro_batches: list[dict], train: bool) -> torch.Tensor:
+        """The summed micro-batch losses of the whole pipeline, on every rank of the pp group."""
+        ids, labels = self._stack(micro_batches)
+        loss_context = self.hints.loss_context() if self.hints.loss_context else contextlib.nullcontext()
+        with self.autocast(), loss_context:
+            losses = self.pipeline.run(ids, labels, train=train)
+        total = torch.zeros((), device=self.device)
+        for loss in losses:
+            total += _full(loss.detach()).float()
+        dist.all_reduce(total, group=self.pp_group)
+        return total
+
+    def __call__(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        self._scale = self.dp_size / self._global_count(batch.num_target_tokens).clamp(min=1.0)
+        loss_sum = self._run(batch.micro_batches, train=True)
+        if self.max_grad_norm > 0:
+            grad_norm = clip_grad_norm(self._params(), self.max_grad_norm, across=self.pp_group)
+        else:
+            grad_norm = torch.zeros((), device=self.device)
+        self.lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / self.dp_size, grad_norm
+
+    def eval_loss_sum(self, val: list[StepBatch]) -> torch.Tensor:
+        """Held-out micro-batches through the schedule, forward only, in groups of its micro-batch count
+        (a short last group is topped up with target-free micro-batches)."""
+        micro = [m for sb in val for m in sb.micro_batches]
+        n = self.pipeline.n_microbatches
+        blank = {"input_ids": torch.zeros((1, 8), dtype=torch.long),
+                 "labels": torch.full((1, 8), IGNORE_INDEX, dtype=torch.long)}
+        micro += [blank] * (-len(micro) % n)
+        self._scale = torch.ones((), device=self.device)
+        total = torch.zeros((), device=self.device)
+        for i in range(0, len(micro), n):
+            total += self._run(micro[i : i + n], train=False)
+        return total
