@@ -278,3 +278,40 @@ def test_extending_max_steps_on_resume_follows_the_new_schedule(tmp_path):
     # from step 5 on, the LR is the 8-step schedule's, not the 6-step one's next value
     assert [r["lr"] for r in longer.records] == [r["lr"] for r in eight.records][4:]
     assert longer.records[0]["lr"] != six.records[4]["lr"]
+
+
+def test_a_preemption_signal_saves_at_the_next_step_and_the_resumed_run_is_bitwise_the_same(uninterrupted, tmp_path,
+                                                                                           monkeypatch):
+    """Inside a SLURM job, SIGUSR2 (SLURM's warning) makes the run save the step it is at and stop, then hands
+    the signal to the handler that was there before (submitit's requeue). No periodic checkpoint is needed."""
+    import signal
+
+    _, ref = uninterrupted
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    handed_over = []
+    def submitit(signum, frame):
+        handed_over.append(signum)
+
+    previous = signal.signal(signal.SIGUSR2, submitit)
+    original = dcp_plugin.DCPCheckpoint.after_step
+
+    def signal_at_step_3(self, step, state, run_dir):
+        original(self, step, state, run_dir)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGUSR2)  # arrives between steps: noted, acted on at this boundary
+
+    out = str(tmp_path)
+    try:
+        monkeypatch.setattr(dcp_plugin.DCPCheckpoint, "after_step", signal_at_step_3)
+        stopped = train(out, *RUN, "checkpoint.every_steps=0")
+        monkeypatch.setattr(dcp_plugin.DCPCheckpoint, "after_step", original)
+        assert stopped.preempted_at == 3 and handed_over == [signal.SIGUSR2]
+        assert signal.getsignal(signal.SIGUSR2) is submitit  # the run's own handler is gone again
+        assert _ckpts(out) == ["step_00000003"] and not os.path.exists(os.path.join(out, "final"))
+        assert [r["step"] for r in stopped.records] == [1, 2, 3]
+        resumed = train(out, *RUN, "checkpoint.every_steps=0", "checkpoint.resume=auto")
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert [r["step"] for r in resumed.records] == [4, 5, 6]
+    assert losses(resumed) == losses(ref)[3:]
+    assert handed_over == [signal.SIGUSR2]  # the resumed run, never signalled, did not call it

@@ -149,6 +149,7 @@ class DCPCheckpoint:
         self.cfg = config
         self._pending = None  # (future, staging, final, meta) of an async save not yet committed
         self._async_pg = None
+        self._saved_step = None  # the step of the latest save this run started
 
     # ------------------------------------------------------------------ resume
     def resume_point(self, run_dir: str, fingerprint: dict) -> ResumePoint | None:
@@ -216,6 +217,12 @@ class DCPCheckpoint:
         if self.cfg.every_steps and step % self.cfg.every_steps == 0:
             self.save(step, state, run_dir)
 
+    def save_now(self, step: int, state, run_dir: str) -> None:
+        """Collective: `step` saved and committed before returning (the preemption signal's checkpoint)."""
+        if self._saved_step != step:
+            self.save(step, state, run_dir, background=False)
+        self._wait()
+
     def finish(self, state, run_dir: str) -> None:
         """Collective: wait for an async save in flight and commit it."""
         import torch.distributed as dist
@@ -224,12 +231,14 @@ class DCPCheckpoint:
         if dist.is_initialized():
             dist.barrier()
 
-    def save(self, step: int, state, run_dir: str) -> str:
+    def save(self, step: int, state, run_dir: str, background: bool | None = None) -> str:
+        """Collective. `background`: write in a background thread (default: checkpoint.async_save)."""
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         self._wait()  # one save in flight at most
+        self._saved_step = step
         rank = dist.get_rank() if dist.is_initialized() else 0
         root = os.path.join(run_dir, self.cfg.folder)
         final = os.path.join(root, f"step_{step:08d}")
@@ -254,7 +263,7 @@ class DCPCheckpoint:
         json.dumps(meta)  # fail now, in every rank, if something is not JSON
         if self.cfg.export_every_save and state.export_hf is not None:
             state.export_hf(os.path.join(staging, "hf"))  # inside the staging folder: committed with it
-        if self.cfg.async_save:
+        if self.cfg.async_save if background is None else background:
             if self._async_pg is None:  # the background thread's collectives must not share the training group
                 self._async_pg = dist.new_group(backend="gloo") if dist.is_initialized() else None
             future = dcp.async_save(payload, checkpoint_id=staging, process_group=self._async_pg)

@@ -18,6 +18,7 @@ import time
 
 from automodel.config import validate
 from automodel.distributed import launch_env
+from automodel.engine.preemption import SignalCheckpoint
 from automodel.engine.preflight import preflight
 from automodel.errors import UserError
 
@@ -30,6 +31,7 @@ class TrainResult:
     final_dir: str | None
     model: object  # the trained (possibly sharded) model, for in-process callers such as tests
     tokenizer: object
+    preempted_at: int | None = None  # the step a preemption signal stopped the run at (its checkpoint's)
 
     @property
     def final_loss(self) -> float | None:
@@ -44,7 +46,7 @@ def train(cfg, out_dir: str) -> TrainResult:
     except BaseException:
         launch_env.shutdown()
         raise
-    launch_env.shutdown(clean=True)
+    launch_env.shutdown(clean=result.preempted_at is None)  # a preempted rank 0 has exited to requeue
     return result
 
 
@@ -132,17 +134,34 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
         step = StepRunner(*step_args, **step_kwargs)
     sink = metrics.MetricsFile(os.path.join(out_dir, "metrics.jsonl")) if env.is_main else None
     progress = metrics.Progress(t.max_steps, enabled=env.is_main)
+    signalled = SignalCheckpoint(SignalCheckpoint.wanted() and hasattr(p["checkpoint"], "save_now"))
+    stopped_at = []
+
+    def stop(s: int) -> bool:  # collective when a preemption signal can come: any rank signalled?
+        if signalled.requested():
+            p["checkpoint"].save_now(s, state, out_dir)
+            stopped_at.append(s)
+            return True
+        return False
+
     t0 = time.perf_counter()
     try:
         records = run_loop(step, _chain(first, batches), t.max_steps, t.log_every, start_step=start,
                            val_every=t.val_every, validate=validate.evaluator(step, val),
                            on_step=lambda s: (progress.advance(s), p["checkpoint"].after_step(s, state, out_dir)),
-                           on_log=lambda r: (sink and sink.write(r), progress.logged(r)))
+                           on_log=lambda r: (sink and sink.write(r), progress.logged(r)), stop=stop)
     finally:
         progress.close()
         if sink:
             sink.close()
+        if not stopped_at:
+            signalled.close()
     p["checkpoint"].finish(state, out_dir)
+    if stopped_at:
+        log.warning("preemption signal: saved a checkpoint of step %d; stopping here (the job is requeued and "
+                    "resumes from it)", stopped_at[0])
+        signalled.hand_over()  # submitit's handler: requeue (rank 0) and exit
+        return TrainResult(records, None, model, tokenizer, preempted_at=stopped_at[0])
     if env.is_main and records:
         log.info("trained %d steps in %.1fs; final loss %.4f", t.max_steps - start, time.perf_counter() - t0,
                  records[-1]["loss"])

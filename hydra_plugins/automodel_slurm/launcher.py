@@ -6,10 +6,11 @@ SLURM tasks forming one torch.distributed world. Added to the plain submitit lau
 * on the compute node, where automodel's CLI never ran: automodel's resolvers, the sweep directory the
   submitter chose (`${stamp:...}` would name another time there), and the torch.distributed variables;
 * requeue and resume: on SLURM's warning signal (`--signal=USR2@signal_delay_s` before the time limit,
-  or `scancel --signal=USR2` for a preemption), submitit calls `checkpoint()` on global rank 0, which
+  or `scancel --signal=USR2` for a preemption), the ranks save a checkpoint at the end of the step they
+  are in (automodel/engine/preemption.py), then submitit calls `checkpoint()` on global rank 0, which
   hands back the same job with `checkpoint.resume=auto`; submitit then requeues it. The requeued job
-  continues from the run directory's latest checkpoint (saved every `checkpoint.every_steps`); batches
-  are a pure function of (seed, step), so it ends where an uninterrupted run ends.
+  continues from that checkpoint; batches are a pure function of (seed, step), so it ends where an
+  uninterrupted run ends.
 """
 
 from __future__ import annotations
