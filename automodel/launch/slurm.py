@@ -17,9 +17,10 @@ from automodel.errors import UserError
 
 def check_can_submit(argv: list[str]) -> None:
     """`hydra/launcher=slurm` where SLURM's tools are missing: one line now, not a traceback from Hydra."""
-    if "hydra/launcher=slurm" in argv and shutil.which("sbatch") is None:
-        raise UserError("hydra/launcher=slurm needs SLURM's sbatch on PATH: run it on a SLURM login node "
-                        "(no cluster: scripts/slurm_local.sh start), or drop hydra/launcher=slurm")
+    chosen = [a for a in argv if a in ("hydra/launcher=slurm", "hydra/launcher=submitit_slurm")]
+    if chosen and shutil.which("sbatch") is None:
+        raise UserError(f"{chosen[0]} needs SLURM's sbatch on PATH: run it on a SLURM login node "
+                        f"(no cluster: scripts/slurm_local.sh start), or drop {chosen[0]}")
 
 
 def slurm_task_count() -> int:
