@@ -9,8 +9,9 @@ from helpers import losses, train
 
 
 def _logits(model, input_ids):
+    device = next(model.parameters()).device  # the trained model stays where it trained (a GPU, if any)
     with torch.no_grad():
-        return model(input_ids=input_ids).logits.float()
+        return model(input_ids=input_ids.to(device)).logits.float().cpu()
 
 
 @pytest.fixture(scope="module")
