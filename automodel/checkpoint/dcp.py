@@ -9,6 +9,8 @@ Layout of a run directory:
                                        the resolved config and the size of every file (written last)
     checkpoints/step_00000012.partial/  a save in progress (or killed): never taken for a checkpoint
 
+files.py holds the on-disk side (finding, checking, RNG files); pretrained.py loads HF weights into shards.
+
 A save writes everything into `<name>.partial/`, and only then does rank 0 write `automodel_ckpt.json` and
 rename the folder to its final name: a crash (even kill -9) at any point leaves either no new folder or a
 `.partial` one, and the previous checkpoint stays the latest valid one. Resume only reads; it refuses (one
@@ -26,7 +28,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from typing import Any, Optional
@@ -35,9 +36,10 @@ from automodel.errors import UserError
 
 log = logging.getLogger("automodel")
 
-META = "automodel_ckpt.json"
-FORMAT = 1
-_NAME = re.compile(r"^step_(\d+)$")
+from automodel.checkpoint.files import (  # noqa: F401  (read_meta, latest_valid ... are this plugin's API too)
+    FORMAT, META, _crc32, _fsync_dir, _load_rng, _save_rng, _write_synced, checkpoint_dirs, find_checkpoint,
+    latest_valid, read_meta, verify_checksums,
+)
 
 
 @dataclasses.dataclass
@@ -59,68 +61,6 @@ class ResumePoint:
     path: str
     step: int
     meta: dict
-
-
-def checkpoint_dirs(root: str) -> list[tuple[int, str]]:
-    """(step, path) of every committed checkpoint folder under `root`, oldest first (validity not checked)."""
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        m = _NAME.match(name)
-        if m and os.path.isdir(os.path.join(root, name)):
-            found.append((int(m.group(1)), os.path.join(root, name)))
-    return sorted(found)
-
-
-def read_meta(path: str) -> dict:
-    """The checkpoint's own description, after checking that every file it lists is there, whole."""
-    meta_path = os.path.join(path, META)
-    if not os.path.isfile(meta_path):
-        raise UserError(f"'{path}' is not a complete automodel checkpoint (no {META}); give a "
-                        "<run>/checkpoints/step_N folder, a run directory, or checkpoint.resume=auto")
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        files, step = meta["files"], int(meta["step"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"checkpoint '{path}' is corrupt: {META} does not parse ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"checkpoint '{path}' has format {meta.get('format')}; this automodel reads format {FORMAT}")
-    for name, size in sorted(files.items()):
-        full = os.path.join(path, name)
-        if not os.path.isfile(full):
-            raise UserError(f"checkpoint '{path}' is incomplete: file {name} is missing")
-        if os.path.getsize(full) != size:
-            raise UserError(f"checkpoint '{path}' is corrupt: file {name} has {os.path.getsize(full)} bytes, "
-                            f"{size} were written")
-    meta["step"] = step
-    return meta
-
-
-def find_checkpoint(path: str, folder: str = "checkpoints") -> str:
-    """A checkpoint folder from what a user may name: the folder itself, a run dir, or a checkpoints dir."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isdir(path):
-        raise UserError(f"checkpoint '{path}' does not exist; give a <run>/checkpoints/step_N folder or a run directory")
-    if os.path.isfile(os.path.join(path, META)) or _NAME.match(os.path.basename(path)):
-        return path
-    for root in (os.path.join(path, folder), path):
-        found = latest_valid(root)
-        if found:
-            return found
-    raise UserError(f"no complete checkpoint in '{path}' (looked for {folder}/step_N folders with {META})")
-
-
-def latest_valid(root: str) -> str | None:
-    """The newest committed checkpoint under `root` whose files are all there (broken ones are skipped, with a warning)."""
-    for _, path in reversed(checkpoint_dirs(root)):
-        try:
-            read_meta(path)
-            return path
-        except UserError as e:
-            log.warning("skipping checkpoint %s: %s", path, e)
-    return None
 
 
 def describe_difference(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -330,32 +270,11 @@ class DCPCheckpoint:
 
     # ------------------------------------------------------------------ pretrained weights into shards
     def load_pretrained(self, model, folder: str, device) -> None:
-        """Collective: materialize a model laid out on the meta device and fill it from an HF safetensors
-        folder, each rank reading only the slices its own shards hold (DCP's HuggingFaceStorageReader)."""
-        import torch
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        """Collective: fill a model laid out on the meta device from an HF safetensors folder, each rank
+        reading only its own shards' slices (see pretrained.py)."""
+        from automodel.checkpoint.pretrained import load_into_shards
 
-        t0 = time.perf_counter()
-        fresh = _computed_buffers(model, device)  # non-persistent buffers (rotary inv_freq): computed, never stored
-        model.to_empty(device=device)
-        with torch.no_grad():
-            for (module, name), value in fresh.items():
-                getattr(module, name).copy_(value)
-        state = get_model_state_dict(model)
-        reader = dcp.HuggingFaceStorageReader(path=folder)
-        stored = set(reader.read_metadata().state_dict_metadata)
-        tied = _tied_names(model)
-        missing = [k for k in state if k not in stored and k not in tied]
-        if missing:
-            raise UserError(f"model.path='{folder}' has no tensor '{missing[0]}' ({len(missing)} missing); it does not "
-                            "hold this architecture's weights")
-        state = {k: v for k, v in state.items() if k in stored}
-        try:
-            dcp.load(state, storage_reader=reader)
-        except Exception as e:
-            raise UserError(f"cannot read the weights in model.path='{folder}': {_first_line(e)}") from None
-        log.info("loaded %s straight into this rank's shards in %.1fs", folder, time.perf_counter() - t0)
+        load_into_shards(model, folder, device)
 
     # ------------------------------------------------------------------ export
     def export_final(self, model, tokenizer, out_dir: str) -> None:
@@ -370,36 +289,6 @@ class DCPCheckpoint:
         else:
             model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
-
-
-def _computed_buffers(model, device) -> dict:
-    """Values of every non-persistent buffer, recomputed by building its module again from its config."""
-    import torch
-
-    out = {}
-    for name, module in model.named_modules():
-        names = [n for n in getattr(module, "_non_persistent_buffers_set", ()) if getattr(module, n, None) is not None]
-        if not names:
-            continue
-        config = getattr(module, "config", None)
-        if config is None:
-            raise UserError(f"cannot load weights into shards: module '{name}' ({type(module).__name__}) has computed "
-                            "buffers and no config to recompute them from")
-        with torch.device(device):
-            rebuilt = type(module)(config=config)
-        for n in names:
-            out[(module, n)] = getattr(rebuilt, n)
-    return out
-
-
-def _tied_names(model) -> set[str]:
-    """Parameter names that share their tensor with an earlier parameter (e.g. a tied output head)."""
-    seen, tied = set(), set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            tied.add(name)
-        seen.add(id(param))
-    return tied
 
 
 def _before_commit(staging: str) -> None:
@@ -441,25 +330,6 @@ def _param_groups_from_json(saved: list[dict], optimizer, current_groups: list[d
     return groups
 
 
-def _crc32(path: str) -> int:
-    import zlib
-
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 23):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def verify_checksums(path: str, meta: dict, rank: int = 0, world: int = 1) -> str | None:
-    """The first file (of this rank's share) whose CRC32 differs from the one recorded, as a message."""
-    recorded = meta.get("crc32") or {}
-    for name in sorted(recorded)[rank::world]:
-        if _crc32(os.path.join(path, name)) != recorded[name]:
-            return f"checkpoint '{path}' is corrupt: file {name} does not match its checksum"
-    return None
-
-
 def _lr_from_schedule(scheduler, optimizer) -> None:
     """Set the next step's LR from this run's schedule at the restored position.
 
@@ -475,57 +345,6 @@ def _lr_from_schedule(scheduler, optimizer) -> None:
     for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-
-
-def _save_rng(folder: str, rank: int) -> None:
-    import random
-
-    import torch
-    from safetensors.torch import save_file
-
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["cuda"] = torch.cuda.get_rng_state()
-    version, state, gauss = random.getstate()
-    save_file(tensors, os.path.join(folder, f"rng_rank{rank}.safetensors"),
-              metadata={"python": json.dumps([version, list(state), gauss])})
-
-
-def _load_rng(folder: str, rank: int) -> None:
-    import random
-
-    import torch
-    from safetensors import safe_open
-
-    path = os.path.join(folder, f"rng_rank{rank}.safetensors")
-    if not os.path.isfile(path):  # resumed on more ranks than saved: exactness is not possible anyway
-        path = os.path.join(folder, "rng_rank0.safetensors")
-    with safe_open(path, framework="pt") as f:
-        torch.set_rng_state(f.get_tensor("torch"))
-        if "cuda" in f.keys() and torch.cuda.is_available():
-            torch.cuda.set_rng_state(f.get_tensor("cuda"))
-        version, state, gauss = json.loads(f.metadata()["python"])
-    random.setstate((version, tuple(state), gauss))
-
-
-def _write_synced(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_model_state(path: str, template: dict[str, Any]) -> dict[str, Any]:

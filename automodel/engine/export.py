@@ -12,8 +12,6 @@ log = logging.getLogger("automodel")
 
 def export_final(model, tokenizer, plugins, out_dir: str, env, pp_group=None) -> str | None:
     """Collective: every rank takes part in gathering; rank 0 writes. Returns the folder (rank 0) or None."""
-    import torch
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per shard for a sub-second write is noise in the run's output
