@@ -47,3 +47,16 @@ def leave_group(clean: bool) -> None:
     if clean:
         dist.barrier()
     dist.destroy_process_group()
+
+
+def save_micro_hf_model(folder: str) -> str:
+    """A pretrained-model folder as transformers writes it (safetensors, config, tokenizer), from a seed."""
+    import torch
+
+    from automodel.config import validate
+
+    plugins = validate(compose(*MICRO)).plugins
+    torch.manual_seed(1234)
+    plugins["model"].build("cpu").save_pretrained(folder, safe_serialization=True)
+    plugins["model"].tokenizer().save_pretrained(folder)
+    return folder

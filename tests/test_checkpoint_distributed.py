@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import losses, train
+from helpers import losses, save_micro_hf_model, train
 from safetensors.torch import load_file
 
 BASE = ["train.max_steps=6", "train.log_every=1", "train.global_batch_size=8", "checkpoint.every_steps=2"]
@@ -36,7 +36,7 @@ def _entry(rank, world, store, out, plan):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ckpt2"))
-    hf_folder = _save_micro_hf_model(os.path.join(out, "pretrained"))
+    hf_folder = save_micro_hf_model(os.path.join(out, "pretrained"))
     plan = [
         ("ref", "ref", None, [*FSDP2, "checkpoint.keep_last=0"]),
         ("crash", "resumed", 4, FSDP2),
@@ -48,19 +48,6 @@ def two_ranks(tmp_path_factory):
         ("lora_resumed", "lora_resumed", None, [*LORA, "checkpoint.export_final=false", "checkpoint.resume=auto"]),
     ]
     return out, _spawn(out, 2, plan)
-
-
-def _save_micro_hf_model(folder):
-    """A pretrained-model folder as transformers writes it (safetensors, config, tokenizer), from a seed."""
-    from helpers import MICRO, compose
-
-    from automodel.config import validate
-
-    plugins = validate(compose(*MICRO)).plugins
-    torch.manual_seed(1234)
-    plugins["model"].build("cpu").save_pretrained(folder, safe_serialization=True)
-    plugins["model"].tokenizer().save_pretrained(folder)
-    return folder
 
 
 def _weights_equal(a, b):

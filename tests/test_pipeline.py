@@ -1,4 +1,5 @@
-"""Pipeline parallel beyond loss parity: validation, export, exact resume, resharding, LoRA (2 ranks, gloo).
+"""Pipeline parallel beyond loss parity: validation, export, exact resume, resharding, LoRA, pretrained weights
+read straight into each stage (2 ranks, gloo).
 
 One 2-rank spawn (pp=2, 1F1B) runs every pipelined run; the single-process references run in this process
 first, and the 2-rank checkpoint is resumed on one process afterwards.
@@ -11,7 +12,7 @@ import traceback
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import leave_group, losses, train
+from helpers import leave_group, losses, save_micro_hf_model, train
 from safetensors.torch import load_file
 
 BASE = ["train.max_steps=6", "train.log_every=1", "train.global_batch_size=8", "train.val_every=3",
@@ -32,7 +33,9 @@ def _entry(rank, world, store, out, plan):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     results = {}
     try:
-        from ckpt_workers import SimulatedCrash, crash_after
+        from ckpt_workers import _READ, SimulatedCrash, count_hf_reads, crash_after
+
+        count_hf_reads()
 
         for name, subdir, crash_at, overrides in plan:
             run = os.path.join(out, subdir)
@@ -48,8 +51,11 @@ def _entry(rank, world, store, out, plan):
                     train(run, *overrides)
             else:
                 result = train(run, *overrides)
+                reads = [None] * world
+                dist.all_gather_object(reads, _READ["numel"])
+                _READ["numel"] = 0
                 results[name] = {"losses": losses(result), "steps": [r["step"] for r in result.records],
-                                 "val_loss": [r.get("val_loss") for r in result.records]}
+                                 "val_loss": [r.get("val_loss") for r in result.records], "hf_read_numel": reads}
     except Exception:
         results["error"] = traceback.format_exc()
         raise
@@ -63,8 +69,9 @@ def _entry(rank, world, store, out, plan):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pp"))
+    hf = save_micro_hf_model(os.path.join(out, "pretrained"))
     one = {}
-    for name, over in [("one", ONE), ("one_lora", [*ONE, *LORA])]:
+    for name, over in [("one", ONE), ("one_lora", [*ONE, *LORA]), ("one_pretrained", [*ONE, f"model.path={hf}"])]:
         os.makedirs(os.path.join(out, name))
         result = train(os.path.join(out, name), *over)
         one[name] = {"losses": losses(result), "val_loss": [r.get("val_loss") for r in result.records]}
@@ -75,6 +82,7 @@ def runs(tmp_path_factory):
         ("from_one", "from_one", None, [*PP, f"checkpoint.resume={out}/one/checkpoints/step_00000004"]),
         ("pp_lora", "pp_lora", None, [*PP, *LORA]),
         ("packed", "packed", "refused", [*PP, "data.packing=true"]),
+        ("pp_pretrained", "pp_pretrained", None, [*PP, f"model.path={hf}"]),
     ]
     mp.spawn(_entry, args=(2, os.path.join(out, "store"), out, plan), nprocs=2, join=True)
     with open(os.path.join(out, "results.json")) as f:
@@ -145,3 +153,17 @@ def test_packed_rows_are_refused_under_pipeline_before_training(runs):
     assert pp["packed"]["refused"] == ("parallel.pp>1 does not support packed sequences; turn packing off "
                                        "(data.packing=false)")
     assert os.listdir(f"{out}/packed") == []  # nothing written
+
+
+def test_pretrained_weights_go_straight_into_each_stage(runs):
+    import math
+
+    from safetensors import safe_open
+
+    out, one, pp = runs
+    with safe_open(f"{out}/pretrained/model.safetensors", framework="pt") as f:
+        total = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    reads = pp["pp_pretrained"]["hf_read_numel"]
+    print(f"pp=2 from model.path: elements read per rank {reads} of {total}")
+    assert sum(reads) == total and max(reads) <= 0.55 * total  # each stage reads its own layers only
+    assert _max_diff(pp["pp_pretrained"]["losses"], one["one_pretrained"]["losses"]) < TOL
