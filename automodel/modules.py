@@ -32,6 +32,15 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def parent_of(root: nn.Module, child: nn.Module) -> tuple[nn.Module, str]:
+    """(the module holding `child` as a direct submodule, the attribute name), to replace it in place."""
+    for module in root.modules():
+        for name, c in module.named_children():
+            if c is child:
+                return module, name
+    raise RuntimeError(f"{type(child).__name__} is not inside {type(root).__name__}")
+
+
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(all parameters, trainable parameters), counting each shared tensor once."""
     seen: set[int] = set()

@@ -15,18 +15,11 @@ import logging
 from torch import nn
 
 from automodel.errors import UserError
+from automodel.modules import parent_of
 
 log = logging.getLogger(__name__)
 
 AC_MODES = ("none", "full", "selective")
-
-
-def _parent_of(model: nn.Module, block: nn.Module) -> tuple[nn.Module, str]:
-    for module in model.modules():
-        for name, child in module.named_children():
-            if child is block:
-                return module, name
-    raise RuntimeError(f"{type(block).__name__} is not inside the model")
 
 
 def _save_matmuls_policy():
@@ -60,7 +53,7 @@ def apply_activation_checkpointing(model: nn.Module, blocks: list[nn.Module], mo
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _save_matmuls_policy())
     wrapped = []
     for block in blocks:
-        parent, name = _parent_of(model, block)
+        parent, name = parent_of(model, block)
         w = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
         parent.register_module(name, w)
         wrapped.append(w)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from automodel.errors import UserError
-from automodel.modules import decoder_layers, hf_base
+from automodel.modules import decoder_layers, hf_base, parent_of
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,8 @@ class _Anatomy:
         self.causal = hf_base(model)
         self.inner = self.causal.base_model
         blocks = decoder_layers(model)
-        container, _ = _owner(self.inner, blocks[0])
-        self.container_owner, self.container_name = _owner(self.inner, container)
+        container, _ = parent_of(self.inner, blocks[0])
+        self.container_owner, self.container_name = parent_of(self.inner, container)
         if not isinstance(container, nn.ModuleList) or len(container) != len(blocks) or any(
                 a is not b for a, b in zip(container, blocks)):
             raise UserError(f"parallel.pp>1: the decoder blocks of {type(self.causal).__name__} are not one "
@@ -110,19 +110,11 @@ class _Anatomy:
         self.blocks = {int(name): block for name, block in container.named_children()}
         emb = self.causal.get_input_embeddings()
         head = self.causal.get_output_embeddings()
-        self.embedding = _owner(self.inner, emb) if emb is not None else None
-        self.head = _owner(self.causal, head) if head is not None else None
+        self.embedding = parent_of(self.inner, emb) if emb is not None else None
+        self.head = parent_of(self.causal, head) if head is not None else None
         # the final norm (and anything else with weights) that sits after the blocks in the base model
         self.finals = [n for n, c in self.inner.named_children()
                        if c is not emb and c is not container and any(True for _ in c.parameters())]
-
-
-def _owner(root: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
-    for module in root.modules():
-        for name, child in module.named_children():
-            if child is target:
-                return module, name
-    raise UserError(f"parallel.pp>1: cannot find {type(target).__name__} inside {type(root).__name__}")
 
 
 def _prune(model: nn.Module, keep: list[int], first: bool, last: bool) -> None:
