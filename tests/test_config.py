@@ -10,7 +10,7 @@ from helpers import compose
 from automodel import registry
 from automodel.config import TrainConfig, conf_dir, validate
 from automodel.distributed.parallel_dims import ParallelDims
-from automodel.engine.preflight import accumulation_steps
+from automodel.engine.preflight import accumulation_steps, micro_batch_size
 from automodel.errors import UserError
 from automodel.sampling import GlobalBatchSampler
 
@@ -109,3 +109,13 @@ def test_each_dp_rank_reads_its_own_slice_of_every_global_batch():
     assert len(set(epoch)) == 8
     with pytest.raises(UserError, match="3 usable examples, fewer than one global batch of 4"):
         GlobalBatchSampler(3, 4, 0)
+
+
+def test_unset_micro_batch_under_pipeline_gives_one_micro_batch_per_stage():
+    t = TrainConfig(global_batch_size=32, micro_batch_size=None)
+    assert micro_batch_size(t, dp=2, pp=4) == 4 and accumulation_steps(t, dp=2, pp=4) == 4
+    assert micro_batch_size(t, dp=2) == 16 and accumulation_steps(t, dp=2) == 1
+    with pytest.raises(UserError) as e:
+        micro_batch_size(TrainConfig(global_batch_size=6, micro_batch_size=None), dp=1, pp=4)
+    assert str(e.value) == ("train.global_batch_size=6 is not divisible by the 1 data-parallel ranks x 4 pipeline "
+                            "micro-batches; pick a multiple of 4 (or set train.micro_batch_size)")

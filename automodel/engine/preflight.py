@@ -10,18 +10,20 @@ from automodel.config import TrainConfig
 from automodel.errors import UserError
 
 
-def micro_batch_size(t: TrainConfig, dp: int) -> int:
-    """train.micro_batch_size, or (null) this rank's whole share of the global batch: no accumulation."""
+def micro_batch_size(t: TrainConfig, dp: int, pp: int = 1) -> int:
+    """train.micro_batch_size, or (null) this rank's whole share of the global batch: no accumulation.
+    Under pipeline parallel (pp > 1) null splits the share into pp micro-batches, one per stage in flight."""
     if t.micro_batch_size is not None:
         return t.micro_batch_size
-    if t.global_batch_size % dp:
-        raise UserError(f"train.global_batch_size={t.global_batch_size} is not divisible by the {dp} "
-                        f"data-parallel ranks; pick a multiple of {dp}")
-    return t.global_batch_size // dp
+    if t.global_batch_size % (dp * pp):
+        what = f"the {dp} data-parallel ranks" + (f" x {pp} pipeline micro-batches" if pp > 1 else "")
+        raise UserError(f"train.global_batch_size={t.global_batch_size} is not divisible by {what}; pick a multiple "
+                        f"of {dp * pp} (or set train.micro_batch_size)")
+    return t.global_batch_size // (dp * pp)
 
 
-def accumulation_steps(t: TrainConfig, dp: int) -> int:
-    micro = micro_batch_size(t, dp)
+def accumulation_steps(t: TrainConfig, dp: int, pp: int = 1) -> int:
+    micro = micro_batch_size(t, dp, pp)
     per_step = micro * dp
     if t.global_batch_size % per_step:
         raise UserError(
@@ -34,4 +36,5 @@ def accumulation_steps(t: TrainConfig, dp: int) -> int:
 def preflight(checked, world_size: int):
     """(ParallelDims, micro-batch size, accumulation steps) for this world size, or a UserError."""
     dims = checked.plugins["parallel"].dims(world_size)
-    return dims, micro_batch_size(checked.train, dims.dp), accumulation_steps(checked.train, dims.dp)
+    t = checked.train
+    return dims, micro_batch_size(t, dims.dp, dims.pp), accumulation_steps(t, dims.dp, dims.pp)
