@@ -17,8 +17,9 @@ def micro_batch_size(t: TrainConfig, dp: int, pp: int = 1) -> int:
         return t.micro_batch_size
     if t.global_batch_size % (dp * pp):
         what = f"the {dp} data-parallel ranks" + (f" x {pp} pipeline micro-batches" if pp > 1 else "")
+        how = " (or set train.micro_batch_size)" if pp > 1 else ""
         raise UserError(f"train.global_batch_size={t.global_batch_size} is not divisible by {what}; pick a multiple "
-                        f"of {dp * pp} (or set train.micro_batch_size)")
+                        f"of {dp * pp}{how}")
     return t.global_batch_size // (dp * pp)
 
 
