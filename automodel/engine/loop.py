@@ -56,20 +56,28 @@ class StepRunner:
             with self.autocast():
                 logits = self.model(**inputs).logits
             with self.hints.loss_context() if self.hints.loss_context else contextlib.nullcontext():
-                loss = token_sum_cross_entropy(logits, labels)
-                if self.hints.reduce_loss:
-                    loss = self.hints.reduce_loss(loss)
+                loss = self.token_loss(logits, labels)
                 (loss * scale).backward()
             loss_sum += _full(loss.detach())
+        grad_norm = self.clip_and_step()
+        return loss_sum * (scale / self.dp_size), grad_norm
+
+    def token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The token-sum loss of one micro-batch, summed over the ranks that split its sequence (CP)."""
+        loss = token_sum_cross_entropy(logits, labels)
+        return self.hints.reduce_loss(loss) if self.hints.reduce_loss else loss
+
+    def clip_and_step(self, across=None) -> torch.Tensor:
+        """Clip (the norm over `across` too: pipeline stages), step optimizer and schedule; the grad norm."""
         if self.max_grad_norm > 0:
-            grad_norm = clip_grad_norm(self._params(), self.max_grad_norm)
+            grad_norm = clip_grad_norm(self._params(), self.max_grad_norm, across=across)
         else:
             grad_norm = torch.zeros((), device=self.device)
         self.lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used (a Python float: no sync)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum * (scale / self.dp_size), grad_norm
+        return grad_norm
 
     def _params(self):
         return [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -85,9 +93,7 @@ class StepRunner:
                 with self.autocast():
                     logits = self.model(**inputs).logits
                 with self.hints.loss_context() if self.hints.loss_context else contextlib.nullcontext():
-                    loss = token_sum_cross_entropy(logits, labels)
-                    if self.hints.reduce_loss:  # context parallel: sum over the sequence split
-                        loss = self.hints.reduce_loss(loss)
+                    loss = self.token_loss(logits, labels)
                 loss_sum += _full(loss).float()
         return loss_sum
 

@@ -17,10 +17,8 @@ import torch
 import torch.distributed as dist
 
 from automodel.batch import IGNORE_INDEX, StepBatch
-from automodel.distributed.grad_norm import clip_grad_norm
 from automodel.engine.loop import StepRunner, _for_layout, _full
 from automodel.errors import UserError
-from automodel.loss import token_sum_cross_entropy
 
 
 @dataclasses.dataclass
@@ -37,10 +35,7 @@ class PipelineStepRunner(StepRunner):
 
     def micro_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The schedule's loss function: one micro-batch's token-sum loss, normalized for the global batch."""
-        loss = token_sum_cross_entropy(logits, labels)
-        if self.hints.reduce_loss:
-            loss = self.hints.reduce_loss(loss)
-        return loss * self._scale
+        return self.token_loss(logits, labels) * self._scale
 
     def _stack(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, targets = [], []
@@ -71,15 +66,7 @@ class PipelineStepRunner(StepRunner):
     def __call__(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
         self._scale = self.dp_size / self._global_count(batch.num_target_tokens).clamp(min=1.0)
         loss_sum = self._run(batch.micro_batches, train=True)
-        if self.max_grad_norm > 0:
-            grad_norm = clip_grad_norm(self._params(), self.max_grad_norm, across=self.pp_group)
-        else:
-            grad_norm = torch.zeros((), device=self.device)
-        self.lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / self.dp_size, grad_norm
+        return loss_sum / self.dp_size, self.clip_and_step(across=self.pp_group)
 
     def eval_loss_sum(self, val: list[StepBatch]) -> torch.Tensor:
         """Held-out micro-batches through the schedule, forward only, in groups of its micro-batch count

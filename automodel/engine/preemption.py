@@ -17,11 +17,8 @@ So the requeued job continues from the step the signal arrived at, not from the 
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
-
-log = logging.getLogger("automodel")
 
 SIGNAL = signal.SIGUSR2
 

@@ -102,7 +102,8 @@ class SPMDParallel:
                              shard_sequence=(lambda inputs, labels: self._cp.shard_sequence(inputs, labels)) if cp else None,
                              reduce_loss=(lambda loss: self._cp.reduce_loss(loss)) if cp else None,
                              pipeline=dims.pp > 1, min_microbatches=min_micro,
-                             packing_refused_by=" and ".join(n for n, on in (("parallel.cp>1", cp), ("parallel.pp>1", dims.pp > 1)) if on),
+                             packing_refused_by=" and ".join(name for name, on in (("parallel.cp>1", cp),
+                                                                                   ("parallel.pp>1", dims.pp > 1)) if on),
                              min_microbatches_reason=f"parallel.pp_schedule={self.cfg.pp_schedule} with pp={dims.pp}")
 
     def _position_ids(self, n: int, device):
