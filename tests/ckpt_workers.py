@@ -60,22 +60,31 @@ def save_logits(model, path: str) -> None:
         save_file({"logits": logits.contiguous()}, path)
 
 
-_READ = {"numel": 0}
+class _ReadCounter(dict):
+    """_READ["numel"]: elements this process read from HF safetensors since the last reset (= 0)."""
+
+    base = 0
+
+    def __getitem__(self, key):
+        from automodel.model.hf_weights import HFWeights
+
+        return HFWeights.elements_read - self.base if key == "numel" else super().__getitem__(key)
+
+    def __setitem__(self, key, value):
+        from automodel.model.hf_weights import HFWeights
+
+        if key == "numel":
+            self.base = HFWeights.elements_read - value
+        else:
+            super().__setitem__(key, value)
+
+
+_READ = _ReadCounter()
 
 
 def count_hf_reads() -> None:
-    """Count the elements each rank reads from HF safetensors through DCP's HuggingFaceStorageReader."""
-    import math
-
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
-
-    original = HuggingFaceStorageReader._process_read_request
-
-    def counting(self, f, req, planner):
-        _READ["numel"] += math.prod(req.lengths)
-        return original(self, f, req, planner)
-
-    HuggingFaceStorageReader._process_read_request = counting
+    """Start counting the elements read from HF safetensors (automodel's reader keeps the count)."""
+    _READ["numel"] = 0
 
 
 def run_plan(rank: int, world: int, store_path: str, out_dir: str, plan: list) -> None:

@@ -13,6 +13,13 @@ MICRO = [
     "model.config.num_key_value_heads=2", "model.config.num_hidden_layers=4", "train.sample_prompts=0",
     "train.seq_len=48",
 ]
+# Granite's settings on MICRO: its base model multiplies `inputs_embeds` by embedding_multiplier inside its forward
+# (a pipeline stage that fed its received hidden states back in as inputs_embeds trained it wrong without a word).
+GRANITE = [
+    "model.config.model_type=granite", "+model.config.embedding_multiplier=12.0",
+    "+model.config.residual_multiplier=0.22", "+model.config.logits_scaling=8.0",
+    "+model.config.attention_multiplier=0.015625", "model.config.tie_word_embeddings=false",
+]
 
 
 def compose(*overrides: str):
@@ -60,3 +67,14 @@ def save_micro_hf_model(folder: str) -> str:
     plugins["model"].build("cpu").save_pretrained(folder, safe_serialization=True)
     plugins["model"].tokenizer().save_pretrained(folder)
     return folder
+
+
+def random_init_model(*overrides: str, seed: int = 42):
+    """The plain HF model (no PEFT) whose weights a random-init run with train.seed=`seed` starts from."""
+    from automodel.config import validate
+    from automodel.engine.materialize import canonical_names, hf_init, materialize
+
+    plugins = validate(compose(*MICRO, *overrides)).plugins
+    model = plugins["model"].build("meta")
+    materialize(model, canonical_names(model), "cpu", seed=seed, inits=[hf_init(model)])
+    return model

@@ -114,10 +114,8 @@ def test_export_a_two_rank_fsdp2_checkpoint_offline_on_one_process(two_ranks, tm
 
 def test_lora_under_fsdp2_resumes_bitwise_and_exports_a_peft_adapter_that_reloads(two_ranks):
     from ckpt_workers import PROBE
-    from helpers import MICRO, compose
+    from helpers import random_init_model
     from peft import PeftModel
-
-    from automodel.config import validate
 
     out, r = two_ranks
     assert r["lora_resumed"]["steps"] == [3, 4, 5, 6]
@@ -129,9 +127,7 @@ def test_lora_under_fsdp2_resumes_bitwise_and_exports_a_peft_adapter_that_reload
     assert not os.path.exists(os.path.join(final, "model.safetensors"))
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= set(os.listdir(final + "/adapter"))
     # the random-init base is a function of the seed: rebuild it and put the adapter on it
-    plugins = validate(compose(*MICRO, "peft=lora")).plugins
-    torch.manual_seed(42)
-    base = plugins["model"].build("cpu")
+    base = random_init_model(seed=42)
     model = PeftModel.from_pretrained(base, os.path.join(final, "adapter")).eval()
     with torch.no_grad():
         got = model(input_ids=torch.tensor(PROBE)).logits

@@ -131,18 +131,14 @@ def test_checkpoints_reshard_between_pipeline_stages_and_one_process(runs):
 
 
 def test_lora_under_pipeline_matches_one_process_and_exports_adapter_and_merged_model(runs):
+    from helpers import random_init_model
     from peft import PeftModel
-
-    from helpers import MICRO, compose
-
-    from automodel.config import validate
 
     out, one, pp = runs
     assert _max_diff(pp["pp_lora"]["losses"], one["one_lora"]["losses"]) < TOL
     merged = _logits(f"{out}/pp_lora/final")
     assert (merged - _logits(f"{out}/one_lora/final")).abs().max().item() < TOL
-    torch.manual_seed(42)  # the random-init base is a function of the seed
-    base = validate(compose(*MICRO)).plugins["model"].build("cpu")
+    base = random_init_model(seed=42)  # the random-init base is a function of the seed
     adapted = PeftModel.from_pretrained(base, f"{out}/pp_lora/final/adapter").eval()
     with torch.no_grad():
         assert (adapted(PROBE).logits - merged).abs().max().item() < TOL

@@ -9,7 +9,8 @@ Layout of a run directory:
                                        the resolved config and the size of every file (written last)
     checkpoints/step_00000012.partial/  a save in progress (or killed): never taken for a checkpoint
 
-files.py holds the on-disk side (finding, checking, RNG files); pretrained.py loads HF weights into shards.
+files.py holds the on-disk side (finding, checking, RNG files). Pretrained HF weights are read into shards
+by the model plugin (automodel/model/hf_weights.py) when the engine materializes the model.
 
 A save writes everything into `<name>.partial/`, and only then does rank 0 write `automodel_ckpt.json` and
 rename the folder to its final name: a crash (even kill -9) at any point leaves either no new folder or a
@@ -267,14 +268,6 @@ class DCPCheckpoint:
             path = os.path.join(root, name)
             if name.endswith(".partial") and path != in_flight:
                 shutil.rmtree(path, ignore_errors=True)  # left by a crash: never a checkpoint
-
-    # ------------------------------------------------------------------ pretrained weights into shards
-    def load_pretrained(self, model, folder: str, device) -> None:
-        """Collective: fill a model laid out on the meta device from an HF safetensors folder, each rank
-        reading only its own shards' slices (see pretrained.py)."""
-        from automodel.checkpoint.pretrained import load_into_shards
-
-        load_into_shards(model, folder, device)
 
     # ------------------------------------------------------------------ export
     def export_final(self, model, tokenizer, out_dir: str) -> None:

@@ -51,20 +51,3 @@ def trim_metrics(out_dir: str, step: int) -> None:
     if len(kept) != len(lines):
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(kept)
-
-
-def shard_source(cfg, plugins, world_size: int) -> str | None:
-    """The local HF safetensors folder to read straight into shards, or None to build the model whole.
-
-    Used when several ranks train an unadapted model from a local model.path: each rank then reads only
-    its part. One process, PEFT (its adapters are initialised on the full model) and hub ids load as before.
-    """
-    path = cfg.model.get("path") if "model" in cfg else None
-    if world_size < 2 or not path or cfg.peft.get("plugin") != "none":
-        return None
-    if not hasattr(plugins["checkpoint"], "load_pretrained"):
-        return None
-    folder = os.path.expanduser(str(path))
-    if not os.path.isdir(folder) or not any(f.endswith(".safetensors") for f in os.listdir(folder)):
-        return None
-    return folder

@@ -1,9 +1,11 @@
-"""Will it fit? A refusal in one line before a model too large for this machine is built.
+"""Will it fit? A refusal in one line before a model too large for this layout is materialized.
 
-The estimate counts what training holds per rank: fp32 master weights, gradients and AdamW's two moments
-for trainable parameters, with FSDP dividing the sharded part. Every rank first builds the full model on
-the host before sharding it, so the host also needs the full fp32 weights once per local rank.
-Activations are not counted, so a run that passes can still run out of memory on long sequences.
+Every rank builds the model on the meta device and materializes only its own shards (materialize.py),
+so what a rank holds is its share of the training state: fp32 weights (sharded by FSDP x TP x PP), and
+for trainable parameters their gradients and AdamW's two moments, plus, during set-up, the largest
+single tensor held whole. On CPU that is host memory, once per local rank; on a GPU it is device memory
+and the host needs only the set-up overhead. Activations are not counted, so a run that passes can still
+run out of memory on long sequences.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 from automodel.errors import UserError
 
 GiB = 1024**3
+SETUP_OVERHEAD = int(1.5 * GiB)  # Python, torch, transformers and the set-up's bookkeeping per process
 
 
 def available_host_bytes() -> int:
@@ -23,17 +26,25 @@ def available_host_bytes() -> int:
     return 0
 
 
-def check_fits(total: int, trainable: int, *, shard: int, device_type: str, model_name: str) -> None:
+def per_rank_bytes(total: int, trainable: int, shard: int) -> int:
+    """fp32 weights + (grads + 2 AdamW moments) of the trainable part, over `shard` ways."""
+    return (total * 4 + trainable * 12) // max(shard, 1)
+
+
+def check_fits(total: int, trainable: int, dims, *, device_type: str, model_name: str,
+               largest_tensor: int = 0) -> None:
+    shard = dims.dp_shard * dims.cp * dims.tp * dims.pp  # every way FSDP, TP and PP split the weights
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    build = total * 4 * local_ranks  # full fp32 weights per local rank during the build
-    train = (total * 4 + trainable * 12) / shard  # weights + grads + 2 AdamW moments, sharded
-    need_host = max(build, train * local_ranks if device_type == "cpu" else 0)
+    train = per_rank_bytes(total, trainable, shard)
+    setup = largest_tensor * 4 + SETUP_OVERHEAD
+    need_host = local_ranks * ((train if device_type == "cpu" else 0) + setup)
     host = available_host_bytes()
     if host and need_host > host:
         raise UserError(
             f"model '{model_name}' ({total / 1e9:.2f}B parameters, {trainable / 1e9:.2f}B trainable) needs about "
-            f"{need_host / GiB:.1f} GiB of host memory on this machine ({local_ranks} local rank(s), fp32 weights, grads "
-            f"and AdamW state over {shard}-way sharding); {host / GiB:.1f} GiB is available. {_advice(total, trainable)}"
+            f"{need_host / GiB:.1f} GiB of host memory here ({local_ranks} local rank(s) x {train / GiB:.1f} GiB of "
+            f"weights, grads and AdamW state over {shard}-way sharding{' on the CPU' if device_type == 'cpu' else ''} "
+            f"+ set-up); {host / GiB:.1f} GiB is available. {_advice(total, trainable, shard, dims.world_size, local_ranks)}"
         )
     if device_type == "cuda":
         import torch
@@ -42,10 +53,13 @@ def check_fits(total: int, trainable: int, *, shard: int, device_type: str, mode
         if train > free:
             raise UserError(
                 f"model '{model_name}' needs about {train / GiB:.1f} GiB per GPU for weights, grads and AdamW state "
-                f"over {shard}-way sharding; {free / GiB:.1f} GiB is free. {_advice(total, trainable)}"
+                f"over {shard}-way sharding; {free / GiB:.1f} GiB is free. {_advice(total, trainable, shard, 0, 0)}"
             )
 
 
-def _advice(total: int, trainable: int) -> str:
-    lora = "" if trainable < total else ", peft=lora"
-    return f"Shard over more devices (parallel=fsdp2 on more ranks){lora}, or use a smaller model"
+def _advice(total: int, trainable: int, shard: int, world: int, local_ranks: int) -> str:
+    lora = "" if trainable < total else ", train adapters only (peft=lora)"
+    if world and local_ranks >= world:  # every shard is on this host: more local ranks only add set-up copies
+        return f"This host holds every rank's shard: add hosts or GPUs{lora}, or use a smaller model"
+    return (f"Shard over more ranks (e.g. parallel=fsdp2 on {2 * shard} ranks halves the share){lora}, "
+            "or use a smaller model")

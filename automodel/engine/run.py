@@ -2,8 +2,10 @@
 
  1. distributed init and ParallelDims -> DeviceMesh (layouts that cannot work are refused first)
  2. the model plugin's config; a memory check on a weightless (meta) skeleton
- 3. the model with its initial weights (same seed on every rank), then peft
- 4. the parallel plugin lays it out on the mesh (TP -> CP -> AC -> compile -> FSDP)
+ 3. the model on the meta device (no storage), then peft
+ 4. the parallel plugin lays it out on the mesh (TP -> CP -> AC -> compile -> FSDP); each rank then
+    materializes only its own shards: random init streamed one module at a time (the same values on
+    every layout), or the pretrained weights read one tensor at a time (materialize.py)
  5. optimizer and LR schedule; the data plugin's loader for this rank's data-parallel coordinate
  6. the loop: forward/backward, global-token loss normalization, clip, step, log
  7. export: the full state dict gathered on rank 0, written as an HF folder (+ PEFT adapter)
@@ -57,6 +59,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
 
     from automodel.engine import checkpointing, export, metrics, run_dir, validate
     from automodel.engine.loop import StepRunner, run_loop
+    from automodel.engine.materialize import canonical_names, hf_init, materialize
     from automodel.engine.memory import check_fits
     from automodel.modules import count_params
 
@@ -73,9 +76,10 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     # 2. will it fit? (a weightless skeleton, adapted by peft so trainable counts are right)
     skeleton = p["peft"].apply(p["model"].build("meta"))
     total, trainable = count_params(skeleton)
+    largest = max((q.numel() for q in skeleton.parameters()), default=0)
     del skeleton
-    check_fits(total, trainable, shard=dims.dp_shard * dims.tp * dims.pp, device_type=env.device.type,
-               model_name=p["model"].name)
+    check_fits(total, trainable, dims, device_type=env.device.type, model_name=p["model"].name,
+               largest_tensor=largest)
     tokenizer = p["model"].tokenizer()
     mesh = dims.build_mesh(env.device.type)
     dp_rank, dp_size = dims.dp_coordinate(mesh)
@@ -91,15 +95,20 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
                         "(data.packing=false)")
     val = validate.batches(p["data"], tokenizer, t, dp_rank, dp_size, micro)
 
-    # 3-4. model, peft, layout
-    torch.manual_seed(t.seed)
-    pretrained = checkpointing.shard_source(cfg, p, env.world_size)  # HF safetensors read straight into shards
-    model = p["model"].build("meta") if pretrained else p["model"].build("cpu").to(env.device)
+    # 3-4. model, peft, layout: all on the meta device; then each rank materializes only its own shards
+    torch.manual_seed(t.seed)  # dropout and anything else random in training: the same on every layout
+    model = p["model"].build("meta")
+    base_keys = set(model.state_dict())  # what pretrained weights must provide (adapters are not in them)
+    source = p["model"].weights(model) if hasattr(p["model"], "weights") else None
     model = p["peft"].apply(model)
     model.train()
+    names = canonical_names(model)
     model = p["parallel"].apply(model, mesh, dims, p["precision"].mixed_precision_policy())
-    if pretrained:
-        p["checkpoint"].load_pretrained(model, pretrained, env.device)
+    inits = [p["peft"].init_module] if hasattr(p["peft"], "init_module") else []
+    materialize(model, names, env.device, seed=t.seed, inits=[*inits, hf_init(model)], source=source,
+                base_keys=base_keys)
+    if source is not None:
+        source.close()
 
     # 5. optimizer
     params = [q for q in model.parameters() if q.requires_grad]

@@ -4,6 +4,9 @@
   preset's architecture) is ignored, so `model=llama3_8b model.path=<folder>` cannot clobber the folder's.
 - `path` null: random init from `config` (it must name `model_type`); presets in conf/model/ hold the
   published architecture hyper-parameters, so sizing and random-init runs work offline.
+
+The engine builds the model on the meta device and fills only each rank's shards: from `weights()`
+(the folder's safetensors, read one tensor at a time, see hf_weights.py) or by random init.
 """
 
 from __future__ import annotations
@@ -26,7 +29,22 @@ class HFModelConfig:
     tokenizer: Optional[str] = None  # folder or hub id; null = `path`, or the bundled tokenizer
     revision: Optional[str] = None
     trust_remote_code: bool = False  # runs code from the model repo: only for repos you trust
-    attn_implementation: str = "sdpa"
+    attn_implementation: Optional[str] = None  # null: transformers' choice for this model (sdpa where it supports it)
+
+
+def _default_attention(cfg) -> str:
+    """The attention transformers would pick for this model class when asked for none: sdpa where the class
+    supports it (and softcapping, which only eager computes, is off), else eager."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        cls = AutoModelForCausalLM._model_mapping[type(cfg)]
+    except Exception:
+        return "sdpa"
+    softcap = getattr(cfg, "attn_logit_softcapping", None)
+    if not getattr(cls, "_supports_sdpa", False) or softcap:
+        return "eager"
+    return "sdpa"
 
 
 def _is_local(path: str) -> bool:
@@ -79,8 +97,38 @@ class HFModel:
         for key, value in self.cfg.config_overrides.items():
             setattr(cfg, key, value)
         cfg.use_cache = False  # training never uses the KV cache; leaving it on also hides packed sequences
-        cfg._attn_implementation = self.cfg.attn_implementation
+        cfg._attn_implementation = self.cfg.attn_implementation or _default_attention(cfg)
         return cfg
+
+    def weights_folder(self) -> Optional[str]:
+        """The local folder holding model.path's safetensors (a hub id resolves to its local cache, downloading
+        the weights when the hub is reachable); None for random init."""
+        if not self.cfg.path:
+            return None
+        path = os.path.expanduser(self.cfg.path)
+        if _is_local(path):
+            return path
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.safetensors", "*.safetensors.index.json", "*.json"]
+        try:
+            return snapshot_download(self.cfg.path, revision=self.cfg.revision, allow_patterns=patterns,
+                                     local_files_only=True)
+        except Exception:
+            pass
+        try:
+            return snapshot_download(self.cfg.path, revision=self.cfg.revision, allow_patterns=patterns)
+        except Exception as e:
+            raise _hub_failure("model.path", self.cfg.path, e) from None
+
+    def weights(self, skeleton):
+        """model.path's weights under `skeleton`'s in-memory names (see hf_weights.HFWeights); None for random init."""
+        folder = self.weights_folder()
+        if folder is None:
+            return None
+        from automodel.model.hf_weights import HFWeights
+
+        return HFWeights(folder, skeleton, label=self.cfg.path)
 
     @functools.cache
     def tokenizer(self):
@@ -125,6 +173,16 @@ class HFModel:
         tok = self.tokenizer()
         rows = model.get_input_embeddings().weight.shape[0]
         if len(tok) > rows:
+            own = self.cfg.path and (self.cfg.tokenizer in (None, self.cfg.path))
+            if own:  # the folder's own tokenizer: it (or its class) adds tokens the embeddings lack
+                added = len(tok) - tok.vocab_size
+                why = (f" ({added} added by {type(tok).__name__} on top of its {tok.vocab_size}-token vocabulary)"
+                       if added > 0 else "")
+                raise UserError(
+                    f"model.path='{self.cfg.path}' has {rows} token embeddings but its own tokenizer has {len(tok)} "
+                    f"tokens{why}; the checkpoint's embeddings are too small for its tokenizer: resize them "
+                    f"(model.config_overrides.vocab_size >= {len(tok)} needs new weights) or give a tokenizer that "
+                    "fits (model.tokenizer)")
             raise UserError(
                 f"model has {rows} token embeddings but the tokenizer has {len(tok)} tokens; use the "
                 "model's own tokenizer (model.tokenizer) or set model.config.vocab_size >= the tokenizer size"

@@ -3,16 +3,26 @@
 Training keeps peft's own `LoraModel` (so FSDP2 shards the frozen base and the adapters together, one
 unit per decoder layer). Export writes the adapter in PEFT format (what `PeftModel.from_pretrained`
 loads) under `adapter/`, and returns the merged model so the main export is an ordinary HF checkpoint.
+
+Adapters are created on the meta device with the rest of the model and initialized by `init_module`,
+one adapter matrix at a time (A as peft initializes it, B zero), so every layout starts from the same
+adapters. Inits computed from the base weights (pissa, olora, loftq, ...) would need each whole base
+matrix before sharding and are refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from typing import Any, Optional
 
+from automodel.errors import UserError
+
 log = logging.getLogger(__name__)
+
+INITS = ("gaussian", "true", "default", "false")
 
 
 @dataclasses.dataclass
@@ -21,7 +31,7 @@ class LoRAConfig:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: Any = "all-linear"  # a list of module names, or peft's for every linear layer but the output head
-    init: str = "gaussian"  # peft `init_lora_weights`: true|gaussian|pissa|olora|...
+    init: str = "gaussian"  # peft `init_lora_weights`: gaussian | true (kaiming-uniform A) | false (A, B as peft leaves them)
     base_model_name_or_path: Optional[str] = None  # recorded in adapter_config.json (default: model.path)
 
 
@@ -30,11 +40,17 @@ class LoRA:
 
     def __init__(self, config: LoRAConfig):
         self.cfg = config
+        if str(config.init).lower() not in INITS:
+            raise UserError(f"peft.init={config.init!r}: choose one of {', '.join(INITS)} (inits computed from the base "
+                            "weights, such as pissa or olora, need each whole base matrix and are not supported)")
+
+    def _init(self):
+        return {"true": True, "default": True, "false": False}.get(str(self.cfg.init).lower(), "gaussian")
 
     def _peft_config(self):
         from peft import LoraConfig
 
-        init = True if self.cfg.init in ("true", "True", "default") else self.cfg.init
+        init = self._init()
         return LoraConfig(
             r=self.cfg.r, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout,
             target_modules=self.cfg.target_modules, init_lora_weights=init, task_type="CAUSAL_LM",
@@ -44,6 +60,28 @@ class LoRA:
         from peft import get_peft_model
 
         return get_peft_model(model, self._peft_config())
+
+    def init_module(self, name: str, module) -> bool:
+        """Initialize one adapter matrix (a full-size copy of it) as peft would; False for anything else."""
+        import torch
+
+        parts = name.split(".")
+        if len(parts) < 2 or parts[-2] not in ("lora_A", "lora_B"):
+            return False
+        init = self._init()
+        if init is False:  # peft keeps nn.Linear's default init for A and B
+            module.reset_parameters()
+        elif parts[-2] == "lora_B":
+            for p in module.parameters(recurse=False):
+                torch.nn.init.zeros_(p)
+            return True
+        elif init is True:
+            torch.nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+        else:
+            torch.nn.init.normal_(module.weight, std=1 / self.cfg.r)
+        if init is not False and getattr(module, "bias", None) is not None:
+            torch.nn.init.zeros_(module.bias)
+        return True
 
     def export(self, model, full_state_dict, out_dir):
         adapter_dir = os.path.join(out_dir, "adapter")

@@ -1,0 +1,226 @@
+"""Weights for a model laid out on the meta device: every rank materializes only its own shards.
+
+Why one tensor at a time: no rank may ever hold the whole model (a 70B model is 280 GB in fp32). The
+model is built on the meta device, adapted (PEFT) and laid out (TP, FSDP, PP) with no storage at all;
+then `materialize` allocates this rank's local shards and fills them module by module:
+
+- random init runs the module's own initializer (HF's `_init_weights`, or the PEFT plugin's for its
+  adapters) on a full-size *shadow* of that one module, with the RNG seeded from (train.seed, the
+  module's name), and each rank keeps its slice. The values depend only on the seed and the name, never
+  on the layout, the world size or the order the ranks visit modules in: one process and any layout
+  start from bitwise the same weights. Names are taken as the plain HF model names them (no PEFT
+  prefix, no `.base_layer`), so LoRA and full fine-tuning start from the same base weights;
+- pretrained weights come from a `source` (the checkpoint plugin's reader of an HF folder): each tensor
+  read whole, converted as transformers would (fused experts, renamed keys) and sliced.
+
+Host memory during set-up is therefore this rank's shards + the largest single module's tensors + a
+fixed overhead, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from automodel.errors import UserError
+from automodel.modules import hf_base
+
+log = logging.getLogger("automodel")
+
+# wrappers that layout code puts around modules: not part of a module's name
+_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module", "base_layer")
+
+ModuleInit = Callable[[str, nn.Module], bool]  # (canonical module name, full-size shadow) -> handled?
+
+
+def canonical_names(model: nn.Module) -> dict[int, str]:
+    """{id(module): its name in the plain HF model}, taken before the layout wraps or prunes anything."""
+    base = hf_base(model)
+    names = {}
+    for name, module in base.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), ".".join(s for s in name.split(".") if s not in _WRAPPER_SEGMENTS))
+    return names
+
+
+def seed_for(seed: int, name: str) -> int:
+    """A 63-bit seed from the run's seed and a module's name (stable across processes and versions)."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def hf_init(model: nn.Module) -> ModuleInit:
+    """The model's own transformers initializer, applied to one module."""
+    base = hf_base(model)
+    init = getattr(base, "_init_weights", None)
+
+    def run(name: str, shadow: nn.Module) -> bool:
+        if init is None:
+            return False
+        init(shadow)
+        return True
+
+    return run
+
+
+class _Stats:
+    def __init__(self):
+        self.tensors = self.initialized = self.loaded = 0
+        self.largest = 0  # bytes of the largest full-size module shadow / source tensor held at once
+
+
+def materialize(model: nn.Module, names: dict[int, str], device, *, seed: int, inits: Iterable[ModuleInit],
+                source=None, base_keys: set[str] | None = None) -> None:
+    """Allocate this rank's shards of `model` (laid out on meta) on `device` and fill them.
+
+    `inits`: module initializers tried in order (the first that returns True wins). `source`: an object
+    with `keys()` (the canonical tensor names it holds) and `get(name)` (that full tensor), read into
+    every tensor it holds. `base_keys`: canonical names the source must provide (the plain model's
+    parameters); anything else (adapters) keeps its random init."""
+    t0 = time.perf_counter()
+    inits = list(inits)
+    provided = set(source.keys()) if source is not None else set()
+    if source is not None and base_keys:
+        _check_complete(model, names, provided, base_keys, source)
+    model.to_empty(device=device)
+    stats, done = _Stats(), set()
+    with torch.no_grad():
+        for module in model.modules():
+            name = names.get(id(module))
+            own = _own_tensors(module, done)
+            if not own:
+                continue
+            if name is None:
+                raise RuntimeError(f"materialize: {type(module).__name__} holds tensors but was not named before the "
+                                   "layout (a module created by the layout?)")
+            full_names = {k: f"{name}.{k}" if name else k for k in own}
+            if not all(full_names[k] in provided for k, (_, persistent) in own.items() if persistent) or any(
+                    not persistent for _, persistent in own.values()):
+                _init_module(module, name, own, inits, seed, device, stats)
+            for k, (tensor, _) in own.items():
+                if full_names[k] in provided:
+                    _load(tensor, full_names[k], source, device, stats)
+                stats.tensors += 1
+            done.update(id(t) for t, _ in own.values())
+    _retie(model)
+    log.info("materialized %d tensors on %s in %.1fs (%d initialized, %d from pretrained weights; largest tensor "
+             "held whole: %.1f MiB)", stats.tensors, device, time.perf_counter() - t0, stats.initialized,
+             stats.loaded, stats.largest / 2**20)
+
+
+def _load(tensor: torch.Tensor, name: str, source, device, stats: _Stats) -> None:
+    """Fill `tensor` (this rank's shard) from the source: only its own region when the layout is plain
+    row/column blocks, else the whole tensor, sliced here."""
+    region = _region(tensor)
+    value = source.get(name, region) if region is not None else source.get(name)
+    expected = tuple(t.stop - t.start for t in region) if region is not None else tuple(tensor.shape)
+    if tuple(value.shape) != expected:
+        whole = tuple(source.get(name).shape) if region is not None else tuple(value.shape)
+        raise UserError(f"{source.describe()} holds '{name}' with shape {whole} but the model expects "
+                        f"{tuple(tensor.shape)}; it does not hold this architecture's weights")
+    stats.largest = max(stats.largest, value.numel() * value.element_size())
+    value = value.to(device=device, dtype=tensor.dtype)
+    if region is not None:
+        tensor.to_local().copy_(value)
+    else:
+        _copy_shard(tensor, value)
+    stats.loaded += 1
+
+
+def _region(tensor: torch.Tensor) -> tuple | None:
+    """This rank's block of a DTensor sharded in plain row/column blocks, as slices; None otherwise."""
+    if not hasattr(tensor, "device_mesh"):
+        return None
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not all(type(p) in (Shard, Replicate) for p in tensor.placements):
+        return None  # e.g. FSDP over TP on the same dim (_StridedShard): read whole, slice by the placement
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+def _own_tensors(module: nn.Module, done: set[int]) -> dict[str, tuple[torch.Tensor, bool]]:
+    """This module's own parameters and buffers not yet filled: {name: (tensor, persistent)}."""
+    own = {}
+    for k, p in module._parameters.items():
+        if p is not None and id(p) not in done:
+            own[k] = (p, True)
+    skip = getattr(module, "_non_persistent_buffers_set", set())
+    for k, b in module._buffers.items():
+        if b is not None and id(b) not in done:
+            own[k] = (b, k not in skip)
+    return own
+
+
+def _init_module(module: nn.Module, name: str, own: dict, inits: list[ModuleInit], seed: int, device,
+                 stats: _Stats) -> None:
+    """Run the module's initializer on a full-size shadow of it (its own tensors only), then keep our slices."""
+    shadow = copy.copy(module)
+    shadow._modules = {}  # an initializer touches only the module's own tensors
+    full = {k: torch.full(tuple(t.shape), float("nan"), dtype=t.dtype, device=device) if t.is_floating_point()
+            else torch.zeros(tuple(t.shape), dtype=t.dtype, device=device) for k, (t, _) in own.items()}
+    # unset entries (a Linear's bias=None) stay as they are; tensors already filled (a tied weight) stay out
+    shadow._parameters = {k: nn.Parameter(full[k], requires_grad=False) if k in full else None
+                          for k, p in module._parameters.items() if k in full or p is None}
+    shadow._buffers = {k: full[k] if k in full else None for k, b in module._buffers.items() if k in full or b is None}
+    stats.largest = max(stats.largest, sum(v.numel() * v.element_size() for v in full.values()))
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed_for(seed, name))
+        try:
+            handled = any(init(name, shadow) for init in inits)
+        except (AttributeError, KeyError, TypeError) as e:
+            raise UserError(f"cannot initialize '{name}' ({type(module).__name__}) on the meta device: its initializer "
+                            f"failed ({e}); load pretrained weights (model.path) or report this model") from None
+    for k, (tensor, _) in own.items():
+        value = shadow._parameters[k] if k in shadow._parameters else shadow._buffers[k]
+        if not handled or (value.is_floating_point() and torch.isnan(value).any()):
+            raise UserError(f"cannot initialize '{name}.{k}' ({type(module).__name__}) on the meta device: the model's "
+                            "initializer leaves it unset; load pretrained weights (model.path) for this model")
+        _copy_shard(tensor, value.detach())
+        stats.initialized += 1
+
+
+def _copy_shard(tensor: torch.Tensor, full: torch.Tensor) -> None:
+    """Write this rank's part of the full value `full` into `tensor` (a DTensor shard or a plain tensor)."""
+    if hasattr(tensor, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        local = distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None).to_local()
+        tensor.to_local().copy_(local)
+    else:
+        tensor.copy_(full)
+
+
+def _retie(model: nn.Module) -> None:
+    base = hf_base(model)
+    if getattr(base.config, "tie_word_embeddings", False) and hasattr(base, "tie_weights"):
+        out, inp = base.get_output_embeddings(), base.get_input_embeddings()
+        if out is not None and inp is not None and out.weight is not inp.weight:
+            base.tie_weights()
+
+
+def _check_complete(model, names, provided: set[str], base_keys: set[str], source) -> None:
+    """Refuse, before allocating anything, pretrained weights that lack a parameter of the model."""
+    missing = []
+    seen = set()
+    for module in model.modules():
+        name = names.get(id(module))
+        if name is None:
+            continue
+        for k, p in module._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{name}.{k}" if name else k
+            if full in base_keys and full not in provided:
+                missing.append(full)
+    if missing:
+        raise UserError(f"{source.describe()} has no tensor '{missing[0]}' ({len(missing)} missing); it does not hold "
+                        "this architecture's weights")
