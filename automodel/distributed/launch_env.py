@@ -49,8 +49,11 @@ def _device(kind: str, local_rank: int):
     return torch.device("cpu")
 
 
-def init(device: str = "auto") -> DistEnv:
-    """Join (or create) the default process group; idempotent."""
+def init(device: str = "auto", fake_world_size: int = 0) -> DistEnv:
+    """Join (or create) the default process group; idempotent.
+
+    `fake_world_size` > 0: this process is rank 0 of a world of that size under torch's fake process group
+    (collectives return at once and move no data): real shapes and memory for one rank, no other ranks."""
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -59,7 +62,11 @@ def init(device: str = "auto") -> DistEnv:
         return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev)
     world = launched_world_size()
     timeout = datetime.timedelta(minutes=int(os.environ.get("AUTOMODEL_DIST_TIMEOUT_MIN", "30")))
-    if world == 1:
+    if fake_world_size:
+        from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=fake_world_size)
+    elif world == 1:
         dist.init_process_group(_backend(dev.type), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
         dist.init_process_group(_backend(dev.type), timeout=timeout)  # env:// from the launcher

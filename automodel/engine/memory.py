@@ -63,3 +63,49 @@ def _advice(total: int, trainable: int, shard: int, world: int, local_ranks: int
         return f"This host holds every rank's shard: add hosts or GPUs{lora}, or use a smaller model"
     return (f"Shard over more ranks (e.g. parallel=fsdp2 on {2 * shard} ranks halves the share){lora}, "
             "or use a smaller model")
+
+
+def peak_host_bytes() -> int:
+    """This process's peak resident memory so far (Linux: ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def shard_bytes(model) -> tuple[int, int, int]:
+    """(bytes of parameters this rank holds, of those trainable, bytes of the whole model's parameters)."""
+    seen, local, trainable, full = set(), 0, 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        t = p.to_local() if hasattr(p, "to_local") else p
+        local += t.numel() * t.element_size()
+        trainable += t.numel() * t.element_size() if p.requires_grad else 0
+        full += p.numel() * p.element_size()
+    return local, trainable, full
+
+
+def log_setup(model, device) -> None:
+    import logging
+
+    local, _, full = shard_bytes(model)
+    logging.getLogger("automodel").info(
+        "set-up done: this rank holds %.1f MiB of parameters (%.1f%% of %.1f MiB); peak host memory so far %.2f GiB",
+        local / 2**20, 100 * local / max(full, 1), full / 2**20, peak_host_bytes() / GiB)
+
+
+def report_rehearsal(model, world_size: int, device) -> None:
+    """What the rehearsal is for: rank 0's measured peak against the shard arithmetic."""
+    import logging
+
+    local, trainable, full = shard_bytes(model)
+    state = local + trainable * 3  # weights + grads + two AdamW moments (fp32)
+    line = (f"rehearsal of rank 0 of {world_size}: peak host memory {peak_host_bytes() / GiB:.2f} GiB; shard arithmetic: "
+            f"{local / GiB:.2f} GiB of weights (1/{full / max(local, 1):.1f} of {full / GiB:.1f} GiB) + "
+            f"{trainable * 3 / GiB:.2f} GiB grads and AdamW state = {state / GiB:.2f} GiB")
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        line += f"; peak GPU memory {torch.cuda.max_memory_allocated() / GiB:.2f} GiB"
+    logging.getLogger("automodel").warning(line)

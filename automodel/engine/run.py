@@ -42,7 +42,7 @@ class TrainResult:
 
 def train(cfg, out_dir: str) -> TrainResult:
     checked = validate(cfg)
-    env = launch_env.init(checked.train.device)
+    env = launch_env.init(checked.train.device, fake_world_size=checked.launcher.fake_world_size)
     try:
         result = _train(cfg, checked, env, out_dir)
     except BaseException:
@@ -59,13 +59,19 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
 
     from automodel.engine import checkpointing, export, metrics, run_dir, validate
     from automodel.engine.loop import StepRunner, run_loop
-    from automodel.engine.materialize import canonical_names, hf_init, materialize
+    from automodel.engine.materialize import canonical_names, hf_init, materialize, zero_init
+    from automodel.engine import memory
     from automodel.engine.memory import check_fits
     from automodel.modules import count_params
 
     t, p = checked.train, checked.plugins
     if not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)
+    rehearsal = checked.launcher.fake_world_size > 0
+    if rehearsal:
+        torch.set_flush_denormal(True)  # fake collectives leave garbage in their outputs; denormals would crawl
+        log.warning("rehearsal: rank 0 of %d under torch's fake process group: real shapes and memory for one rank, "
+                    "losses without meaning; no checkpoint and no export are written", env.world_size)
 
     # 1. layout
     dims, micro, accum = preflight(checked, env.world_size)
@@ -84,7 +90,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     mesh = dims.build_mesh(env.device.type)
     dp_rank, dp_size = dims.dp_coordinate(mesh)
     fingerprint = checkpointing.fingerprint(cfg, hf_config)
-    resume = p["checkpoint"].resume_point(out_dir, fingerprint)  # read-only; refuses a foreign checkpoint
+    resume = None if rehearsal else p["checkpoint"].resume_point(out_dir, fingerprint)  # refuses a foreign one
     start = resume.step if resume else 0
     batches = p["data"].build(tokenizer, seq_len=t.seq_len, seed=t.seed, dp_rank=dp_rank, dp_size=dp_size,
                               global_batch_size=t.global_batch_size, micro_batch_size=micro,
@@ -105,10 +111,11 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     names = canonical_names(model)
     model = p["parallel"].apply(model, mesh, dims, p["precision"].mixed_precision_policy())
     inits = [p["peft"].init_module] if hasattr(p["peft"], "init_module") else []
-    materialize(model, names, env.device, seed=t.seed, inits=[*inits, hf_init(model)], source=source,
-                base_keys=base_keys)
+    inits = [zero_init] if rehearsal else [*inits, hf_init(model)]  # a rehearsal's values mean nothing: skip the RNG
+    materialize(model, names, env.device, seed=t.seed, inits=inits, source=source, base_keys=base_keys)
     if source is not None:
         source.close()
+    memory.log_setup(model, env.device)
 
     # 5. optimizer
     params = [q for q in model.parameters() if q.requires_grad]
@@ -143,12 +150,13 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
         step = StepRunner(*step_args, **step_kwargs)
     sink = metrics.MetricsFile(os.path.join(out_dir, "metrics.jsonl")) if env.is_main else None
     progress = metrics.Progress(t.max_steps, enabled=env.is_main)
-    signalled = SignalCheckpoint(SignalCheckpoint.wanted() and hasattr(p["checkpoint"], "save_now"))
+    ckpt = _NoCheckpoint() if rehearsal else p["checkpoint"]
+    signalled = SignalCheckpoint(SignalCheckpoint.wanted() and hasattr(ckpt, "save_now"))
     stopped_at = []
 
     def stop(s: int) -> bool:  # collective when a preemption signal can come: any rank signalled?
         if signalled.requested():
-            p["checkpoint"].save_now(s, state, out_dir)
+            ckpt.save_now(s, state, out_dir)
             stopped_at.append(s)
             return True
         return False
@@ -157,7 +165,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     try:
         records = run_loop(step, _chain(first, batches), t.max_steps, t.log_every, start_step=start,
                            val_every=t.val_every, validate=validate.evaluator(step, val),
-                           on_step=lambda s: (progress.advance(s), p["checkpoint"].after_step(s, state, out_dir)),
+                           on_step=lambda s: (progress.advance(s), ckpt.after_step(s, state, out_dir)),
                            on_log=lambda r: (sink and sink.write(r), progress.logged(r)), stop=stop)
     finally:
         progress.close()
@@ -165,7 +173,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
             sink.close()
         if not stopped_at:
             signalled.close()
-    p["checkpoint"].finish(state, out_dir)
+    ckpt.finish(state, out_dir)
     if stopped_at:
         log.warning("preemption signal: saved a checkpoint of step %d; stopping here (the job is requeued and "
                     "resumes from it)", stopped_at[0])
@@ -175,11 +183,25 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
         log.info("trained %d steps in %.1fs; final loss %.4f", t.max_steps - start, time.perf_counter() - t0,
                  records[-1]["loss"])
 
+    if rehearsal:
+        memory.report_rehearsal(model, env.world_size, env.device)
+        return TrainResult(records, None, model, tokenizer)
+
     # 7. export
     final_dir = export.export_final(model, tokenizer, p, out_dir, env, pp_group)
     if env.is_main and final_dir and t.sample_prompts:
         export.show_samples(final_dir, p["data"].sample_prompts(t.sample_prompts))
     return TrainResult(records, final_dir, model, tokenizer)
+
+
+class _NoCheckpoint:
+    """A rehearsal's checkpoint plugin: its weights mean nothing, so nothing is saved."""
+
+    def after_step(self, step, state, run_dir):
+        pass
+
+    def finish(self, state, run_dir):
+        pass
 
 
 def _chain(first, rest):

@@ -23,6 +23,7 @@ log = logging.getLogger("automodel")
 @dataclasses.dataclass
 class LauncherConfig:
     nproc_per_node: int = 1  # ranks to start on this machine (1: run in this process)
+    fake_world_size: int = 0  # >0: a rehearsal as rank 0 of that many ranks (torch's fake process group)
 
 
 def launched_world_size() -> int:
@@ -38,6 +39,13 @@ def already_launched() -> bool:
 def should_relaunch(launcher: LauncherConfig) -> bool:
     if launcher.nproc_per_node < 1:
         raise UserError(f"launcher.nproc_per_node={launcher.nproc_per_node} must be at least 1")
+    if launcher.fake_world_size < 0:
+        raise UserError(f"launcher.fake_world_size={launcher.fake_world_size} must be 0 (off) or a world size")
+    if launcher.fake_world_size:
+        if launcher.nproc_per_node > 1 or already_launched():
+            raise UserError("launcher.fake_world_size rehearses one rank in this one process; drop "
+                            "launcher.nproc_per_node and start it without torchrun/srun")
+        return False
     if launcher.nproc_per_node == 1:
         return False
     if already_launched():
