@@ -74,3 +74,47 @@ def test_warmup_then_cosine_to_the_floor():
     assert shape[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(shape[3:], shape[4:]))  # monotone decay after warmup
     assert shape[20] == pytest.approx(0.1) and shape[12] == pytest.approx(0.55)
+
+
+def test_the_models_own_tokenizer_larger_than_its_embeddings_names_the_real_cause(tmp_path):
+    folder = str(tmp_path / "m")
+    _model_plugin(*MICRO, "model.config.vocab_size=64").hf_config().save_pretrained(folder)
+    _model_plugin(*MICRO).tokenizer().save_pretrained(folder)  # 362 tokens: more than the 64 embeddings
+    with pytest.raises(UserError) as e:
+        _model_plugin("model=hf", f"model.path={folder}").build("meta")
+    assert "its own tokenizer has 362 tokens" in str(e.value) and "use the model's own tokenizer" not in str(e.value)
+
+
+def test_a_hub_id_in_the_local_cache_trains_offline(tmp_path):
+    from helpers import save_micro_hf_model
+
+    repo = tmp_path / "hub" / "models--some-org--tiny"
+    save_micro_hf_model(str(repo / "snapshots" / ("0" * 40)))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    (tmp_path / "run").mkdir()
+    proc = cli("model=hf", "model.path=some-org/tiny", "train.max_steps=1", "train.global_batch_size=4",
+               "train.seq_len=48", "checkpoint.export_final=false", "train.sample_prompts=0", cwd=str(tmp_path / "run"),
+               env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "materialized" in ln]
+    # every parameter from the cached weights; only the computed rotary buffers are initialized
+    assert loaded and "(2 initialized, 39 from pretrained weights" in loaded[0], loaded
+
+
+def test_memory_check_on_one_host_counts_shards_not_whole_models(monkeypatch):
+    from automodel.distributed.parallel_dims import ParallelDims
+    from automodel.engine import memory
+
+    total = 8_000_000_000
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: 64 * memory.GiB)
+    needs = {}
+    for ranks in (1, 2, 4):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+        with pytest.raises(UserError) as e:
+            memory.check_fits(total, total, ParallelDims.infer(ranks), device_type="cpu", model_name="m",
+                              largest_tensor=500_000_000)
+        needs[ranks] = float(str(e.value).split("needs about ")[1].split(" GiB")[0])
+        assert "This host holds every rank's shard: add hosts or GPUs" in str(e.value)
+    # the sharded training state is the same on one host; only each rank's set-up overhead is added
+    assert needs[2] - needs[1] < 5 and needs[4] - needs[2] < 10, needs
