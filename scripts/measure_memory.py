@@ -1,0 +1,128 @@
+"""Peak host memory per rank during set-up and the first step, against the shard arithmetic.
+
+    .venv/bin/python scripts/measure_memory.py                 # qwen3_0_6b: 1 process, 2 FSDP2, 2 TP ranks
+    .venv/bin/python scripts/measure_memory.py --rehearse      # + llama3_8b fsdp2_tp lora rehearsals at 8 and 64
+
+Each configuration runs twice, from random init and from a local HF folder of the same model (written once
+to --folder). Every rank is a fresh spawned process running the engine for one step; it reports its
+peak resident memory (ru_maxrss) and its shard of the training state (fp32 weights, and for trainable
+parameters grads + two AdamW moments). The bound the issue sets: peak <= shard + largest tensor + 1.5 GiB.
+The rehearsals run `automodel ... launcher.fake_world_size=N` and read rank 0's own report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GiB = 1024**3
+STEP = ["train.max_steps=1", "train.log_every=1", "train.seq_len=64", "train.global_batch_size=2",
+        "train.sample_prompts=0", "checkpoint.export_final=false"]
+
+
+def _rank(rank, world, store, out, overrides):
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ["AUTOMODEL_NO_PROGRESS"] = "1"
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    sys.path.insert(0, ROOT)
+    from automodel.compose import compose
+    from automodel.engine import memory
+    from automodel.engine.run import train
+
+    run = os.path.join(out, "run")
+    os.makedirs(run, exist_ok=True)
+    result = train(compose(list(overrides)), run)
+    local, trainable, full = memory.shard_bytes(result.model)
+    largest = max(p.numel() * p.element_size() for p in result.model.parameters())
+    report = {"peak": memory.peak_host_bytes(), "shard_state": local + 3 * trainable, "largest": largest,
+              "full": full}
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def measure(overrides: list[str], world: int) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    out = tempfile.mkdtemp(prefix="automodel-mem-")
+    mp.spawn(_rank, args=(world, os.path.join(out, "store"), out, overrides), nprocs=world, join=True)
+    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(world)]
+
+
+def save_folder(folder: str, model: str) -> None:
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); from automodel.compose import compose; "
+            "from automodel.config import validate; import torch; "
+            f"p = validate(compose(['model={model}'])).plugins['model']; torch.manual_seed(0); "
+            f"m = p.build('cpu'); m.save_pretrained({folder!r}); p.tokenizer().save_pretrained({folder!r})")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def rehearse(world: int) -> dict:
+    cmd = [os.path.join(ROOT, ".venv", "bin", "automodel"), "model=llama3_8b", "parallel=fsdp2_tp", "peft=lora",
+           f"launcher.fake_world_size={world}", "train.max_steps=2", "train.seq_len=64",
+           f"train.global_batch_size={world // 2}"]  # one sequence per data-parallel rank (tp=2)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.mkdtemp(), env={**os.environ,
+                          "AUTOMODEL_NO_PROGRESS": "1"})
+    text = proc.stdout + proc.stderr
+    line = next((ln for ln in text.splitlines() if "rehearsal of rank 0" in ln), None)
+    if proc.returncode or line is None:
+        return {"error": text[-1500:]}
+    peak = float(re.search(r"peak host memory ([\d.]+) GiB", line).group(1))
+    state = float(re.search(r"= ([\d.]+) GiB$", line).group(1))
+    return {"peak_gib": peak, "state_gib": state, "line": line}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen3_0_6b")
+    ap.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "automodel-qwen3_0_6b-hf"))
+    ap.add_argument("--rehearse", action="store_true")
+    args = ap.parse_args()
+    save_folder(args.folder, args.model)
+    rows = []
+    for source, extra in (("random init", [f"model={args.model}"]),
+                          ("local HF folder", [f"model={args.model}", f"model.path={args.folder}"])):
+        for name, world, layout in (("1 process", 1, ["parallel=none"]), ("2 x FSDP2", 2, ["parallel=fsdp2"]),
+                                    ("2 x TP", 2, ["parallel=tp"])):
+            reports = measure([*extra, *layout, *STEP], world)
+            for rank, r in enumerate(reports):
+                bound = r["shard_state"] + r["largest"] + 1.5 * GiB
+                rows.append((source, name, rank, r["peak"] / GiB, r["shard_state"] / GiB, r["largest"] / GiB,
+                             bound / GiB, r["peak"] <= bound))
+    print(f"\n{args.model}: peak host memory per rank, set-up + first step (GiB)")
+    print(f"| source | layout | rank | peak | shard of training state | largest tensor | bound | within |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row[0]} | {row[1]} | {row[2]} | {row[3]:.2f} | {row[4]:.2f} | {row[5]:.2f} | {row[6]:.2f} | "
+              f"{'yes' if row[7] else 'NO'} |")
+    failed = not all(r[7] for r in rows)
+    if args.rehearse:
+        print("\nllama3_8b parallel=fsdp2_tp peft=lora, rehearsal of rank 0 (launcher.fake_world_size=N)")
+        print("| world | peak host GiB | shard of training state GiB | peak / state |")
+        print("|---|---|---|---|")
+        for world in (8, 64):
+            r = rehearse(world)
+            if "error" in r:
+                print(f"| {world} | FAILED | | |\n{r['error']}")
+                failed = True
+            else:
+                print(f"| {world} | {r['peak_gib']:.2f} | {r['state_gib']:.2f} | {r['peak_gib'] / r['state_gib']:.2f} |")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
