@@ -46,7 +46,7 @@ def run_layouts(rank: int, world: int, store_path: str, out_dir: str, checks: li
                 results[name] = {"losses": [r["loss"] for r in result.records],
                                  "grad_norms": [r["grad_norm"] for r in result.records],
                                  "local_param_bytes": every, "full_param_bytes": full,
-                                 "seconds": time.perf_counter() - t0}
+                                 "seconds": time.perf_counter() - t0, "dir": run}
     except Exception:
         results["error"] = traceback.format_exc()
         raise

@@ -15,6 +15,13 @@ added structurally:
 - the LM head takes the split stream and returns replicated logits, or vocab-sharded logits when
   `loss_parallel` is on (the loss must then run under `torch.distributed.tensor.parallel.loss_parallel`).
 
+Adapters (peft's LoRA, or anything else by the same convention): a planned module that is not a Linear
+but wraps one as `base_layer` is laid out structurally (`_adapter_styles`): the base Linear gets the
+planned style, and the Linears beside it (down- and up-projections, told apart by their shapes) are laid
+out so the wrapper's sum `base(x) + up(down(x))` adds tensors of one layout. Frozen or not, every weight
+is a DTensor on the tp mesh; replicated adapter weights get gradients summed over tp ranks where their
+input is split, identical ones where it is not, and count once in the grad norm.
+
 The engine still passes global `position_ids` under SP (see `ParallelHints`); with the replicated
 embedding output HF would derive the same ones.
 """
@@ -82,22 +89,32 @@ def _style(kind: str, module: nn.Module, sp: bool, loss_parallel: bool, is_outpu
 from torch.distributed.tensor.parallel import ParallelStyle  # noqa: E402
 
 
-class _HeadShardedReplicate(ParallelStyle):
-    """A module inside the tensor-parallel region (e.g. a per-head q/k norm) that sees only this rank's
-    heads: its weight is replicated and its input is marked as sharded over the heads dimension (-2), so
-    the weight's gradient is summed over tp ranks."""
+class _ReplicatedWeights(ParallelStyle):
+    """A module whose weights stay whole on every tp rank while its input is laid out: the input (a local
+    tensor) is marked with `input_layout`, the weights are replicated DTensors, and the output is
+    returned local (or as a DTensor). With a sharded input (`Shard(1)`: the sequence-split stream) the
+    weight's gradient is Partial and summed over tp ranks; with a replicated input it is the same on every
+    rank. No communication in forward."""
+
+    def __init__(self, input_layout=None, use_local_output: bool = True):
+        super().__init__()
+        self.input_layout = input_layout
+        self.use_local_output = use_local_output
+
+    def _input_placement(self, x: torch.Tensor):
+        return self.input_layout
 
     def _apply(self, module: nn.Module, mesh):
-        from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+        from torch.distributed.tensor import DTensor, Replicate, distribute_module
 
         def input_fn(mod, inputs, device_mesh):
             x = inputs[0]
             if not isinstance(x, DTensor):
-                x = DTensor.from_local(x, device_mesh, (Shard(x.dim() - 2),), run_check=False)
+                x = DTensor.from_local(x, device_mesh, (self._input_placement(x),), run_check=False)
             return (x, *inputs[1:])
 
         def output_fn(mod, outputs, device_mesh):
-            return outputs.to_local() if isinstance(outputs, DTensor) else outputs
+            return outputs.to_local() if self.use_local_output and isinstance(outputs, DTensor) else outputs
 
         def partition_fn(name, mod, device_mesh):
             for pname, p in list(mod.named_parameters(recurse=False)):
@@ -105,6 +122,66 @@ class _HeadShardedReplicate(ParallelStyle):
                     DTensor.from_local(p.data, device_mesh, (Replicate(),), run_check=False), p.requires_grad))
 
         return distribute_module(module, mesh, partition_fn, input_fn, output_fn)
+
+
+class _HeadShardedReplicate(_ReplicatedWeights):
+    """A module inside the tensor-parallel region (e.g. a per-head q/k norm) that sees only this rank's
+    heads: its weight is replicated and its input is marked as sharded over the heads dimension (-2), so
+    the weight's gradient is summed over tp ranks."""
+
+    def _input_placement(self, x: torch.Tensor):
+        from torch.distributed.tensor import Shard
+
+        return Shard(x.dim() - 2)
+
+
+def _wrapped_linear(module: nn.Module) -> tuple[str, nn.Linear] | None:
+    """(attribute, the nn.Linear) of a module that wraps one as `base_layer` (peft's convention), else None."""
+    base = getattr(module, "base_layer", None)
+    attr = next((n for n, c in module.named_children() if c is base), None)
+    return (attr, base) if attr is not None and isinstance(base, nn.Linear) else None
+
+
+def _adapter_styles(name: str, wrapper: nn.Module, attr: str, base: nn.Linear, style) -> dict:
+    """Styles for a planned module that wraps a Linear (an adapter): the base gets the planned `style`, and
+    every Linear beside it is laid out to match, classified by its shape against the base:
+
+    - column-wise base (output features sharded): the down-projection (in_features == base's) keeps
+      replicated weights and takes the base's input as it comes; the up-projection (out_features ==
+      base's) is column-wise from that input, its output laid out like the base's;
+    - row-wise base (input features sharded): the down-projection is row-wise on the base's input, its
+      output laid out like the base's (sequence-split under SP, else replicated); the up-projection keeps
+      replicated weights and takes that output (so, under SP, its weight gradient is summed over tp ranks).
+
+    Anything else with parameters inside the wrapper is refused."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    colwise = isinstance(style, ColwiseParallel)
+    if not colwise and not isinstance(style, RowwiseParallel):
+        raise UserError(f"parallel.tp>1: {name} wraps its Linear in {type(wrapper).__name__}, which tensor parallel "
+                        f"lays out only column-wise or row-wise, not as {type(style).__name__}; use parallel.tp=1")
+    layout = "column-wise" if colwise else "row-wise"
+    in_layout, out_layout, local = style.input_layouts[0], style.output_layouts[0], style.use_local_output
+    styles = {f"{name}.{attr}": style}
+    for sub, m in wrapper.named_modules():
+        if m is base or sub.startswith(attr + ".") or not list(m.parameters(recurse=False)):
+            continue
+        linear = isinstance(m, nn.Linear)
+        down = linear and m.in_features == base.in_features and m.out_features != base.out_features
+        up = linear and m.out_features == base.out_features and m.in_features != base.in_features
+        if not (down or up):
+            what = f"{name}.{sub}" if sub else name
+            raise UserError(f"parallel.tp>1: {what} ({type(m).__name__} in the adapter {type(wrapper).__name__}) "
+                            f"cannot be laid out to match its {layout} base layer (neither an [in, r] down- nor an "
+                            f"[r, out] up-projection Linear); use parallel.tp=1")
+        if colwise:
+            styles[f"{name}.{sub}"] = (_ReplicatedWeights(in_layout) if down else
+                                       ColwiseParallel(input_layouts=in_layout, output_layouts=out_layout,
+                                                       use_local_output=local))
+        else:
+            styles[f"{name}.{sub}"] = (RowwiseParallel(input_layouts=in_layout, output_layouts=out_layout)
+                                       if down else _ReplicatedWeights(out_layout, use_local_output=local))
+    return styles
 
 
 def _sequence_hook(mesh, gather_: bool):
@@ -157,30 +234,41 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool,
     hidden = base.config.hidden_size
 
     styles, unknown = {}, set()
-    for name, kind in plan.items():
-        module = modules[name]
+
+    def lay_out(name: str, module: nn.Module, kind: str) -> None:
+        """The style(s) of one planned module; a module wrapping a Linear (an adapter) gets one per Linear."""
         replicated = kind in ("replicated_with_grad_allreduce", "local_replicated")
+        wrapped = None
         if not replicated and not isinstance(module, (nn.Linear, nn.Embedding)):
-            if hasattr(module, "base_layer"):
-                raise UserError(f"parallel.tp>1: {name} is wrapped by an adapter ({type(module).__name__}); tensor "
-                                "parallel needs full fine-tuning here: use parallel.tp=1 with peft")
-            raise UserError(f"parallel.tp>1: {name} ({type(module).__name__}) cannot follow the HF plan style "
-                            f"'{kind}'; use parallel.tp=1")
-        style = _style(kind, module, sequence_parallel, loss_parallel, is_output=module is out_emb)
+            wrapped = _wrapped_linear(module)
+            if wrapped is None and isinstance(getattr(module, "base_layer", None), nn.Module):
+                raise UserError(f"parallel.tp>1: {name} is an adapter ({type(module).__name__}) around "
+                                f"{type(module.base_layer).__name__}, planned '{kind}': tensor parallel lays out "
+                                "adapters only around Linear layers; leave it out of the adapter or use parallel.tp=1")
+            if wrapped is None:
+                raise UserError(f"parallel.tp>1: {name} ({type(module).__name__}) cannot follow the HF plan style "
+                                f"'{kind}'; use parallel.tp=1")
+        inner = wrapped[1] if wrapped else module
+        style = _style(kind, inner, sequence_parallel, loss_parallel, is_output=module is out_emb)
         if style is None:
             unknown.add(kind)
+        elif wrapped:
+            styles.update(_adapter_styles(name, module, *wrapped, style))
         else:
             styles[name] = style
+
+    for name, kind in plan.items():
+        lay_out(name, modules[name], kind)
     if unknown:
         raise UserError(f"parallel.tp>1: HF tensor-parallel styles {sorted(unknown)} of {type(base).__name__} are "
                         "not supported here; use parallel.tp=1")
-    if in_emb is not None and not any(modules[n] is in_emb for n in styles):  # plans without the embedding
+    if in_emb is not None and not any(modules[n] is in_emb for n in plan):  # plans without the embedding
         name = next(n for n, m in modules.items() if m is in_emb)
-        styles[name] = _style("embedding_rowwise", in_emb, sequence_parallel, loss_parallel, False)
+        lay_out(name, in_emb, "embedding_rowwise")
 
     gathered = set()
     if sequence_parallel:
-        planned = set(styles)
+        planned = set(styles) | set(plan)
         # modules holding column-wise layers take the gathered sequence
         for name, kind in plan.items():
             parent = name.rpartition(".")[0]
@@ -195,7 +283,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool,
                     m is not module and _is_hidden_norm(m, hidden) for m in module.children()):
                 styles[name] = SequenceParallel(use_local_output=True)
 
+    frozen = {n for n, p in base.named_parameters() if not p.requires_grad}
     parallelize_module(base, tp_mesh, styles)
+    for n, p in base.named_parameters():  # torch's SequenceParallel makes every parameter it replaces trainable
+        if n in frozen:
+            p.requires_grad_(False)
     for name in gathered:
         modules[name].register_forward_pre_hook(_sequence_hook(tp_mesh, gather_=True), with_kwargs=True)
     if sequence_parallel:
