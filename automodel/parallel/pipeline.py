@@ -10,7 +10,10 @@ How a model is cut, without knowing its name:
 - each stage runs the model's own HF forward on its part: the base model with `input_ids` (first stage)
   or `inputs_embeds` (the hidden states received), and the CausalLM forward on the last stage, so
   model-specific pieces (embedding scales, per-layer attention types, logit soft-capping) stay the
-  model's own code.
+  model's own code. Hooks make the received hidden states enter the stage's first block unchanged and
+  hand on exactly what its last block produced (see PipelineStageModule);
+- at set-up (`check_split`, before any real weights exist) a small twin of the model, cut by the same
+  code, must compute the whole model's logits, or the layout is refused: no silent wrong numbers.
 
 Parameter names do not change: a kept block stays under its original index (`model.layers.5.mlp...`,
 see `_SparseLayers`). The *rank model*, the original model pruned in place to what this rank holds,
@@ -162,41 +165,190 @@ def _stage_shell(rank_model: nn.Module, keep: list[int], first: bool, last: bool
 class PipelineStageModule(nn.Module):
     """One stage: hidden states (or token ids on the first stage) in; hidden states, or logits on the last.
 
-    `position_ids(n)` gives the global positions of a micro-batch of n tokens per row on this rank."""
+    `position_ids(n)` gives the global positions of a micro-batch of n tokens per row on this rank.
+
+    The stage runs the model's own HF forward, but whatever the base model does to `inputs_embeds` before
+    its blocks (e.g. a scale such as Granite's `embedding_multiplier`) was done already, on the first
+    stage. So on a later stage a forward pre-hook on the first block replaces the block's hidden-state
+    input with exactly the received tensor, and a stage that is not last hands on what its last block
+    returned (a forward hook), not `last_hidden_state` (which could hold more than the blocks did).
+    Positions and masks come from the shapes and the position ids, so they stay right.
+
+    The hooks go on the objects the base model calls, on the first forward: by then tensor parallel,
+    activation checkpointing, compile and FSDP have hooked or wrapped the blocks (checkpointing replaces
+    them in their container). So the substitution runs before every other pre-hook (sequence parallel's
+    split, FSDP's input cast) and outside any checkpoint (a recompute in backward must not see a later
+    micro-batch's tensor); the capture runs after every other forward hook (sequence parallel's gather).
+    Outside this stage's forward (the rank model shares these blocks) the hooks do nothing."""
 
     def __init__(self, shell: nn.Module, first: bool, last: bool, position_ids: Callable[[int, torch.device], torch.Tensor]):
         super().__init__()
         self.shell = shell
         self.first, self.last = first, last
         self._position_ids = position_ids
+        a = _Anatomy(shell)
+        self._layers = (getattr(a.container_owner, a.container_name),)  # a tuple: not registered twice
+        self._hooked = False
+        self._received = self._produced = None
+        self._running = False
+
+    def _hook_blocks(self) -> None:
+        layers = self._layers[0]
+        if not self.first:
+            layers[0].register_forward_pre_hook(self._substitute, prepend=True, with_kwargs=True)
+        if not self.last:
+            layers[-1].register_forward_hook(self._capture)
+        self._hooked = True
+
+    def _substitute(self, module, args, kwargs):
+        if self._received is None:
+            return None
+        x, self._received = self._received, None
+        if args and isinstance(args[0], torch.Tensor):
+            return (x, *args[1:]), kwargs
+        if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            return args, {**kwargs, "hidden_states": x}
+        raise UserError(f"parallel.pp>1: cannot find the hidden states passed to {type(module).__name__}; "
+                        "use a layout without pp")
+
+    def _capture(self, module, args, output):
+        if self._running:
+            self._produced = output[0] if isinstance(output, tuple) else output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._hooked:
+            self._hook_blocks()
         causal = hf_base(self.shell)
         kwargs = {"position_ids": self._position_ids(x.shape[1], x.device), "use_cache": False,
                   "input_ids" if self.first else "inputs_embeds": x}
-        if self.last:
-            return causal(**kwargs).logits
-        return causal.base_model(**kwargs).last_hidden_state
+        self._received, self._running = (None if self.first else x), True
+        try:
+            if self.last:
+                return causal(**kwargs).logits
+            causal.base_model(**kwargs)
+            out = self._produced
+        finally:
+            self._received = self._produced = None
+            self._running = False
+        return out
+
+
+def _stages(model: nn.Module, pp_rank: int, pp: int, virtual_stages: int, position_ids) -> list:
+    """Prune `model` in place to rank `pp_rank`'s part; [(stage index, PipelineStageModule), ...] of that rank."""
+    num_stages = pp * virtual_stages
+    ranges = stage_layer_ranges(len(decoder_layers(model)), num_stages)
+    mine = list(range(pp_rank, num_stages, pp))
+    _prune(model, [i for s in mine for i in ranges[s]], first=0 in mine, last=num_stages - 1 in mine)
+    stages = []
+    for s in mine:
+        first, last = s == 0, s == num_stages - 1
+        stages.append((s, PipelineStageModule(_stage_shell(model, list(ranges[s]), first, last), first, last,
+                                              position_ids)))
+    return stages
 
 
 def split(model: nn.Module, pp_rank: int, pp: int, virtual_stages: int, position_ids) -> tuple[nn.Module, list]:
     """Prune `model` in place to this rank's part (the rank model) and build its stage modules.
 
     Returns (rank model, [(stage index, PipelineStageModule), ...])."""
-    num_layers = len(decoder_layers(model))
     num_stages = pp * virtual_stages
-    ranges = stage_layer_ranges(num_layers, num_stages)
-    mine = list(range(pp_rank, num_stages, pp))
-    held = [i for s in mine for i in ranges[s]]
-    _prune(model, held, first=0 in mine, last=num_stages - 1 in mine)
-    stages = []
-    for s in mine:
-        first, last = s == 0, s == num_stages - 1
-        shell = _stage_shell(model, list(ranges[s]), first, last)
-        stages.append((s, PipelineStageModule(shell, first, last, position_ids)))
+    ranges = stage_layer_ranges(len(decoder_layers(model)), num_stages)
+    stages = _stages(model, pp_rank, pp, virtual_stages, position_ids)
     log.info("pipeline: %d stages over pp=%d; this rank holds stage(s) %s (layers %s)", num_stages, pp,
-             ", ".join(map(str, mine)), ", ".join(f"{ranges[s].start}-{ranges[s].stop - 1}" for s in mine))
+             ", ".join(str(s) for s, _ in stages),
+             ", ".join(f"{ranges[s].start}-{ranges[s].stop - 1}" for s, _ in stages))
     return model, stages
+
+
+def _twin_config(config, num_layers: int):
+    """A small twin of `config`: one block per stage (per-layer lists cut to match), small widths where the
+    config has the standard keys. Same architecture and settings otherwise (multipliers, norms, windows)."""
+    twin = copy.deepcopy(config)
+    layers = twin.num_hidden_layers
+    for key, value in list(vars(twin).items()):  # per-layer settings, e.g. layer_types
+        if isinstance(value, (list, tuple)) and len(value) == layers:
+            setattr(twin, key, type(value)(value[:num_layers]))
+    twin.num_hidden_layers = num_layers
+    heads, hidden = getattr(twin, "num_attention_heads", None), getattr(twin, "hidden_size", None)
+    if isinstance(heads, int) and isinstance(hidden, int) and heads > 0:
+        head_dim = getattr(twin, "head_dim", None) or hidden // heads
+        kv = getattr(twin, "num_key_value_heads", None) or heads
+        group = heads // kv if heads % kv == 0 else 1  # query heads per KV head: kept
+        kv = 1 if group > 1 else 2
+        twin.num_attention_heads, twin.head_dim, twin.hidden_size = kv * group, head_dim, kv * group * head_dim
+        if getattr(twin, "num_key_value_heads", None) is not None:
+            twin.num_key_value_heads = kv
+    for key, value in list(vars(twin).items()):
+        if key.endswith("intermediate_size") and isinstance(value, int):
+            setattr(twin, key, min(value, 64))
+    experts = max(4, getattr(twin, "num_experts_per_tok", None) or 1)
+    experts += -experts % (getattr(twin, "n_group", None) or 1)  # a multiple of the expert groups
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if isinstance(getattr(twin, key, None), int):
+            setattr(twin, key, min(getattr(twin, key), experts))
+    if isinstance(getattr(twin, "vocab_size", None), int):
+        twin.vocab_size = min(twin.vocab_size, 256)
+        if isinstance(getattr(twin, "pad_token_id", None), int) and twin.pad_token_id >= twin.vocab_size:
+            twin.pad_token_id = None  # only the embedding's padding row; the forward does not read it
+    if isinstance(getattr(twin, "sliding_window", None), int):
+        twin.sliding_window = min(twin.sliding_window, _PROBE_LEN // 2)  # so the probe sees the window
+    return twin
+
+
+_PROBE_LEN = 16
+SELF_CHECK_TOL = 1e-5
+
+
+def check_split(hf_config, pp: int, virtual_stages: int) -> None:
+    """Refuse a model whose pipeline stages would compute something else than the whole model.
+
+    No rank may hold the whole real model, so the check runs on a small twin of it (`_twin_config`), in
+    fp32 on the CPU, from a fixed seed, on one thread (every rank of a node runs it at once; the global
+    RNG and thread count are left as they were): the plain forward's logits on a probe batch against
+    the same model cut by `_stages` for every rank, all stages run in order in this process. The twin
+    of a tiny model costs milliseconds. A twin that cannot be built or run skips the check with a warning."""
+    layout = f"parallel.pp={pp} x pp_virtual_stages={virtual_stages}"
+    name = getattr(hf_config, "_name_or_path", "") or getattr(hf_config, "model_type", type(hf_config).__name__)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)
+            arch, diff = _twin_diff(hf_config, pp, virtual_stages)
+    except UserError:
+        raise
+    except Exception as e:
+        log.warning("pipeline self-check skipped for %s under %s: a small twin of the model could not be built or "
+                    "run (%s: %s)", name, layout, type(e).__name__, " ".join(str(e).split())[:300])
+        return
+    finally:
+        torch.set_num_threads(threads)
+    if not diff <= SELF_CHECK_TOL:  # NaN too
+        raise UserError(f"{layout}: the pipeline stages of {name} ({arch}) compute logits that differ from the whole "
+                        f"model's by {diff:.1e} (> {SELF_CHECK_TOL:.0e}) on a small twin of it; training would be "
+                        "wrong without a word; use a layout without pp")
+    log.info("pipeline self-check: %d stages of a small twin of %s match the whole model (max logit diff %.1e)",
+             pp * virtual_stages, name, diff)
+
+
+def _twin_diff(hf_config, pp: int, virtual_stages: int) -> tuple[str, float]:
+    """(the twin's class name, max |logits of its stages run in order - logits of the whole twin|)."""
+    from transformers import AutoModelForCausalLM
+
+    def positions(n, device):
+        return torch.arange(n, device=device).unsqueeze(0)
+
+    twin = _twin_config(hf_config, pp * virtual_stages)
+    attn = getattr(hf_config, "_attn_implementation", None)
+    model = AutoModelForCausalLM.from_config(twin, dtype=torch.float32,
+                                             attn_implementation=attn if attn in ("eager", "sdpa") else "eager").eval()
+    ids = torch.randint(0, twin.vocab_size, (2, _PROBE_LEN))
+    ref = model(input_ids=ids, position_ids=positions(_PROBE_LEN, ids.device), use_cache=False).logits
+    stages = dict(s for rank in range(pp) for s in _stages(copy.deepcopy(model), rank, pp, virtual_stages, positions))
+    x = ids
+    for s in sorted(stages):
+        x = stages[s](x)
+    return type(model).__name__, (x - ref).abs().max().item()
 
 
 class Pipeline:

@@ -13,7 +13,8 @@ only in sizes. The order the layers are applied in is fixed here, once (torchtit
   FSDP then shards over dp_shard x cp (the cp ranks' gradients are summed through it).
 - PP: pipeline.py. The model is first cut into this rank's stages (gpipe, 1f1b, or interleaved_1f1b
   with several stages per rank); every stage then gets the order above (TP -> ... -> FSDP, the stage
-  as FSDP's root). The engine runs the step through `pipeline(...)`'s schedule.
+  as FSDP's root). The engine runs the step through `pipeline(...)`'s schedule. At set-up (`check_model`) a
+  small twin of the model, cut by the same code, must compute the whole model's logits, or pp is refused.
 """
 
 from __future__ import annotations
@@ -75,11 +76,12 @@ class SPMDParallel:
 
             check_tensor_parallel(dims.tp, hf_config)
         if dims.pp > 1:
-            from automodel.parallel.pipeline import check_schedule
+            from automodel.parallel.pipeline import check_schedule, check_split
 
             check_schedule(self.cfg.pp_schedule, dims.pp, self.cfg.pp_virtual_stages,
                            getattr(hf_config, "num_hidden_layers", None),
                            tied=bool(getattr(hf_config, "tie_word_embeddings", False)))
+            check_split(hf_config, dims.pp, self.cfg.pp_virtual_stages)  # the stages compute the whole model
 
     def hints(self, dims: ParallelDims) -> ParallelHints:
         """What the training step must do for this layout (see ParallelHints)."""
