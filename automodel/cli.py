@@ -24,6 +24,8 @@ def _quiet_third_party() -> None:
     # torchao (imported by transformers/peft) warns at import about optional kernels it cannot find.
     warnings.filterwarnings("ignore", module=r"torchao(\.|$)")
     warnings.filterwarnings("ignore", message=r".*torchao.*")
+    # peft asks transformers a deprecated question while wrapping a model; nothing for a user to act on
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*is deprecated")
 
 
 def fail(error: UserError) -> None:
