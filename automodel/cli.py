@@ -26,6 +26,8 @@ def _quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r".*torchao.*")
     # peft asks transformers a deprecated question while wrapping a model; nothing for a user to act on
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*is deprecated")
+    # HF returns logits as a slice of a larger tensor; the loss never writes to them in place
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
 def fail(error: UserError) -> None:

@@ -107,3 +107,14 @@ def test_each_rank_holds_its_shard_and_at_most_one_modules_tensors_whole(two, la
     r = two[layout]
     assert r["largest_module_whole"] <= 2 * r["largest_param"]  # e.g. a Linear's weight and bias, never more
     assert r["local"] <= 0.6 * r["one_process"], r  # about half (FSDP2 also shards over cp ranks)
+
+
+def test_a_tensor_the_initializer_leaves_unset_is_refused_not_trained_from_garbage():
+    from automodel.config import validate
+    from automodel.engine import materialize as mat
+    from automodel.errors import UserError
+
+    model = validate(compose(*MICRO)).plugins["model"].build("meta")
+    with pytest.raises(UserError, match=r"cannot initialize 'model.embed_tokens.weight' \(Embedding\) on the meta "
+                                        r"device: the model's initializer leaves it unset"):
+        mat.materialize(model, mat.canonical_names(model), "cpu", seed=0, inits=[lambda name, shadow: True])

@@ -169,15 +169,18 @@ def _own_tensors(module: nn.Module, done: set[int]) -> dict[str, tuple[torch.Ten
 
 def _init_module(module: nn.Module, name: str, own: dict, inits: list[ModuleInit], seed: int, device,
                  stats: _Stats) -> None:
-    """Run the module's initializer on a full-size shadow of it (its own tensors only), then keep our slices."""
+    """Run the module's initializer on a full-size shadow of it (its own tensors only), then keep our slices.
+
+    A tensor the initializer never wrote (its version counter did not move) is refused rather than
+    trained from uninitialized memory."""
     shadow = copy.copy(module)
     shadow._modules = {}  # an initializer touches only the module's own tensors
-    full = {k: torch.full(tuple(t.shape), float("nan"), dtype=t.dtype, device=device) if t.is_floating_point()
-            else torch.zeros(tuple(t.shape), dtype=t.dtype, device=device) for k, (t, _) in own.items()}
+    full = {k: torch.empty(tuple(t.shape), dtype=t.dtype, device=device) for k, (t, _) in own.items()}
     # unset entries (a Linear's bias=None) stay as they are; tensors already filled (a tied weight) stay out
     shadow._parameters = {k: nn.Parameter(full[k], requires_grad=False) if k in full else None
                           for k, p in module._parameters.items() if k in full or p is None}
     shadow._buffers = {k: full[k] if k in full else None for k, b in module._buffers.items() if k in full or b is None}
+    versions = {k: v._version for k, v in full.items()}
     stats.largest = max(stats.largest, sum(v.numel() * v.element_size() for v in full.values()))
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -189,7 +192,8 @@ def _init_module(module: nn.Module, name: str, own: dict, inits: list[ModuleInit
                             f"failed ({e}); load pretrained weights (model.path) or report this model") from None
     for k, (tensor, _) in own.items():
         value = shadow._parameters[k] if k in shadow._parameters else shadow._buffers[k]
-        if not handled or (value.is_floating_point() and torch.isnan(value).any()):
+        replaced = value is not None and value.data_ptr() != full[k].data_ptr()  # assigned a new tensor: set
+        if not handled or value is None or (not replaced and full[k]._version == versions[k]):
             raise UserError(f"cannot initialize '{name}.{k}' ({type(module).__name__}) on the meta device: the model's "
                             "initializer leaves it unset; load pretrained weights (model.path) for this model")
         _copy_shard(tensor, value.detach())
@@ -198,13 +202,17 @@ def _init_module(module: nn.Module, name: str, own: dict, inits: list[ModuleInit
 
 def _copy_shard(tensor: torch.Tensor, full: torch.Tensor) -> None:
     """Write this rank's part of the full value `full` into `tensor` (a DTensor shard or a plain tensor)."""
-    if hasattr(tensor, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
-        local = distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None).to_local()
-        tensor.to_local().copy_(local)
-    else:
+    if not hasattr(tensor, "device_mesh"):
         tensor.copy_(full)
+        return
+    region = _region(tensor)
+    if region is not None:  # plain row/column blocks: copy straight from a view, no intermediate copy
+        tensor.to_local().copy_(full[region])
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    local = distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None).to_local()
+    tensor.to_local().copy_(local)
 
 
 def _retie(model: nn.Module) -> None:
