@@ -19,7 +19,6 @@ fixed overhead, whatever the model size.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import time
@@ -173,7 +172,8 @@ def _init_module(module: nn.Module, name: str, own: dict, inits: list[ModuleInit
 
     A tensor the initializer never wrote (its version counter did not move) is refused rather than
     trained from uninitialized memory."""
-    shadow = copy.copy(module)
+    shadow = object.__new__(_plain_class(module))  # the module's own class: isinstance checks still hold
+    shadow.__dict__ = dict(module.__dict__)
     shadow._modules = {}  # an initializer touches only the module's own tensors
     full = {k: torch.empty(tuple(t.shape), dtype=t.dtype, device=device) for k, (t, _) in own.items()}
     # unset entries (a Linear's bias=None) stay as they are; tensors already filled (a tied weight) stay out
@@ -198,6 +198,16 @@ def _init_module(module: nn.Module, name: str, own: dict, inits: list[ModuleInit
                             "initializer leaves it unset; load pretrained weights (model.path) for this model")
         _copy_shard(tensor, value.detach())
         stats.initialized += 1
+
+
+def _plain_class(module: nn.Module) -> type:
+    """The module's class without FSDP2's wrapper class (which cannot be instantiated bare)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(module)
+    if issubclass(cls, FSDPModule):
+        cls = next(c for c in cls.__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
+    return cls
 
 
 def _copy_shard(tensor: torch.Tensor, full: torch.Tensor) -> None:

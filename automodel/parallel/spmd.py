@@ -154,7 +154,7 @@ class SPMDParallel:
             blocks = compile_blocks(blocks)
         # 5. FSDP2 / HSDP
         if dims.dp * dims.cp > 1 or (dims.tp == 1 and dims.pp == 1):
-            self._fully_shard(root, blocks, mesh, dims, mp_policy)
+            self._fully_shard(root, blocks, mesh, dims, mp_policy, shell=model)
         elif mp_policy is not None:
             log.info("no data parallelism: the precision plugin's FSDP policy is unused (autocast still applies)")
 
@@ -165,7 +165,7 @@ class SPMDParallel:
         return Pipeline(self._stages, dims.pp * self.cfg.pp_virtual_stages, mesh["pp"].get_group(), device,
                         self.cfg.pp_schedule, n_microbatches, loss_fn)
 
-    def _fully_shard(self, model, blocks, mesh, dims: ParallelDims, mp_policy) -> None:
+    def _fully_shard(self, model, blocks, mesh, dims: ParallelDims, mp_policy, shell=None) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         shard = [n for n in ("dp_shard", "cp") if getattr(dims, n) > 1]
@@ -180,5 +180,24 @@ class SPMDParallel:
             # The last block's parameters are needed again first in backward: keeping them saves a gather.
             reshard = self.cfg.reshard_after_forward and i < len(blocks) - 1
             fully_shard(block, reshard_after_forward=reshard, **kwargs)
+        # The embedding and the output head are the largest tensors (vocab x hidden): units of their own, so
+        # they are gathered one at a time, not together with the root. Tied ones share one tensor: root.
+        ends = _embedding_and_head(shell, model)
+        for i, end in enumerate(ends):
+            fully_shard(end, reshard_after_forward=self.cfg.reshard_after_forward and i == 0, **kwargs)
         fully_shard(model, reshard_after_forward=self.cfg.reshard_after_forward, **kwargs)
-        log.info("FSDP2 over %s: %d decoder layers + root", "x".join(fsdp_names), len(blocks))
+        log.info("FSDP2 over %s: %d decoder layers%s + root", "x".join(fsdp_names), len(blocks),
+                 f", {len(ends)} embedding/head" if ends else "")
+
+
+def _embedding_and_head(shell, root) -> list:
+    """The untied input embedding and output head of the HF model in `shell` that sit inside `root`
+    (a pipeline stage holds at most one of them), in forward order."""
+    from automodel.modules import hf_base
+
+    base = hf_base(shell if shell is not None else root)
+    emb, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if emb is not None and head is not None and emb.weight is head.weight:
+        return []
+    inside = {id(m) for m in root.modules()}
+    return [m for m in (emb, head) if m is not None and id(m) in inside and any(True for _ in m.parameters())]
