@@ -266,6 +266,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool,
         name = next(n for n, m in modules.items() if m is in_emb)
         lay_out(name, in_emb, "embedding_rowwise")
 
+    _refuse_plans_outside_the_blocks(model, base, plan, modules)
     gathered = set()
     if sequence_parallel:
         planned = set(styles) | set(plan)
@@ -301,6 +302,21 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool,
     log.info("tensor parallel over tp=%d: %d modules from the HF plan%s", tp_mesh.size(), len(plan),
              f", sequence parallel on {n_sp} norms" if sequence_parallel else "")
     return model
+
+
+def _refuse_plans_outside_the_blocks(model: nn.Module, base: nn.Module, plan: dict, modules: dict) -> None:
+    """A plan that shards nothing inside the decoder blocks (e.g. only the embedding and the head) would
+    leave every block whole on every tp rank: no memory saved, and sequence parallel would feed the blocks
+    a split sequence that nothing gathers again. Refused in one line."""
+    blocks = {id(b) for b in decoder_layers(model)}
+    inside = set()
+    for name, module in modules.items():
+        if id(module) in blocks:
+            inside.update(id(m) for m in module.modules())
+    if not any(id(modules[n]) in inside for n in plan):
+        raise UserError(f"parallel.tp>1: the tensor-parallel plan of {type(base).__name__} shards no layer inside its "
+                        f"decoder blocks (only {', '.join(sorted(plan)) or 'nothing'}); tensor parallel would keep "
+                        "every block whole on every rank: use parallel.tp=1 (fsdp2 shards it)")
 
 
 def check_tensor_parallel(tp: int, hf_config) -> None:
