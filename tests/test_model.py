@@ -118,3 +118,11 @@ def test_memory_check_on_one_host_counts_shards_not_whole_models(monkeypatch):
         assert "This host holds every rank's shard: add hosts or GPUs" in str(e.value)
     # the sharded training state is the same on one host; only each rank's set-up overhead is added
     assert needs[2] - needs[1] < 5 and needs[4] - needs[2] < 10, needs
+
+
+@pytest.mark.parametrize("model_type,expected", [("llama", "sdpa"), ("gemma2", "eager"), ("qwen3", "sdpa")])
+def test_attention_defaults_to_the_best_the_model_supports(model_type, expected):
+    plugin = _model_plugin(*MICRO, f"model.config.model_type={model_type}")
+    assert plugin.hf_config()._attn_implementation == expected
+    explicit = _model_plugin(*MICRO, f"model.config.model_type={model_type}", "model.attn_implementation=eager")
+    assert explicit.hf_config()._attn_implementation == "eager"
