@@ -118,3 +118,21 @@ def test_a_tensor_the_initializer_leaves_unset_is_refused_not_trained_from_garba
     with pytest.raises(UserError, match=r"cannot initialize 'model.embed_tokens.weight' \(Embedding\) on the meta "
                                         r"device: the model's initializer leaves it unset"):
         mat.materialize(model, mat.canonical_names(model), "cpu", seed=0, inits=[lambda name, shadow: True])
+
+
+def test_pretrained_weights_of_another_shape_are_refused_in_one_line(tmp_path):
+    from helpers import save_micro_hf_model
+
+    from automodel.config import validate
+    from automodel.engine import materialize as mat
+    from automodel.errors import UserError
+
+    folder = save_micro_hf_model(str(tmp_path / "m"))  # the model below asks for more embedding rows
+    plugin = validate(compose("model=hf", f"model.path={folder}", "+model.config_overrides.vocab_size=2000")
+                      ).plugins["model"]
+    model = plugin.build("meta")
+    source = plugin.weights(model)
+    with pytest.raises(UserError, match=r"holds 'model.embed_tokens.weight' with shape \(\d+, 64\) but the model "
+                                        r"expects \(2000, 64\)"):
+        mat.materialize(model, mat.canonical_names(model), "cpu", seed=0, inits=[mat.hf_init(model)], source=source,
+                        base_keys=set(model.state_dict()))

@@ -124,12 +124,12 @@ def materialize(model: nn.Module, names: dict[int, str], device, *, seed: int, i
 def _load(tensor: torch.Tensor, name: str, source, device, stats: _Stats) -> None:
     """Fill `tensor` (this rank's shard) from the source: only its own region when the layout is plain
     row/column blocks, else the whole tensor, sliced here."""
-    region = _region(tensor)
+    stored = source.shape(name) if hasattr(source, "shape") else None
+    region = _region(tensor) if stored is not None else None  # a block is read alone only when sizes are known
     value = source.get(name, region) if region is not None else source.get(name)
-    expected = tuple(t.stop - t.start for t in region) if region is not None else tuple(tensor.shape)
-    if tuple(value.shape) != expected:
-        whole = tuple(source.get(name).shape) if region is not None else tuple(value.shape)
-        raise UserError(f"{source.describe()} holds '{name}' with shape {whole} but the model expects "
+    whole = stored if stored is not None else tuple(value.shape)
+    if tuple(whole) != tuple(tensor.shape):
+        raise UserError(f"{source.describe()} holds '{name}' with shape {tuple(whole)} but the model expects "
                         f"{tuple(tensor.shape)}; it does not hold this architecture's weights")
     stats.largest = max(stats.largest, value.numel() * value.element_size())
     value = value.to(device=device, dtype=tensor.dtype)

@@ -102,6 +102,19 @@ class HFWeights:
 
     elements_read = 0  # over every reader in this process (tests check that ranks read only their part)
 
+    def shape(self, name: str) -> tuple | None:
+        """The stored shape of `name` when it is stored as is (read from the header, no data); None when
+        it is made by a conversion."""
+        if name in self._pending or self._aliases.get(name, name) != name or self._targets[name][0] is not None:
+            return None
+        from safetensors import safe_open
+
+        key = self._targets[name][1][0][1]
+        f = self._where[key]
+        if f not in self._handles:
+            self._handles[f] = safe_open(os.path.join(self.folder, f), framework="pt")
+        return tuple(self._handles[f].get_slice(key).get_shape())
+
     def get(self, name: str, region: tuple | None = None):
         """The in-memory tensor `name`, converted as transformers would; `region` (slices, one per dim): only
         that part of it, read alone from disk when the stored tensor needs no conversion."""
