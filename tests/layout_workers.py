@@ -9,14 +9,9 @@ import traceback
 
 def local_param_bytes(model) -> tuple[int, int]:
     """(bytes of parameters this rank holds, bytes of the full model), counting shared tensors once."""
-    seen, local, full = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        t = p.to_local() if hasattr(p, "to_local") else p
-        local += t.numel() * t.element_size()
-        full += p.numel() * p.element_size()
+    from automodel.engine.memory import shard_bytes
+
+    local, _, full = shard_bytes(model)
     return local, full
 
 
