@@ -28,6 +28,8 @@ def _quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*is deprecated")
     # HF returns logits as a slice of a larger tensor; the loss never writes to them in place
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    # expert parallel slices flattened mesh dimensions (dp_shard = dp_shard_mod_ep x ep), as torchtitan does
+    warnings.filterwarnings("ignore", message=r"Slicing a flattened dim from root mesh")
 
 
 def fail(error: UserError) -> None:

@@ -44,7 +44,7 @@ class TrainConfig:
     val_every: int = 0  # steps between validations on the data's held-out part (0: off); val_loss in metrics
 
 
-TOP_LEVEL = ("train", "launcher", *registry.GROUPS)
+TOP_LEVEL = ("train", "launcher", "moe", *registry.GROUPS)
 
 
 # ---------------------------------------------------------------- resolvers
@@ -90,6 +90,7 @@ class Validated:
     train: TrainConfig
     plugins: dict[str, Any]  # group -> plugin instance
     launcher: Any = None  # automodel.launch.local.LauncherConfig
+    moe: Any = None  # automodel.moe.config.MoEConfig
 
 
 def validate(cfg) -> Validated:
@@ -109,6 +110,13 @@ def validate(cfg) -> Validated:
     from automodel.launch.local import LauncherConfig
 
     launcher = registry.validate(LauncherConfig, OmegaConf.to_container(cfg.get("launcher", {})), "launcher")
+    from automodel.moe.config import MoEConfig
+
+    moe = registry.validate(MoEConfig, OmegaConf.to_container(cfg.get("moe", {})), "moe")
+    for key in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+        value = getattr(moe, key)
+        if value is not None and not (value >= 0 and value < float("inf")):
+            raise UserError(f"moe.{key}={value} must be a finite number >= 0 (0 turns it off)")
     plugins = {}
     for group in registry.GROUPS:
         try:
@@ -118,7 +126,7 @@ def validate(cfg) -> Validated:
         except Exception as e:  # interpolation errors and the like, still one line
             raise UserError(f"{group}: {str(e).splitlines()[0]}") from None
     _check_train(train)
-    return Validated(train, plugins, launcher)
+    return Validated(train, plugins, launcher, moe)
 
 
 def _check_train(t: TrainConfig) -> None:

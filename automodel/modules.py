@@ -53,3 +53,22 @@ def count_params(model: nn.Module) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return total, trainable
+
+
+# A forward that only traces shapes (a pipeline schedule infers what its stages exchange by running one):
+# hooks that keep training statistics ignore it.
+_SHAPE_ONLY = [0]
+
+
+class shape_only_forward:
+    """Context: the model runs to learn output shapes, not on training data."""
+
+    def __enter__(self):
+        _SHAPE_ONLY[0] += 1
+
+    def __exit__(self, *exc):
+        _SHAPE_ONLY[0] -= 1
+
+
+def in_shape_only_forward() -> bool:
+    return _SHAPE_ONLY[0] > 0

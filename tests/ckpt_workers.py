@@ -60,6 +60,14 @@ def save_logits(model, path: str) -> None:
         save_file({"logits": logits.contiguous()}, path)
 
 
+def local_expert_numel(model) -> int:
+    """Elements of routed-expert parameters this rank holds (its shards)."""
+    from automodel.moe.experts import experts_modules
+
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel()
+               for _, m in experts_modules(model) for p in m.parameters(recurse=False))
+
+
 class _ReadCounter(dict):
     """_READ["numel"]: elements this process read from HF safetensors since the last reset (= 0)."""
 
@@ -87,8 +95,9 @@ def count_hf_reads() -> None:
     _READ["numel"] = 0
 
 
-def run_plan(rank: int, world: int, store_path: str, out_dir: str, plan: list) -> None:
-    """plan: (name, run_subdir, crash_at or None, overrides). Rank 0 writes results.json."""
+def run_plan(rank: int, world: int, store_path: str, out_dir: str, plan: list, micro: bool = True) -> None:
+    """plan: (name, run_subdir, crash_at or None, overrides), on helpers.MICRO's model (micro=False: the overrides
+    alone name the model). Rank 0 writes results.json."""
     import torch
     import torch.distributed as dist
 
@@ -98,8 +107,12 @@ def run_plan(rank: int, world: int, store_path: str, out_dir: str, plan: list) -
     results = {}
     count_hf_reads()
     try:
-        from helpers import train
+        from helpers import compose
+        from helpers import train as train_micro
 
+        from automodel.engine.run import train as train_plain
+
+        train = train_micro if micro else (lambda run, *over: train_plain(compose(*over), run))
         for name, subdir, crash_at, overrides in plan:
             run = os.path.join(out_dir, subdir)
             os.makedirs(run, exist_ok=True)
@@ -112,12 +125,17 @@ def run_plan(rank: int, world: int, store_path: str, out_dir: str, plan: list) -
                     results[name] = {"crashed_at": crash_at}
                 continue
             result = train(run, *overrides)
-            save_full_weights(result.model, os.path.join(out_dir, f"{name}.safetensors"))
-            save_logits(result.model, os.path.join(out_dir, f"{name}.logits.safetensors"))
-            results[name] = {"losses": [r["loss"] for r in result.records], "steps": [r["step"] for r in result.records]}
-            reads = [None] * world
+            if not any(o.startswith("parallel=") and o.endswith("_pp") for o in overrides):  # a rank holds stages
+                save_full_weights(result.model, os.path.join(out_dir, f"{name}.safetensors"))
+                save_logits(result.model, os.path.join(out_dir, f"{name}.logits.safetensors"))
+            results[name] = {"losses": [r["loss"] for r in result.records], "steps": [r["step"] for r in result.records],
+                             "grad_norms": [r["grad_norm"] for r in result.records], "final_dir": result.final_dir,
+                             "records": result.records}
+            reads, experts = [None] * world, [None] * world
             dist.all_gather_object(reads, _READ["numel"])
+            dist.all_gather_object(experts, local_expert_numel(result.model))
             results[name]["hf_read_numel"], _READ["numel"] = reads, 0
+            results[name]["expert_numel"] = experts
     except Exception:
         results["error"] = traceback.format_exc()
         raise

@@ -41,7 +41,7 @@ def test_default_run_writes_config_metrics_and_a_loadable_hf_folder(tmp_path):
 
 @pytest.mark.parametrize("args,expected", [
     (["parallel=fsdp3"], "parallel=fsdp3: no such option; choose one of: cp, fsdp2, fsdp2_cp, fsdp2_cp_tp_pp, "
-                         "fsdp2_pp, fsdp2_tp, fsdp2_tp_pp, hsdp, none, pp, tp"),
+                         "fsdp2_ep, fsdp2_ep_pp, fsdp2_pp, fsdp2_tp, fsdp2_tp_pp, hsdp, none, pp, tp"),
     (["train.max_stepz=1"], "train.max_stepz: unknown key; valid keys are: max_steps,"),
     (["train.max_steps=abc"], "train.max_steps='abc': wrong type, expected int"),
     (["parallel.plugin=nope"], "parallel.plugin='nope' is not an installed plugin; choose one of: none, spmd"),
@@ -89,8 +89,8 @@ def test_headline_command_composes(tmp_path):
 def test_help_lists_groups_and_options(tmp_path):
     proc = cli("--help", cwd=str(tmp_path))
     assert proc.returncode == 0
-    for fragment in ("model: hf, llama3_2_1b, llama3_70b, llama3_8b, mistral_7b, qwen2_5_7b, qwen3_0_6b, tiny",
-                     "parallel: cp, fsdp2, fsdp2_cp, fsdp2_cp_tp_pp, fsdp2_pp, fsdp2_tp, fsdp2_tp_pp, hsdp, none, pp, tp",
+    for fragment in ("model: deepseek_v3, gpt_oss_120b, gpt_oss_20b, hf, llama3_2_1b, llama3_70b, llama3_8b, mistral_7b, mixtral_8x7b, qwen2_5_7b, qwen3_0_6b, qwen3_30b_a3b, tiny",
+                     "parallel: cp, fsdp2, fsdp2_cp, fsdp2_cp_tp_pp, fsdp2_ep, fsdp2_ep_pp, fsdp2_pp, fsdp2_tp, fsdp2_tp_pp, hsdp, none, pp, tp",
                      "peft: lora, none", "precision: bf16, fp32",
                      "checkpoint: dcp, hf_export", "optim: adamw", "data: chat, hellaswag, instruction, squad, text, tiny_tasks", "automodel list"):
         assert fragment in proc.stdout, fragment

@@ -49,7 +49,7 @@ def test_missing_option_lists_choices():
     with pytest.raises(UserError) as e:
         compose("parallel=fsdp3")
     assert str(e.value).startswith("parallel=fsdp3: no such option; choose one of: cp, fsdp2, fsdp2_cp, "
-                                   "fsdp2_cp_tp_pp, fsdp2_pp, fsdp2_tp, fsdp2_tp_pp, hsdp, none, pp, tp")
+                                   "fsdp2_cp_tp_pp, fsdp2_ep, fsdp2_ep_pp, fsdp2_pp, fsdp2_tp, fsdp2_tp_pp, hsdp, none, pp, tp")
 
 
 def test_unknown_override_key():

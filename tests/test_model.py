@@ -17,6 +17,18 @@ from automodel.optim.schedule import warmup_cosine
 PUBLISHED = {
     "llama3_2_1b": 1_235_814_400, "llama3_8b": 8_030_261_248, "llama3_70b": 70_553_706_496,
     "qwen3_0_6b": 596_049_920, "qwen2_5_7b": 7_615_616_512, "mistral_7b": 7_248_023_552,
+    # Mixture-of-experts presets: the exact counts these presets build, checked against the rounded model-card
+    # figures in PUBLISHED_ROUNDED (and, for Mixtral, against its safetensors index).
+    "mixtral_8x7b": 46_702_792_704,  # card: 46.7B; safetensors index total_size 93,405,585,408 bytes of bf16
+    "qwen3_30b_a3b": 30_532_122_624,  # card: 30.5B in total (29.9B non-embedding)
+    "deepseek_v3": 671_026_404_352,  # card: 671B main model (the hub's 685B adds the 14B MTP layer 61, not built)
+    "gpt_oss_20b": 20_914_757_184,  # model card (arXiv 2508.10925) table 1: 20.91B total; bf16 elements, not MXFP4
+    "gpt_oss_120b": 116_829_156_672,  # model card (arXiv 2508.10925) table 1: 116.83B total; likewise
+}
+# The published figures of the MoE presets, in billions, to the digits published: (figure, decimal digits).
+PUBLISHED_ROUNDED = {
+    "mixtral_8x7b": (46.7, 1), "qwen3_30b_a3b": (30.5, 1), "deepseek_v3": (671, 0),
+    "gpt_oss_20b": (20.91, 2), "gpt_oss_120b": (116.83, 2),
 }
 
 
@@ -29,6 +41,12 @@ def test_preset_matches_published_parameter_count(preset):
     model = _model_plugin(f"model={preset}").build("meta")  # no memory: sizes only
     assert count_params(model)[0] == PUBLISHED[preset]
     assert len(decoder_layers(model)) == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED_ROUNDED))
+def test_preset_count_rounds_to_the_published_figure(preset):
+    figure, digits = PUBLISHED_ROUNDED[preset]
+    assert round(PUBLISHED[preset] / 1e9, digits) == figure  # the exact test above ties PUBLISHED to the build
 
 
 def test_local_folder_loads_its_weights_and_tokenizer(tmp_path):

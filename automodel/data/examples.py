@@ -138,7 +138,7 @@ class ExampleData:
         pad_id = _pad_id(tokenizer)
         step = start_step
         while True:
-            picked = [units[i] for i in sampler.rank_indices(step, dp_rank, dp_size)]
+            picked = [units[i] for i in sampler.rank_indices(step, dp_rank, dp_size, micro_batch_size)]
             yield self.collate(picked, micro_batch_size, pad_id)
             step += 1
 

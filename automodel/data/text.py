@@ -103,10 +103,12 @@ class TextData(ExampleData):
         blocks = self.blocks(tokenizer, seq_len, seed)
         for _ in range(start_step * global_batch_size):  # resume: the stream has no random access
             next(blocks)
-        per_rank, pad_id = global_batch_size // dp_size, _pad_id(tokenizer)
+        from automodel.sampling import rank_share
+
+        pad_id = _pad_id(tokenizer)
         while True:
             step = [next(blocks) for _ in range(global_batch_size)]
-            mine = step[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+            mine = rank_share(step, dp_rank, dp_size, micro_batch_size)
             yield step_batch([(b[:-1], b[1:]) for b in mine], micro_batch_size, pad_id)
 
     def sample_prompts(self, n):

@@ -1,8 +1,13 @@
-"""`ParallelDims`: the sizes of the five mesh dimensions, their inference and validation, and the mesh.
+"""`ParallelDims`: the sizes of the mesh dimensions, their inference and validation, and the mesh.
 
 Order of the mesh (outermost first) follows torchtitan: pp, dp_replicate, dp_shard, cp, tp. tp is
 innermost so its heavy collectives stay within a node; `dp` is the flattened data-parallel view
 (dp_replicate x dp_shard) that data loading and the loss use.
+
+Expert parallel (`ep`) uses no ranks of its own: it is carved out of dp_shard, as torchtitan does. With
+ep > 1 the mesh holds dp_shard as two dimensions, `dp_shard_mod_ep` x `ep` (flattened back into
+`dp_shard` for everything that is not an expert). Experts are split over `ep`; FSDP shards each rank's
+experts over what remains of the data-parallel ranks (`expert_fsdp_names`).
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ class ParallelDims:
     tp: int
     pp: int
     world_size: int
+    ep: int = 1  # expert parallel: a divisor of dp_shard (its ranks), not a dimension of the world
 
     @classmethod
-    def infer(cls, world_size: int, *, dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=1) -> "ParallelDims":
-        """Fill the one `-1` from the world size and check that the product is the world size."""
+    def infer(cls, world_size: int, *, dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=1, ep=1) -> "ParallelDims":
+        """Fill the one `-1` from the world size and check that the product is the world size; ep must
+        divide dp_shard."""
         sizes = dict(dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp, pp=pp)
         for name, size in sizes.items():
             if size == 0 or size < -1:
@@ -48,7 +55,14 @@ class ParallelDims:
                 f"parallel: {layout} uses {fixed} processes but the world size is {world_size}; "
                 f"launch {fixed} processes or set one size to -1"
             )
-        return cls(world_size=world_size, **sizes)
+        if ep < 1:
+            raise UserError(f"parallel.ep={ep}: the expert-parallel size is a positive integer (1: off)")
+        if sizes["dp_shard"] % ep:
+            raise UserError(
+                f"parallel.ep={ep} does not divide dp_shard={sizes['dp_shard']} (world {world_size} with "
+                f"{layout or 'no other sizes'}): expert parallel is carved out of the dp_shard ranks; pick an ep "
+                f"that divides {sizes['dp_shard']}, or launch a multiple of {ep} x the other sizes")
+        return cls(world_size=world_size, ep=ep, **sizes)
 
     @property
     def dp(self) -> int:
@@ -56,19 +70,53 @@ class ParallelDims:
 
     def describe(self) -> str:
         parts = [f"{n}={getattr(self, n)}" for n in DIM_NAMES if getattr(self, n) > 1]
+        if self.ep > 1:
+            parts.append(f"ep={self.ep} (of dp_shard)")
         return " x ".join(parts) or "single process"
 
     def build_mesh(self, device_type: str):
-        """The DeviceMesh with every dimension > 1 named, plus the flattened `dp` view."""
+        """The DeviceMesh with every dimension > 1 named, plus the flattened views the layouts use: `dp`
+        (dp_replicate x dp_shard); under ep > 1 also `dp_shard` itself (dp_shard_mod_ep x ep), and
+        `dp_shard_cp` / `expert_fsdp` when cp > 1 (flattened from the base dimensions: a flattened
+        dimension cannot be flattened again)."""
+        import warnings
+
         from torch.distributed.device_mesh import init_device_mesh
 
-        names = [n for n in DIM_NAMES if getattr(self, n) > 1] or ["dp_shard"]
-        shape = [getattr(self, n) for n in names]
-        mesh = init_device_mesh(device_type, tuple(shape), mesh_dim_names=tuple(names))
-        dp_names = [n for n in ("dp_replicate", "dp_shard") if n in names]
-        if len(dp_names) > 1:
-            mesh[tuple(dp_names)]._flatten("dp")
+        base = [n for n in DIM_NAMES if getattr(self, n) > 1] or ["dp_shard"]
+        if self.ep > 1:  # dp_shard as dp_shard_mod_ep x ep, both kept even when one is 1
+            at = base.index("dp_shard") if "dp_shard" in base else len([n for n in base if n in ("pp", "dp_replicate")])
+            base = [n for n in base if n != "dp_shard"]
+            base[at:at] = ["dp_shard_mod_ep", "ep"]
+        size = {"dp_shard_mod_ep": self.dp_shard // self.ep, **{n: getattr(self, n) for n in (*DIM_NAMES, "ep")}}
+        mesh = init_device_mesh(device_type, tuple(size[n] for n in base), mesh_dim_names=tuple(base))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flattened dim.*")
+            shard = ["dp_shard_mod_ep", "ep"] if self.ep > 1 else (["dp_shard"] if "dp_shard" in base else [])
+            if self.ep > 1:
+                mesh[tuple(shard)]._flatten("dp_shard")
+                if self.cp > 1:
+                    mesh[(*shard, "cp")]._flatten("dp_shard_cp")
+                    mesh[("dp_shard_mod_ep", "cp")]._flatten("expert_fsdp")
+            dp_names = (["dp_replicate"] if "dp_replicate" in base else []) + shard
+            if len(dp_names) > 1:
+                mesh[tuple(dp_names)]._flatten("dp")
+            if dp_names and self.cp > 1:
+                mesh[(*dp_names, "cp")]._flatten("dp_cp")
         return mesh
+
+    def token_mesh(self, mesh):
+        """The 1-D mesh over the ranks that see different tokens of the same layers (data x context parallel;
+        None when there is one such rank): statistics over a global batch are summed over it."""
+        if self.cp > 1:
+            return mesh["dp_cp"] if self.dp > 1 else mesh["cp"]
+        return self.dp_mesh(mesh)
+
+    def expert_fsdp_names(self) -> tuple[str, ...]:
+        """The mesh dimensions FSDP shards expert parameters over under ep > 1: the data-parallel ranks
+        that hold the same experts (dp_replicate for HSDP, then dp_shard / ep, times cp)."""
+        shard = "expert_fsdp" if self.cp > 1 else "dp_shard_mod_ep"
+        return (("dp_replicate",) if self.dp_replicate > 1 else ()) + (shard,)
 
     def dp_mesh(self, mesh):
         """The 1-D mesh over data-parallel ranks (None when dp is 1): ranks that differ only in tp/cp/pp

@@ -8,6 +8,10 @@ Loss normalization: each rank's micro-batch loss is a token *sum* divided by the
 in the whole global batch (all ranks, all micro-batches), then multiplied by the dp size because
 data-parallel gradient reduction averages over ranks. The resulting gradient is exactly that of the mean
 token loss over the global batch, however it is split.
+
+Auxiliary objectives inside the model (a mixture-of-experts model's router losses, `router`: see
+automodel/moe/router.py) add their own gradients during backward; the step only tells them which rows of each
+micro-batch are real and how backward is scaled, and adds their value to the logged loss.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class StepRunner:
     dp_group: object = None  # process group over data-parallel ranks (None: dp size 1)
     dp_size: int = 1
     hints: ParallelHints = dataclasses.field(default_factory=ParallelHints)  # what the layout needs of the step
+    router: object = None  # automodel.moe.router.RouterLosses of an MoE model, else None
     lr: float = 0.0
 
     def _global_count(self, local: int) -> torch.Tensor:
@@ -48,19 +53,26 @@ class StepRunner:
         """Run forward/backward over this rank's micro-batches and step; return (local loss share, grad norm)."""
         scale = self.dp_size / self._global_count(batch.num_target_tokens).clamp(min=1.0)
         loss_sum = torch.zeros((), device=self.device)
+        if self.router is not None:
+            self.router.begin_step(len(batch.micro_batches))
         for micro in batch.micro_batches:
             # every key but labels is a model input (input_ids, and e.g. position_ids for packed rows)
             inputs = {k: v.to(self.device, non_blocking=True) for k, v in micro.items() if k != "labels"}
             labels = micro["labels"].to(self.device, non_blocking=True)
-            inputs, labels = _for_layout(inputs, labels, self.hints)
+            inputs, labels, rows = _for_layout(inputs, labels, self.hints)
+            if self.router is not None:
+                self.router.add_rows(rows)
             with self.autocast():
                 logits = self.model(**inputs).logits
             with self.hints.loss_context() if self.hints.loss_context else contextlib.nullcontext():
                 loss = self.token_loss(logits, labels)
                 (loss * scale).backward()
             loss_sum += _full(loss.detach())
+        share = loss_sum * (scale / self.dp_size)
+        if self.router is not None:  # the same on every data-parallel rank: each logs its 1/dp
+            share = share + self.router.weighted_step_value().to(share) / self.dp_size
         grad_norm = self.clip_and_step()
-        return loss_sum * (scale / self.dp_size), grad_norm
+        return share, grad_norm
 
     def token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The token-sum loss of one micro-batch, summed over the ranks that split its sequence (CP)."""
@@ -77,6 +89,8 @@ class StepRunner:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.router is not None:
+            self.router.end_step()
         return grad_norm
 
     def _params(self):
@@ -89,7 +103,7 @@ class StepRunner:
             for micro in sb.micro_batches:
                 inputs = {k: v.to(self.device) for k, v in micro.items() if k != "labels"}
                 labels = micro["labels"].to(self.device)
-                inputs, labels = _for_layout(inputs, labels, self.hints)
+                inputs, labels, _ = _for_layout(inputs, labels, self.hints)
                 with self.autocast():
                     logits = self.model(**inputs).logits
                 with self.hints.loss_context() if self.hints.loss_context else contextlib.nullcontext():
@@ -98,18 +112,23 @@ class StepRunner:
         return loss_sum
 
 
-def _for_layout(inputs: dict, labels: torch.Tensor, hints: ParallelHints) -> tuple[dict, torch.Tensor]:
+def _for_layout(inputs: dict, labels: torch.Tensor, hints: ParallelHints) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """Right-pad to the layout's sequence multiple (padding is ignored by the loss) and add global
-    position ids where the layout needs them (sequence/context parallel)."""
+    position ids where the layout needs them (sequence/context parallel). Also the rows' real positions
+    ([batch, seq] bool, laid out like the labels; see automodel.moe.router.valid_rows)."""
+    from automodel.moe.router import valid_rows
+
     pad = -labels.shape[1] % hints.seq_multiple
     if pad:
         inputs = {k: torch.nn.functional.pad(v, (0, pad)) if v.dim() == 2 else v for k, v in inputs.items()}
         labels = torch.nn.functional.pad(labels, (0, pad), value=IGNORE_INDEX)
     if hints.global_position_ids and "position_ids" not in inputs:
         inputs["position_ids"] = torch.arange(labels.shape[1], device=labels.device).unsqueeze(0)
+    rows = valid_rows(labels, IGNORE_INDEX)
     if hints.shard_sequence:
-        inputs, labels = hints.shard_sequence(inputs, labels)
-    return inputs, labels
+        inputs, labels = hints.shard_sequence({**inputs, "_rows": rows}, labels)
+        rows = inputs.pop("_rows")
+    return inputs, labels, rows
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -140,6 +159,8 @@ def run_loop(step_fn: StepRunner, batches, max_steps: int, log_every: int, on_st
                 "grad_norm": float(_full(grad_norm)), "tokens_per_s": tokens / max(now - t_last, 1e-9),
                 "tokens": int(tokens),
             }
+            if step_fn.router is not None:
+                record.update(step_fn.router.log_values(across=getattr(step_fn, "pp_group", None)))
             if val_due:
                 record["val_loss"] = validate()  # collective: every rank evaluates
             records.append(record)

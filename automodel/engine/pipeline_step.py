@@ -38,7 +38,7 @@ class PipelineStepRunner(StepRunner):
         return self.token_loss(logits, labels) * self._scale
 
     def _stack(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, targets = [], []
+        ids, targets, real_rows = [], [], []
         for micro in micro_batches:
             if "position_ids" in micro:
                 raise UserError("parallel.pp>1 does not support packed sequences; turn packing off (data.packing=false)")
@@ -46,20 +46,28 @@ class PipelineStepRunner(StepRunner):
             rows, pad = self.micro_batch_size - y.shape[0], self.width - y.shape[1]
             x = torch.nn.functional.pad(x, (0, pad, 0, rows))
             y = torch.nn.functional.pad(y, (0, pad, 0, rows), value=IGNORE_INDEX)
-            inputs, y = _for_layout({"input_ids": x.to(self.device)}, y.to(self.device), self.hints)
+            inputs, y, real = _for_layout({"input_ids": x.to(self.device)}, y.to(self.device), self.hints)
             ids.append(inputs["input_ids"])
             targets.append(y)
+            real_rows.append(real)
+        self._rows = real_rows  # each schedule micro-batch's real positions, in the order the stages run them
         return torch.cat(ids), torch.cat(targets)
 
     def _run(self, micro_batches: list[dict], train: bool) -> torch.Tensor:
         """The summed micro-batch losses of the whole pipeline, on every rank of the pp group."""
         ids, labels = self._stack(micro_batches)
+        if train and self.router is not None:
+            self.router.begin_step(len(self._rows))
+            for rows in self._rows:
+                self.router.add_rows(rows)
         loss_context = self.hints.loss_context() if self.hints.loss_context else contextlib.nullcontext()
         with self.autocast(), loss_context:
             losses = self.pipeline.run(ids, labels, train=train)
         total = torch.zeros((), device=self.device)
         for loss in losses:
             total += _full(loss.detach()).float()
+        if train and self.router is not None:  # this stage's layers' part (every dp rank logs 1/dp of it)
+            total += self.router.weighted_step_value().to(total)
         dist.all_reduce(total, group=self.pp_group)
         return total
 

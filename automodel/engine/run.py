@@ -63,6 +63,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     from automodel.engine import memory
     from automodel.engine.memory import check_fits
     from automodel.modules import count_params
+    from automodel.moe.router import RouterLosses
 
     t, p = checked.train, checked.plugins
     if not env.is_main:
@@ -108,6 +109,10 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     source = p["model"].weights(model) if hasattr(p["model"], "weights") else None
     model = p["peft"].apply(model)
     model.train()
+    router = RouterLosses.attach(model, hf_config, checked.moe)  # None for a dense model
+    if router is not None:
+        token_mesh = dims.token_mesh(mesh)
+        router.bind(_group(token_mesh), token_mesh.size() if token_mesh is not None else 1)
     names = canonical_names(model)
     model = p["parallel"].apply(model, mesh, dims, p["precision"].mixed_precision_policy())
     inits = [p["peft"].init_module] if hasattr(p["peft"], "init_module") else []
@@ -139,7 +144,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     # 6. loop
     step_args = (model, optimizer, scheduler, lambda: p["precision"].autocast(env.device.type), env.device,
                  t.max_grad_norm)
-    step_kwargs = dict(dp_group=_group(dims.dp_mesh(mesh)), dp_size=dims.dp, hints=hints)
+    step_kwargs = dict(dp_group=_group(dims.dp_mesh(mesh)), dp_size=dims.dp, hints=hints, router=router)
     if hints.pipeline:
         from automodel.engine.pipeline_step import PipelineStepRunner
 

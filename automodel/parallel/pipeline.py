@@ -351,6 +351,30 @@ def _twin_diff(hf_config, pp: int, virtual_stages: int) -> tuple[str, float]:
     return type(model).__name__, (x - ref).abs().max().item()
 
 
+def _stage_class():
+    from torch.distributed import pipelining
+
+    from automodel.modules import shape_only_forward
+
+    class Stage(pipelining.PipelineStage):
+        """torch's stage, whose first-step metadata inference (a forward and a backward on placeholder
+        tensors) runs under `shape_only_forward`: statistics hooks (MoE routers') must not count it."""
+
+        def _forward_metadata_inference(self, *args, **kwargs):
+            with shape_only_forward():
+                return super()._forward_metadata_inference(*args, **kwargs)
+
+        def _backward_metadata_inference(self, *args, **kwargs):
+            with shape_only_forward():
+                return super()._backward_metadata_inference(*args, **kwargs)
+
+    return Stage
+
+
+def _Stage(*args, **kwargs):
+    return _stage_class()(*args, **kwargs)
+
+
 class Pipeline:
     """This rank's stages and the schedule that runs them; what the engine's pipeline step calls."""
 
@@ -360,7 +384,7 @@ class Pipeline:
 
         self.pp_group = pp_group
         self.has_last_stage = any(s == num_stages - 1 for s, _ in stages)
-        built = [pipelining.PipelineStage(m, s, num_stages, device, group=pp_group) for s, m in stages]
+        built = [_Stage(m, s, num_stages, device, group=pp_group) for s, m in stages]
         cls = {"gpipe": pipelining.ScheduleGPipe, "1f1b": pipelining.Schedule1F1B,
                "interleaved_1f1b": pipelining.ScheduleInterleaved1F1B}[schedule]
         try:

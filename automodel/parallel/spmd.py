@@ -3,7 +3,7 @@
 One plugin serves every preset in conf/parallel/ (fsdp2, hsdp, tp, fsdp2_tp, ...): the presets differ
 only in sizes. The order the layers are applied in is fixed here, once (torchtitan's order):
 
-    TP/SP -> CP -> activation checkpointing -> torch.compile -> FSDP2/HSDP
+    EP -> TP/SP -> CP -> activation checkpointing -> torch.compile -> FSDP2/HSDP
 
 - TP/SP: tensor_parallel.py, from the HF model's own tensor-parallel plan.
 - activation checkpointing and compile: activation_checkpoint.py, per decoder block.
@@ -11,6 +11,10 @@ only in sizes. The order the layers are applied in is fixed here, once (torchtit
   (dp_shard, or dp_replicate x dp_shard = HSDP); the precision plugin's MixedPrecisionPolicy applies.
 - CP: context_parallel.py, all-gathered K/V with causal load balancing (every device, CPU included).
   FSDP then shards over dp_shard x cp (the cp ranks' gradients are summed through it).
+- EP: automodel/moe/expert_parallel.py, before everything else (on the meta model): every MoE layer's
+  experts split over `ep` (carved out of dp_shard), tokens exchanged by all-to-all. FSDP then shards each
+  rank's experts over the data-parallel ranks holding the same experts, with the dense layers' gradient
+  divisor, so one process and N ranks compute the same update.
 - PP: pipeline.py. The model is first cut into this rank's stages (gpipe, 1f1b, or interleaved_1f1b
   with several stages per rank); every stage then gets the order above (TP -> ... -> FSDP, the stage
   as FSDP's root). The engine runs the step through `pipeline(...)`'s schedule. At set-up (`check_model`) a
@@ -36,6 +40,7 @@ class SPMDConfig:
     tp: int = 1
     cp: int = 1
     pp: int = 1
+    ep: int = 1  # expert parallel (MoE models): experts split over this many of the dp_shard ranks
     sequence_parallel: bool = True  # with tp > 1: norms and the residual stream split along the sequence
     loss_parallel: bool = False  # with tp > 1: vocab-sharded logits, the loss computed without gathering them
     activation_checkpointing: str = "none"  # none | full | selective (per decoder block)
@@ -56,11 +61,13 @@ class SPMDParallel:
             raise UserError(f"parallel.activation_checkpointing={config.activation_checkpointing!r}: choose one of "
                             f"{', '.join(AC_MODES)}")
         self._cp = None
+        self._experts = []  # this rank's expert-parallel experts modules, under ep > 1
         self._stages = []  # (stage index, stage module) of this rank, under pp > 1
 
     def dims(self, world_size: int) -> ParallelDims:
         c = self.cfg
-        dims = ParallelDims.infer(world_size, dp_replicate=c.dp_replicate, dp_shard=c.dp_shard, cp=c.cp, tp=c.tp, pp=c.pp)
+        dims = ParallelDims.infer(world_size, dp_replicate=c.dp_replicate, dp_shard=c.dp_shard, cp=c.cp, tp=c.tp, pp=c.pp,
+                                  ep=c.ep)
         if dims.pp > 1:
             from automodel.parallel.pipeline import check_schedule
 
@@ -71,6 +78,17 @@ class SPMDParallel:
         return dims.tp > 1 and self.cfg.sequence_parallel
 
     def check_model(self, dims: ParallelDims, hf_config) -> None:
+        if dims.ep > 1:
+            from automodel.moe.experts import num_routed_experts
+
+            n = num_routed_experts(hf_config)
+            kind = getattr(hf_config, "model_type", "this model")
+            if n is None:
+                raise UserError(f"parallel.ep={dims.ep}: {kind} is a dense model (no routed experts to split); "
+                                "use parallel.ep=1")
+            if n % dims.ep:
+                raise UserError(f"parallel.ep={dims.ep} does not divide the {n} experts of {kind}; pick an ep "
+                                f"that divides {n}")
         if dims.tp > 1:
             from automodel.parallel.tensor_parallel import check_tensor_parallel
 
@@ -134,9 +152,16 @@ class SPMDParallel:
         return model  # this rank's part of the model, under the model's own parameter names
 
     def _lay_out(self, model, root, mesh, dims: ParallelDims, mp_policy) -> None:
-        """TP -> CP -> AC -> compile -> FSDP on `model`; `root` (the model itself, or the pipeline stage that
-        runs it) is FSDP's root."""
+        """EP -> TP -> CP -> AC -> compile -> FSDP on `model`; `root` (the model itself, or the pipeline stage
+        that runs it) is FSDP's root."""
         from automodel.parallel.activation_checkpoint import apply_activation_checkpointing, compile_blocks
+
+        # 0. expert parallel
+        experts = []
+        if dims.ep > 1:
+            from automodel.moe.expert_parallel import apply_expert_parallel
+
+            experts = apply_expert_parallel(model, mesh["ep"], type(model).__name__)
 
         # 1. tensor (+ sequence) parallel
         if dims.tp > 1:
@@ -154,7 +179,7 @@ class SPMDParallel:
             blocks = compile_blocks(blocks)
         # 5. FSDP2 / HSDP
         if dims.dp * dims.cp > 1 or (dims.tp == 1 and dims.pp == 1):
-            self._fully_shard(root, blocks, mesh, dims, mp_policy, shell=model)
+            self._fully_shard(root, blocks, mesh, dims, mp_policy, shell=model, experts=experts)
         elif mp_policy is not None:
             log.info("no data parallelism: the precision plugin's FSDP policy is unused (autocast still applies)")
 
@@ -165,17 +190,20 @@ class SPMDParallel:
         return Pipeline(self._stages, dims.pp * self.cfg.pp_virtual_stages, mesh["pp"].get_group(), device,
                         self.cfg.pp_schedule, n_microbatches, loss_fn)
 
-    def _fully_shard(self, model, blocks, mesh, dims: ParallelDims, mp_policy, shell=None) -> None:
+    def _fully_shard(self, model, blocks, mesh, dims: ParallelDims, mp_policy, shell=None, experts=()) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         shard = [n for n in ("dp_shard", "cp") if getattr(dims, n) > 1]
         if len(shard) == 2:
-            mesh[tuple(shard)]._flatten("dp_shard_cp")
+            if "dp_shard_cp" not in (mesh.mesh_dim_names or ()) and dims.ep == 1:
+                mesh[tuple(shard)]._flatten("dp_shard_cp")
             shard = ["dp_shard_cp"]
         fsdp_names = tuple(["dp_replicate"] if dims.dp_replicate > 1 else []) + tuple(shard)
         fsdp_names = fsdp_names or ("dp_shard",)
         fsdp_mesh = mesh[fsdp_names]
         kwargs = {"mesh": fsdp_mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+        if experts:
+            self._fully_shard_experts(experts, mesh, dims, kwargs["mp_policy"], fsdp_mesh.size())
         for i, block in enumerate(blocks):
             # The last block's parameters are needed again first in backward: keeping them saves a gather.
             reshard = self.cfg.reshard_after_forward and i < len(blocks) - 1
@@ -188,6 +216,23 @@ class SPMDParallel:
         fully_shard(model, reshard_after_forward=self.cfg.reshard_after_forward, **kwargs)
         log.info("FSDP2 over %s: %d decoder layers%s + root", "x".join(fsdp_names), len(blocks),
                  f", {len(ends)} embedding/head" if ends else "")
+
+
+    def _fully_shard_experts(self, experts, mesh, dims: ParallelDims, mp_policy, divisor: int) -> None:
+        """Each experts module its own FSDP unit over the ranks that hold the same experts. FSDP would average
+        their gradients over those ranks only, but the loss is scaled for averaging over all `divisor`
+        data-parallel ranks (and each expert already got the gradients of every ep rank's tokens through
+        the all-to-all): so the divisor is the dense layers' one. The expert dimension is sharded by ep;
+        FSDP shards the next one, so a rank's part is a plain block of the stacked tensor."""
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Shard
+
+        names = dims.expert_fsdp_names()
+        for module in experts:
+            fully_shard(module, mesh=mesh[names], mp_policy=mp_policy, reshard_after_forward=self.cfg.reshard_after_forward,
+                        shard_placement_fn=lambda p: Shard(1))
+            module.set_gradient_divide_factor(float(divisor))
+        self._experts = list(experts)
 
 
 def _embedding_and_head(shell, root) -> list:
