@@ -125,7 +125,10 @@ def run_plan(rank: int, world: int, store_path: str, out_dir: str, plan: list, m
                     results[name] = {"crashed_at": crash_at}
                 continue
             result = train(run, *overrides)
-            if not any(o.startswith("parallel=") and o.endswith("_pp") for o in overrides):  # a rank holds stages
+            # a rank holding pipeline stages has no whole forward; context parallel's needs the step's sharded rows
+            whole_forward = not any((o.startswith("parallel=") and ("pp" in o or "cp" in o))
+                                    or (o.startswith("parallel.cp=") and o != "parallel.cp=1") for o in overrides)
+            if whole_forward:
                 save_full_weights(result.model, os.path.join(out_dir, f"{name}.safetensors"))
                 save_logits(result.model, os.path.join(out_dir, f"{name}.logits.safetensors"))
             results[name] = {"losses": [r["loss"] for r in result.records], "steps": [r["step"] for r in result.records],

@@ -131,7 +131,10 @@ def test_resumed_loader_sees_exactly_the_batches_and_ranks_split_the_global_batc
     ranks = [next(data.build(tok, dp_rank=r, dp_size=2, start_step=21, **kw)) for r in (0, 1)]
     whole = steps[21]
     assert ranks[0].num_target_tokens + ranks[1].num_target_tokens == whole.num_target_tokens
-    assert _same_rows(ranks[0].micro_batches + ranks[1].micro_batches, whole.micro_batches)
+    # micro-batch-major shares: the m-th micro-batches of rank 0 and rank 1 are, together, the next rows of the step
+    interleaved = [m for pair in zip(ranks[0].micro_batches, ranks[1].micro_batches) for m in pair]
+    assert len(ranks[0].micro_batches) == len(ranks[1].micro_batches) >= 2
+    assert _same_rows(interleaved, whole.micro_batches)
     other_seed = next(data.build(tok, dp_rank=0, dp_size=1, **{**kw, "seed": 8}))
     assert not _same(other_seed, steps[0])
     # the held-out examples are exactly val_size of the data set, and never in the training units

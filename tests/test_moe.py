@@ -194,6 +194,7 @@ def references(zoo, tmp_path_factory):
     out = tmp_path_factory.mktemp("moe_ref")
     refs = {fam: _one(zoo, str(out / fam), fam, *ON) for fam in FAMILIES}
     refs["micro4"] = _one(zoo, str(out / "micro4"), "qwen3_moe", *ON, "train.micro_batch_size=4")
+    refs["lora"] = _one(zoo, str(out / "lora"), "olmoe", *ON, "peft=lora")
     return refs
 
 
@@ -203,7 +204,9 @@ def two(zoo, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("moe2"))
     q = lambda *extra: mz.overrides(folders["qwen3_moe"], tasks, *extra)  # noqa: E731
     plan = [(fam, fam, None, mz.overrides(folders[fam], tasks, *EP2)) for fam in FAMILIES]
-    plan += [("ckpt_ref", "ckpt_ref", None, q(*EP2, *CKPT, "checkpoint.keep_last=0")),
+    plan += [("tp", "tp", None, q(*ON, "parallel=tp")),  # MoE blocks whole on each tp rank, attention split
+             ("lora_ep2", "lora_ep2", None, mz.overrides(folders["olmoe"], tasks, *EP2, "peft=lora")),
+             ("ckpt_ref", "ckpt_ref", None, q(*EP2, *CKPT, "checkpoint.keep_last=0")),
              ("crash", "resumed", 4, q(*EP2, *CKPT)),
              ("resumed", "resumed", None, q(*EP2, *CKPT, "checkpoint.resume=auto"))]
     return out, _spawn(out, 2, plan)
@@ -217,6 +220,8 @@ def four(zoo, two, tmp_path_factory):
     q = lambda *extra: mz.overrides(folders["qwen3_moe"], tasks, *extra)  # noqa: E731
     plan = [("ep4", "ep4", None, q(*ON, "parallel=fsdp2_ep", "parallel.ep=4", "train.micro_batch_size=2")),
             ("ep2_pp2", "ep2_pp2", None, q(*ON, "parallel=fsdp2_ep_pp", "train.micro_batch_size=2")),
+            ("ep2_tp2", "ep2_tp2", None, q(*EP2, "parallel.tp=2")),
+            ("ep2_cp2", "ep2_cp2", None, q(*EP2, "parallel.cp=2")),
             ("ep4_resumed", "ep4_resumed", None, q(*ON, "parallel=fsdp2_ep", "parallel.ep=4", "train.micro_batch_size=2",
                                                    *CKPT, f"checkpoint.resume={ckpt}"))]
     return out, _spawn(out, 4, plan)
@@ -236,7 +241,8 @@ def test_ep2_equals_one_process_with_the_balancing_loss(two, references, family)
     assert references[family]["losses"][0] != pytest.approx(r[family]["records"][0]["aux_loss"])
 
 
-def test_each_rank_holds_half_of_every_expert_tensor(two, zoo):
+def test_each_rank_holds_half_of_every_expert_tensor_and_reads_only_its_half(two, zoo):
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     from automodel.moe.experts import experts_modules
@@ -247,6 +253,11 @@ def test_each_rank_holds_half_of_every_expert_tensor(two, zoo):
         full = sum(p.numel() for _, m in experts_modules(AutoModelForCausalLM.from_pretrained(folders[fam]))
                    for p in m.parameters(recurse=False))
         assert r[fam]["expert_numel"] == [full // 2, full // 2], fam
+        with safe_open(os.path.join(folders[fam], "model.safetensors"), "pt") as f:
+            stored = sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
+                         else int(torch.tensor(f.get_slice(k).get_shape()).prod()) for k in f.keys())
+        # experts split by ep, everything else by FSDP: each rank reads its half (small replicated buffers aside)
+        assert all(n <= 0.51 * stored for n in r[fam]["hf_read_numel"]), (fam, r[fam]["hf_read_numel"], stored)
 
 
 def test_ep_resume_is_bitwise(two):
@@ -284,10 +295,31 @@ def test_deepseek_correction_bias_follows_the_load(two, zoo):
         assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() <= 6
 
 
-def test_ep4_and_ep_by_pp_equal_one_process(four, references):
+def test_moe_under_tp_and_lora_under_ep_equal_one_process(two, references, zoo):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, r = two
+    _assert_matches(r["tp"], references["qwen3_moe"])
+    _assert_matches(r["lora_ep2"], references["lora"])
+    # LoRA on attention only (experts are opt-in: peft.target_experts); the adapter loads with peft
+    folders, _ = zoo
+    final = r["lora_ep2"]["final_dir"]
+    base = AutoModelForCausalLM.from_pretrained(folders["olmoe"])
+    adapted = PeftModel.from_pretrained(base, os.path.join(final, "adapter"))
+    assert not any("experts" in n or ".gate." in n for n, _ in adapted.named_parameters() if "lora_" in n)
+    probe = mz.probe_batch()
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(final)(probe).logits
+        assert (adapted(probe).logits - merged).abs().max() < 1e-5
+
+
+def test_ep4_and_ep_by_pp_tp_cp_equal_one_process(four, references):
     _, r = four
     _assert_matches(r["ep4"], references["qwen3_moe"])
     _assert_matches(r["ep2_pp2"], references["micro4"])
+    _assert_matches(r["ep2_tp2"], references["qwen3_moe"])
+    _assert_matches(r["ep2_cp2"], references["qwen3_moe"])
     assert len(set(r["ep4"]["expert_numel"])) == 1
 
 

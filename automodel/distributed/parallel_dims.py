@@ -84,25 +84,29 @@ class ParallelDims:
         from torch.distributed.device_mesh import init_device_mesh
 
         base = [n for n in DIM_NAMES if getattr(self, n) > 1] or ["dp_shard"]
-        if self.ep > 1:  # dp_shard as dp_shard_mod_ep x ep, both kept even when one is 1
-            at = base.index("dp_shard") if "dp_shard" in base else len([n for n in base if n in ("pp", "dp_replicate")])
-            base = [n for n in base if n != "dp_shard"]
-            base[at:at] = ["dp_shard_mod_ep", "ep"]
+        if self.ep > 1:  # dp_shard as dp_shard_mod_ep x ep (both kept even when one is 1), ep after cp:
+            at = base.index("dp_shard")  # the experts' FSDP dimensions (dp_shard_mod_ep, cp) then precede ep
+            data = ["dp_shard_mod_ep", *(["cp"] if self.cp > 1 else []), "ep"]
+            base = base[:at] + data + [n for n in base[at + 1 :] if n != "cp"]
         size = {"dp_shard_mod_ep": self.dp_shard // self.ep, **{n: getattr(self, n) for n in (*DIM_NAMES, "ep")}}
         mesh = init_device_mesh(device_type, tuple(size[n] for n in base), mesh_dim_names=tuple(base))
+
+        def flatten(names, as_name):
+            mesh[tuple(sorted(names, key=base.index))]._flatten(as_name)
+
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*flattened dim.*")
             shard = ["dp_shard_mod_ep", "ep"] if self.ep > 1 else (["dp_shard"] if "dp_shard" in base else [])
             if self.ep > 1:
-                mesh[tuple(shard)]._flatten("dp_shard")
+                flatten(shard, "dp_shard")
                 if self.cp > 1:
-                    mesh[(*shard, "cp")]._flatten("dp_shard_cp")
-                    mesh[("dp_shard_mod_ep", "cp")]._flatten("expert_fsdp")
+                    flatten([*shard, "cp"], "dp_shard_cp")
+                    flatten(["dp_shard_mod_ep", "cp"], "expert_fsdp")
             dp_names = (["dp_replicate"] if "dp_replicate" in base else []) + shard
             if len(dp_names) > 1:
-                mesh[tuple(dp_names)]._flatten("dp")
+                flatten(dp_names, "dp")
             if dp_names and self.cp > 1:
-                mesh[(*dp_names, "cp")]._flatten("dp_cp")
+                flatten([*dp_names, "cp"], "dp_cp")
         return mesh
 
     def token_mesh(self, mesh):

@@ -125,9 +125,13 @@ def _load(tensor: torch.Tensor, name: str, source, device, stats: _Stats) -> Non
     """Fill `tensor` (this rank's shard) from the source: only its own region when the layout is plain
     row/column blocks, else the whole tensor, sliced here."""
     stored = source.shape(name) if hasattr(source, "shape") else None
-    region = _region(tensor) if stored is not None else None  # a block is read alone only when sizes are known
+    # a block is read alone when the stored size is known, or the source reads blocks of a converted tensor
+    blocks = stored is not None or (hasattr(source, "reads_blocks") and source.reads_blocks(name))
+    region = _region(tensor) if blocks else None
     value = source.get(name, region) if region is not None else source.get(name)
     whole = stored if stored is not None else tuple(value.shape)
+    if region is not None and stored is None:  # a converted block: it must be the block's shape
+        whole = tuple(tensor.shape) if tuple(value.shape) == tuple(s.stop - s.start for s in region) else value.shape
     if tuple(whole) != tuple(tensor.shape):
         raise UserError(f"{source.describe()} holds '{name}' with shape {tuple(whole)} but the model expects "
                         f"{tuple(tensor.shape)}; it does not hold this architecture's weights")

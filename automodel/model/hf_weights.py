@@ -8,7 +8,10 @@ on-disk tensors that make up each in-memory tensor. Nothing here knows a model n
 
 `get(name)` returns one whole in-memory tensor (the materializer keeps this rank's slice of it), so a
 rank holds at most the largest single tensor (and, for a fused tensor, the pieces it is made of) on top
-of its shards. safetensors only: pickled weights are never loaded.
+of its shards. A block of a stored tensor is read alone (`get(name, region)`); so is a block of experts of
+a tensor stacked from per-expert stored tensors (transformers' `MergeModulelist` over dim 0): only the
+experts in the block are read and converted, so under expert parallel a rank reads only its experts.
+safetensors only: pickled weights are never loaded.
 """
 
 from __future__ import annotations
@@ -115,9 +118,17 @@ class HFWeights:
             self._handles[f] = safe_open(os.path.join(self.folder, f), framework="pt")
         return tuple(self._handles[f].get_slice(key).get_shape())
 
+    def reads_blocks(self, name: str) -> bool:
+        """Whether `get(name, region)` reads only the block (stored as is, or stacked from per-expert tensors)."""
+        if name in self._pending or self._aliases.get(name, name) != name:
+            return False
+        converter = self._targets[name][0]
+        return converter is None or _stacks_experts(converter)
+
     def get(self, name: str, region: tuple | None = None):
         """The in-memory tensor `name`, converted as transformers would; `region` (slices, one per dim): only
-        that part of it, read alone from disk when the stored tensor needs no conversion."""
+        that part of it, read alone from disk when the stored tensor needs no conversion or is stacked from
+        per-expert tensors."""
         if name in self._pending:
             value = self._pending.pop(name)
             return value[region] if region else value
@@ -125,6 +136,10 @@ class HFWeights:
         converter, sources = self._targets[primary]
         if converter is None:
             return self._read(sources[0][1], region)
+        if region is not None and name == primary and _stacks_experts(converter):
+            first, last = region[0].start, region[0].stop
+            sources = [(p, k) for p, k in sources if first <= _expert_index(p, k) < last]
+            region = (slice(None), *region[1:])
         conv = copy.deepcopy(converter)
         for pattern, key in sources:
             conv.add_tensor(primary, key, pattern, lambda key=key: self._read(key))
@@ -142,3 +157,20 @@ class HFWeights:
     def close(self) -> None:
         self._handles.clear()
         self._pending.clear()
+
+
+def _stacks_experts(converter) -> bool:
+    """A converter whose first step stacks per-expert stored tensors along dim 0 into one output."""
+    ops = getattr(converter, "operations", None) or []
+    return (bool(ops) and type(ops[0]).__name__ == "MergeModulelist" and getattr(ops[0], "dim", 0) == 0
+            and len(converter.target_patterns) == 1)
+
+
+def _expert_index(pattern: str, key: str) -> int:
+    """The expert number the `*` of a stored-key pattern (e.g. '.experts.*.w1.weight') stands for in `key`."""
+    import re
+
+    match = re.search(re.escape(pattern).replace(r"\*", r"(\d+)") + "$", key)
+    if match is None:
+        raise UserError(f"stored tensor '{key}' does not follow its conversion pattern '{pattern}'")
+    return int(match.group(1))

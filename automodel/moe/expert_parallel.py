@@ -43,6 +43,10 @@ def apply_expert_parallel(model: nn.Module, ep_mesh, model_name: str) -> list[nn
     if not found:
         raise UserError(f"parallel.ep={ep}: {model_name} has no routed experts (a dense model); use parallel.ep=1")
     for name, module in found:
+        if "base_layer" in name.split("."):
+            raise UserError(f"parallel.ep={ep}: the routed experts of {model_name} carry LoRA adapters "
+                            "(peft.target_experts=true), which expert parallel cannot split yet; use "
+                            "peft.target_experts=false (LoRA on attention and dense layers) or parallel.ep=1")
         if module.num_experts % ep:
             raise UserError(f"parallel.ep={ep} does not divide the {module.num_experts} experts of {model_name} "
                             f"({name}); pick an ep that divides {module.num_experts}")
@@ -60,15 +64,30 @@ def apply_expert_parallel(model: nn.Module, ep_mesh, model_name: str) -> list[nn
     return [m for _, m in found]
 
 
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
 @contextlib.contextmanager
-def _local_experts(module: nn.Module, n_local: int):
+def _local_experts(module: nn.Module, n_local: int, ep: int):
     """The module's parameters as this rank's local tensors (differentiable views of the DTensors, which
-    FSDP may have just all-gathered) and its expert count as the local one, for the model's own forward."""
+    FSDP may have just all-gathered) and its expert count as the local one, for the model's own forward.
+
+    Gradient scale: every expert already receives the gradients of all ep ranks' tokens (through the
+    all-to-all), while FSDP averages each expert's gradient only over the ranks that hold it (dp / ep of
+    them); the loss is scaled for averaging over all dp ranks, so the local views scale by 1 / ep."""
     saved = dict(module._parameters)
     saved_n = module.num_experts
     for name, p in saved.items():
         if p is not None and hasattr(p, "to_local"):
-            module._parameters[name] = p.to_local()
+            module._parameters[name] = _ScaleGrad.apply(p.to_local(), 1.0 / ep)
     module.num_experts = n_local
     try:
         yield [module._parameters[n] for n in saved if module._parameters[n] is not None]
@@ -96,7 +115,7 @@ def _ep_forward(module, local_forward, group, ep: int, n_experts: int, hidden_st
     rows = hidden_states[order // k]
     rows = _wait(all_to_all(rows.contiguous(), recv_splits, send_splits, group))
     local_expert = torch.repeat_interleave(torch.arange(n_local, device=rows.device).repeat(ep), received.view(-1))
-    with _local_experts(module, n_local) as params:
+    with _local_experts(module, n_local, ep) as params:
         out = local_forward(rows, local_expert.unsqueeze(1), rows.new_ones(rows.shape[0], 1))
         if rows.shape[0] == 0:  # no pair for this rank's experts: keep them in the graph (FSDP reduces their grads)
             out = out + sum(p.reshape(-1)[:1].sum() for p in params if p.requires_grad) * 0.0

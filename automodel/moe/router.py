@@ -71,11 +71,19 @@ def _layer_number(name: str, default: int) -> int:
     return next((int(part) for part in name.split(".") if part.isdigit()), default)
 
 
-def _router_of(block: nn.Module, experts: nn.Module, hidden: int) -> Optional[nn.Module]:
-    for child in block.children():
-        w = getattr(child, "weight", None)
-        if child is not experts and isinstance(w, torch.Tensor) and tuple(w.shape) == (experts.num_experts, hidden):
-            return child
+def _router_of(model: nn.Module, name: str, experts: nn.Module, hidden: int) -> Optional[nn.Module]:
+    """The module beside the experts (in their MoE block, or an adapter's wrapper of them) whose weight is
+    [num_experts, hidden]; searched from the experts' parent outwards."""
+    modules = dict(model.named_modules())
+    parts = name.split(".")
+    for up in range(len(parts) - 1, 0, -1):
+        block, path = modules[".".join(parts[:up])], ".".join(parts[up:])
+        for sub, module in block.named_modules():
+            if not sub or path == sub or path.startswith(sub + ".") or sub.startswith(parts[up] + "."):
+                continue  # the experts' own branch
+            w = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+            if isinstance(w, torch.Tensor) and tuple(w.shape) == (experts.num_experts, hidden):
+                return module
     return None
 
 
@@ -113,11 +121,9 @@ class RouterLosses:
         if not found:
             return None
         hidden = hf_config.hidden_size
-        modules = dict(model.named_modules())
         layers = []
         for i, (name, experts) in enumerate(found):
-            block = modules[name.rpartition(".")[0]] if "." in name else model
-            router = _router_of(block, experts, hidden)
+            router = _router_of(model, name, experts, hidden)
             if router is None:
                 raise RuntimeError(f"{name}: no router beside the experts (a child with a [{experts.num_experts}, "
                                    f"{hidden}] weight)")

@@ -13,8 +13,8 @@ only in sizes. The order the layers are applied in is fixed here, once (torchtit
   FSDP then shards over dp_shard x cp (the cp ranks' gradients are summed through it).
 - EP: automodel/moe/expert_parallel.py, before everything else (on the meta model): every MoE layer's
   experts split over `ep` (carved out of dp_shard), tokens exchanged by all-to-all. FSDP then shards each
-  rank's experts over the data-parallel ranks holding the same experts, with the dense layers' gradient
-  divisor, so one process and N ranks compute the same update.
+  rank's experts over the data-parallel ranks holding the same experts (gradients scaled so that one
+  process and N ranks compute the same update).
 - PP: pipeline.py. The model is first cut into this rank's stages (gpipe, 1f1b, or interleaved_1f1b
   with several stages per rank); every stage then gets the order above (TP -> ... -> FSDP, the stage
   as FSDP's root). The engine runs the step through `pipeline(...)`'s schedule. At set-up (`check_model`) a
@@ -203,7 +203,7 @@ class SPMDParallel:
         fsdp_mesh = mesh[fsdp_names]
         kwargs = {"mesh": fsdp_mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
         if experts:
-            self._fully_shard_experts(experts, mesh, dims, kwargs["mp_policy"], fsdp_mesh.size())
+            self._fully_shard_experts(experts, mesh, dims, kwargs["mp_policy"])
         for i, block in enumerate(blocks):
             # The last block's parameters are needed again first in backward: keeping them saves a gather.
             reshard = self.cfg.reshard_after_forward and i < len(blocks) - 1
@@ -218,12 +218,10 @@ class SPMDParallel:
                  f", {len(ends)} embedding/head" if ends else "")
 
 
-    def _fully_shard_experts(self, experts, mesh, dims: ParallelDims, mp_policy, divisor: int) -> None:
-        """Each experts module its own FSDP unit over the ranks that hold the same experts. FSDP would average
-        their gradients over those ranks only, but the loss is scaled for averaging over all `divisor`
-        data-parallel ranks (and each expert already got the gradients of every ep rank's tokens through
-        the all-to-all): so the divisor is the dense layers' one. The expert dimension is sharded by ep;
-        FSDP shards the next one, so a rank's part is a plain block of the stacked tensor."""
+    def _fully_shard_experts(self, experts, mesh, dims: ParallelDims, mp_policy) -> None:
+        """Each experts module its own FSDP unit over the ranks that hold the same experts (FSDP averages
+        their gradients over those ranks; expert_parallel.py scales them for the rest). The expert dimension
+        is sharded by ep; FSDP shards the next one, so a rank's part is a plain block of the stacked tensor."""
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import Shard
 
@@ -231,7 +229,6 @@ class SPMDParallel:
         for module in experts:
             fully_shard(module, mesh=mesh[names], mp_policy=mp_policy, reshard_after_forward=self.cfg.reshard_after_forward,
                         shard_placement_fn=lambda p: Shard(1))
-            module.set_gradient_divide_factor(float(divisor))
         self._experts = list(experts)
 
 

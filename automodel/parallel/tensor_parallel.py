@@ -22,6 +22,12 @@ out so the wrapper's sum `base(x) + up(down(x))` adds tensors of one layout. Fro
 is a DTensor on the tp mesh; replicated adapter weights get gradients summed over tp ranks where their
 input is split, identical ones where it is not, and count once in the grad norm.
 
+Mixture-of-experts blocks (the parent of a routed-experts module, see automodel/moe/experts.py) are not
+split over tp: HF's plan entries inside them (`moe_tp_experts`, shared experts) are dropped, the block takes
+the whole sequence (all-gathered under SP) and hands back this rank's part. Every tp rank then routes and
+computes the same tokens, so the router's and experts' gradients are already the same on every tp rank;
+experts are split by expert parallel (parallel.ep) instead.
+
 The engine still passes global `position_ids` under SP (see `ParallelHints`); with the replicated
 embedding output HF would derive the same ones.
 """
@@ -218,6 +224,27 @@ def _gathered_output_hook(mesh):
     return hook
 
 
+def _split_output_hook(mesh):
+    """Forward hook: a block's whole-sequence output (the same on every tp rank), cut to this rank's part of the
+    sequence; in backward each rank gets the gradient of the whole output (all-gathered)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    def split(x):
+        return DTensor.from_local(x, mesh, (Replicate(),), run_check=False).redistribute(mesh, (Shard(1),)).to_local()
+
+    def hook(module, args, output):
+        return (split(output[0]), *output[1:]) if isinstance(output, tuple) else split(output)
+
+    return hook
+
+
+def _moe_blocks(base: nn.Module) -> list[str]:
+    """Names of the modules that hold a routed-experts module (MoE blocks), in `base`'s naming."""
+    from automodel.moe.experts import experts_modules
+
+    return sorted({name.rpartition(".")[0] for name, _ in experts_modules(base)})
+
+
 def _is_hidden_norm(module: nn.Module, hidden: int) -> bool:
     params = list(module.parameters(recurse=True))
     return bool(params) and all(p.dim() == 1 and p.shape[0] == hidden for p in params)
@@ -229,6 +256,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool,
     base = hf_base(model)
     plan = resolve_plan(model)
     modules = dict(base.named_modules())
+    moe_blocks = _moe_blocks(base)
+    plan = {n: k for n, k in plan.items() if not any(n == b or n.startswith(b + ".") for b in moe_blocks)}
     out_emb, in_emb = base.get_output_embeddings(), base.get_input_embeddings()
     tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
     hidden = base.config.hidden_size
@@ -278,8 +307,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool,
         for name, module in modules.items():
             if name in planned or name in gathered or not name:
                 continue
-            if any(name.startswith(p + ".") for p in gathered | planned):
-                continue  # inside attention/MLP: runs on the gathered sequence
+            if any(name.startswith(p + ".") for p in gathered | planned | set(moe_blocks)):
+                continue  # inside attention/MLP/MoE: runs on the gathered sequence
             if _is_hidden_norm(module, hidden) and not any(
                     m is not module and _is_hidden_norm(m, hidden) for m in module.children()):
                 styles[name] = SequenceParallel(use_local_output=True)
@@ -289,8 +318,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool,
     for n, p in base.named_parameters():  # torch's SequenceParallel makes every parameter it replaces trainable
         if n in frozen:
             p.requires_grad_(False)
-    for name in gathered:
+    for name in gathered | (set(moe_blocks) if sequence_parallel else set()):
         modules[name].register_forward_pre_hook(_sequence_hook(tp_mesh, gather_=True), with_kwargs=True)
+    if sequence_parallel:
+        for name in moe_blocks:
+            modules[name].register_forward_hook(_split_output_hook(tp_mesh))
     if sequence_parallel:
         blocks = decoder_layers(model)
         blocks[0].register_forward_pre_hook(_sequence_hook(tp_mesh, gather_=False), with_kwargs=True)

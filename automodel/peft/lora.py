@@ -32,6 +32,7 @@ class LoRAConfig:
     dropout: float = 0.0
     target_modules: Any = "all-linear"  # a list of module names, or peft's for every linear layer but the output head
     init: str = "gaussian"  # peft `init_lora_weights`: gaussian | true (kaiming-uniform A) | false (A, B as peft leaves them)
+    target_experts: bool = False  # MoE models: also adapt the routed experts and routers (peft's parameter targets)
     base_model_name_or_path: Optional[str] = None  # recorded in adapter_config.json (default: model.path)
 
 
@@ -47,19 +48,46 @@ class LoRA:
     def _init(self):
         return {"true": True, "default": True, "false": False}.get(str(self.cfg.init).lower(), "gaussian")
 
-    def _peft_config(self):
+    def _peft_config(self, model=None):
         from peft import LoraConfig
 
         init = self._init()
-        return LoraConfig(
+        config = LoraConfig(
             r=self.cfg.r, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout,
             target_modules=self.cfg.target_modules, init_lora_weights=init, task_type="CAUSAL_LM",
         )
+        if model is not None and not self.cfg.target_experts:
+            config = self._without_experts(config, model)
+        return config
+
+    @staticmethod
+    def _without_experts(config, model):
+        """peft (for transformers 5) turns the targets of an MoE model into parameter targets on its stacked
+        experts and its router; resolved here the same way, and those dropped, so only the modules stay."""
+        from automodel.moe.experts import experts_modules
+
+        if not experts_modules(model):
+            return config
+        try:
+            from peft.utils.transformers_weight_conversion import (
+                convert_peft_config_for_transformers,
+                get_model_conversion_mapping,
+            )
+        except ImportError:  # a peft without transformers-5 conversions targets no parameters on its own
+            return config
+        import copy
+
+        resolved = copy.deepcopy(config)
+        convert_peft_config_for_transformers(resolved, model=model, conversions=get_model_conversion_mapping(model))
+        if not getattr(resolved, "target_parameters", None):
+            return config
+        config.target_modules = sorted(resolved.target_modules)
+        return config
 
     def apply(self, model):
         from peft import get_peft_model
 
-        return get_peft_model(model, self._peft_config())
+        return get_peft_model(model, self._peft_config(model))
 
     def init_module(self, name: str, module) -> bool:
         """Initialize one adapter matrix (a full-size copy of it) as peft would; False for anything else."""
