@@ -324,6 +324,20 @@ LAYOUTS = {
 }
 REFERENCE_OF = {"fsdp2": "full", "tp": "full", "pp": "full", "lora_tp": "lora"}
 REFERENCES = {"full": [], "lora": ["peft=lora"]}
+# MoE layouts (scripts/moe_matrix.py): name -> (world, overrides, the one-process reference's overrides). The
+# balancing loss is per global micro-batch (micro_batch_size x dp rows; ep does not reduce dp), so the reference
+# runs micro-batches of that size: micro x world / (tp x pp x cp). Global batch 8 (STEPS).
+MOE_LAYOUTS = {
+    "ep2": (2, ["parallel=fsdp2_ep", "train.micro_batch_size=4"], ["train.micro_batch_size=8"]),
+    "ep4": (4, ["parallel=fsdp2_ep", "parallel.ep=4", "train.micro_batch_size=2"], ["train.micro_batch_size=8"]),
+    "tp": (2, ["parallel=tp"], ["train.micro_batch_size=8"]),  # dp 1: one micro-batch of 8
+    "ep2_tp2": (4, ["parallel=fsdp2_ep", "parallel.tp=2", "train.micro_batch_size=4"], ["train.micro_batch_size=8"]),
+    "ep2_pp2": (4, ["parallel=fsdp2_ep_pp", "train.micro_batch_size=2"], ["train.micro_batch_size=4"]),  # dp 2
+    "ep2_cp2": (4, ["parallel=fsdp2_ep", "parallel.cp=2", "train.micro_batch_size=4"], ["train.micro_batch_size=8"]),
+    "lora_ep2": (2, ["parallel=fsdp2_ep", "train.micro_batch_size=4", "peft=lora"],
+                 ["train.micro_batch_size=8", "peft=lora"]),
+    "dp2_ep2_pp2": (8, ["parallel=fsdp2_ep_pp", "train.micro_batch_size=2"], ["train.micro_batch_size=8"]),  # dp 4
+}
 
 TOL_LOSS = 1e-5  # max |loss diff| over the 6 steps (fp32)
 TOL_GRAD_REL = 1e-4  # max relative grad-norm diff

@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from helpers import MICRO, compose, leave_group
 
+MIXTRAL = ["model.config.model_type=mixtral", "+model.config.num_local_experts=4", "+model.config.num_experts_per_tok=2"]
 LAYOUTS = {
     "fsdp2": ["parallel=fsdp2"],
     "tp": ["parallel=tp"],
@@ -18,6 +19,9 @@ LAYOUTS = {
     "cp": ["parallel=cp"],
     "gemma3_fsdp2": ["parallel=fsdp2", "model.config.model_type=gemma3_text", "+model.config.head_dim=16",
                      "model.config.tie_word_embeddings=true"],
+    # stacked experts are initialized one expert at a time, each rank only its own (ep: half the experts)
+    "mixtral_ep": ["parallel=fsdp2_ep", *MIXTRAL],
+    "mixtral_fsdp2": ["parallel=fsdp2", *MIXTRAL],
 }
 
 

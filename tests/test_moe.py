@@ -151,6 +151,17 @@ def test_router_coefficients_are_checked_in_one_line():
         validate(compose("+moe.aux_los=1"))
 
 
+def test_experts_implementation_is_checked_and_reaches_the_model_config():
+    plugin = lambda *o: validate(compose("model=hf", "model.path=null", *o)).plugins["model"]  # noqa: E731
+    moe = ["+model.config.model_type=mixtral"]
+    assert plugin(*moe, "model.experts_implementation=eager").hf_config()._experts_implementation == "eager"
+    with pytest.raises(UserError, match=r"^model.experts_implementation='fast': choose one of grouped_mm, batched_mm, "
+                                        r"eager \(null: grouped_mm\)$"):
+        plugin(*moe, "model.experts_implementation=fast").hf_config()
+    with pytest.raises(UserError, match=r"^model.experts_implementation='eager': llama has no routed experts"):
+        plugin("+model.config.model_type=llama", "model.experts_implementation=eager").hf_config()
+
+
 def test_ep_presets_compose_on_their_world_sizes():
     assert _spmd("parallel=fsdp2_ep").dims(4).describe() == "dp_shard=4 x ep=2 (of dp_shard)"
     assert _spmd("parallel=fsdp2_ep_pp").dims(8).describe() == "pp=2 x dp_shard=4 x ep=2 (of dp_shard)"

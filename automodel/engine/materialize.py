@@ -175,11 +175,43 @@ def _init_module(module: nn.Module, name: str, own: dict, inits: list[ModuleInit
     """Run the module's initializer on a full-size shadow of it (its own tensors only), then keep our slices.
 
     A tensor the initializer never wrote (its version counter did not move) is refused rather than
-    trained from uninitialized memory."""
+    trained from uninitialized memory. Stacked experts (a module whose tensors all have num_experts rows,
+    see automodel/moe/experts.py) are initialized one expert at a time, each seeded by its own name: a
+    DeepSeek-V3 layer's experts are 30 GB in fp32, and a rank needs only its own."""
+    region = _expert_rows(module, own)
+    if region is not None:
+        for e in range(*region):
+            _init_shadow(module, f"{name}#{e}", own, inits, seed, device, stats, rows=(e, e - region[0]))
+        return
+    _init_shadow(module, name, own, inits, seed, device, stats)
+
+
+def _expert_rows(module: nn.Module, own: dict) -> tuple[int, int] | None:
+    """(first, end) of the experts whose rows this rank holds, for a stacked-experts module; else None."""
+    n = getattr(module, "num_experts", None)
+    if not hasattr(module, "_is_expert_parallel") or not isinstance(n, int) or n < 2:
+        return None
+    ranges = set()
+    for t, _ in own.values():
+        if t.dim() < 2 or t.shape[0] != n:
+            return None
+        region = _region(t) if hasattr(t, "device_mesh") else tuple(slice(0, d) for d in t.shape)
+        if region is None:
+            return None
+        ranges.add((region[0].start, region[0].stop))
+    return ranges.pop() if len(ranges) == 1 else None
+
+
+def _init_shadow(module: nn.Module, name: str, own: dict, inits: list[ModuleInit], seed: int, device,
+                 stats: _Stats, rows: tuple[int, int] | None = None) -> None:
+    """`rows=(expert, local row)`: the shadow holds that one expert (num_experts=1) and fills that local row."""
     shadow = object.__new__(_plain_class(module))  # the module's own class: isinstance checks still hold
     shadow.__dict__ = dict(module.__dict__)
     shadow._modules = {}  # an initializer touches only the module's own tensors
-    full = {k: torch.empty(tuple(t.shape), dtype=t.dtype, device=device) for k, (t, _) in own.items()}
+    shape = {k: (1, *t.shape[1:]) if rows else tuple(t.shape) for k, (t, _) in own.items()}
+    if rows:
+        shadow.num_experts = 1
+    full = {k: torch.empty(shape[k], dtype=t.dtype, device=device) for k, (t, _) in own.items()}
     # unset entries (a Linear's bias=None) stay as they are; tensors already filled (a tied weight) stay out
     shadow._parameters = {k: nn.Parameter(full[k], requires_grad=False) if k in full else None
                           for k, p in module._parameters.items() if k in full or p is None}
@@ -200,6 +232,12 @@ def _init_module(module: nn.Module, name: str, own: dict, inits: list[ModuleInit
         if not handled or value is None or (not replaced and full[k]._version == versions[k]):
             raise UserError(f"cannot initialize '{name}.{k}' ({type(module).__name__}) on the meta device: the model's "
                             "initializer leaves it unset; load pretrained weights (model.path) for this model")
+        if rows:  # one expert: its row of this rank's block (the other dims as the block has them)
+            region = _region(tensor) if hasattr(tensor, "device_mesh") else None
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            local[rows[1]].copy_(value.detach()[0][region[1:]] if region else value.detach()[0])
+            stats.initialized += rows[1] == 0
+            continue
         _copy_shard(tensor, value.detach())
         stats.initialized += 1
 

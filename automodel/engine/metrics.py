@@ -42,9 +42,9 @@ class Progress:
             self._bar = RichProgress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                TextColumn("{task.fields[extra]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             )
-            self._task = self._bar.add_task("train", total=total_steps, loss="-", tps="-")
+            self._task = self._bar.add_task("train", total=total_steps, loss="-", tps="-", extra="")
             self._bar.start()
         self._t0 = time.perf_counter()
 
@@ -57,17 +57,26 @@ class Progress:
             return
         if self._bar is not None:
             self._bar.update(self._task, completed=record["step"], loss=f"{record['loss']:.4f}",
-                             tps=f"{record['tokens_per_s']:,.0f}")
+                             tps=f"{record['tokens_per_s']:,.0f}", extra=_moe(record))
             return
         done = record["step"] / self.total
         elapsed = time.perf_counter() - self._t0
         eta = elapsed / done - elapsed if done else 0.0
-        log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %s tok/s  ETA %s", record["step"], self.total,
-                 record["loss"], record["lr"], record["grad_norm"], f"{record['tokens_per_s']:,.0f}", _hms(eta))
+        log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %s tok/s%s  ETA %s", record["step"], self.total,
+                 record["loss"], record["lr"], record["grad_norm"], f"{record['tokens_per_s']:,.0f}",
+                 f"  {_moe(record)}" if "moe_load_max_over_mean" in record else "", _hms(eta))
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+def _moe(record: dict) -> str:
+    """A mixture-of-experts run's worst layer: its busiest expert's load over the mean (1.0 is balanced)."""
+    if "moe_load_max_over_mean" not in record:
+        return ""
+    aux = f" aux {record['aux_loss']:.3f}" if "aux_loss" in record else ""
+    return f"experts max/mean {record['moe_load_max_over_mean']:.2f} (layer {record['moe_worst_layer']}){aux}"
 
 
 def _hms(seconds: float) -> str:

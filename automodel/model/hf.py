@@ -30,6 +30,7 @@ class HFModelConfig:
     revision: Optional[str] = None
     trust_remote_code: bool = False  # runs code from the model repo: only for repos you trust
     attn_implementation: Optional[str] = None  # null: transformers' choice for this model (sdpa where it supports it)
+    experts_implementation: Optional[str] = None  # MoE models: grouped_mm | batched_mm | eager; null: grouped_mm
 
 
 def _default_attention(cfg) -> str:
@@ -98,6 +99,17 @@ class HFModel:
             setattr(cfg, key, value)
         cfg.use_cache = False  # training never uses the KV cache; leaving it on also hides packed sequences
         cfg._attn_implementation = self.cfg.attn_implementation or _default_attention(cfg)
+        if self.cfg.experts_implementation is not None:
+            from automodel.moe.experts import num_routed_experts
+
+            choices = ("grouped_mm", "batched_mm", "eager")
+            if self.cfg.experts_implementation not in choices:
+                raise UserError(f"model.experts_implementation={self.cfg.experts_implementation!r}: choose one of "
+                                f"{', '.join(choices)} (null: grouped_mm)")
+            if num_routed_experts(cfg) is None:
+                raise UserError(f"model.experts_implementation={self.cfg.experts_implementation!r}: "
+                                f"{getattr(cfg, 'model_type', 'the model')} has no routed experts; leave it null")
+            cfg._experts_implementation = self.cfg.experts_implementation
         return cfg
 
     def weights_folder(self) -> Optional[str]:
