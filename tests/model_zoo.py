@@ -76,7 +76,7 @@ ERNIE_TOK = ("LlamaTokenizerFast", "sentencepiece",
                   additional_special_tokens=["<|begin_of_sentence|>", "<|end_of_sentence|>"]))
 
 UNTIED_NOTE = "untied here (tie_word_embeddings=false) so that pipeline parallel can split it"
-MOE_TP_NOTE = "tp refused: automodel lays out no 'moe_tp_experts' (fused experts) today"
+MOE_TP_NOTE = "under tp each MoE block stays whole per rank (experts split by parallel.ep instead)"
 
 FAMILIES: dict[str, dict] = {
     "llama": dict(model_type="llama", config={}, tokenizer=LLAMA2_TOK,
@@ -120,12 +120,13 @@ FAMILIES: dict[str, dict] = {
                       notes=f"MoE 4 experts top-2 every layer; per-head q/k norms; {MOE_TP_NOTE}"),
     "deepseek_v3": dict(model_type="deepseek_v3",
                         config=dict(num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=4,
-                                    n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                    n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
                                     first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
                                     qk_nope_head_dim=8, v_head_dim=16, head_dim=8, routed_scaling_factor=2.5),
                         tokenizer=DEEPSEEK_TOK,
                         notes="MLA attention (q/kv LoRA ranks 32/16, rope dim 8); layer 0 dense, 1-3 MoE "
-                              "(4 routed + 1 shared expert, top-2, sigmoid router with bias correction); kv heads 4; "
+                              "(4 routed + 1 shared expert, top-2 within the best of 2 expert groups, sigmoid router "
+                              "with bias correction); kv heads 4; "
                               f"{MOE_TP_NOTE}"),
     "gpt_oss": dict(model_type="gpt_oss", config=dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
                                                       intermediate_size=64, sliding_window=16,
@@ -314,7 +315,9 @@ STEPS = ["train.max_steps=6", "train.log_every=1", "train.global_batch_size=8", 
          "train.sample_prompts=0", "train.device=cpu", "checkpoint=hf_export",
          # the router's balancing loss is per global micro-batch, which these layouts group differently from one
          # process (tests/test_moe.py checks it where the grouping is the same); dense families ignore it
-         "moe.aux_loss_coef=0"]
+         "moe.aux_loss_coef=0",
+         # DeepSeek-V3's correction-bias balancing is a training rule of its own (not AdamW's): off for the anchors
+         "moe.bias_update_rate=0"]
 # 2-rank layouts, and the one-process run each is compared with
 LAYOUTS = {
     "fsdp2": ["parallel=fsdp2", "train.micro_batch_size=2"],  # dp 2 x 2 micro-batches of 2
@@ -336,7 +339,8 @@ MOE_LAYOUTS = {
     "ep2_cp2": (4, ["parallel=fsdp2_ep", "parallel.cp=2", "train.micro_batch_size=4"], ["train.micro_batch_size=8"]),
     "lora_ep2": (2, ["parallel=fsdp2_ep", "train.micro_batch_size=4", "peft=lora"],
                  ["train.micro_batch_size=8", "peft=lora"]),
-    "dp2_ep2_pp2": (8, ["parallel=fsdp2_ep_pp", "train.micro_batch_size=2"], ["train.micro_batch_size=8"]),  # dp 4
+    # dp 4 (ep 2 of it): 1f1b needs >= 2 micro-batches a step, so micro-batches of 1 (global micro-batch 4)
+    "dp2_ep2_pp2": (8, ["parallel=fsdp2_ep_pp", "train.micro_batch_size=1"], ["train.micro_batch_size=4"]),
 }
 
 TOL_LOSS = 1e-5  # max |loss diff| over the 6 steps (fp32)

@@ -30,8 +30,10 @@ from automodel.errors import UserError
 
 FAMILIES = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "olmoe"]
 # one micro-batch of 4 per rank, dp 2: the global micro-batch is the one process's micro-batch of 8
-EP2 = ["parallel=fsdp2_ep", "train.micro_batch_size=4", "moe.aux_loss_coef=0.05"]
-ON = ["moe.aux_loss_coef=0.05"]  # the five tiny configs' own coefficients differ (and DeepSeek-V3 has none)
+# the router's training signals on (model_zoo.STEPS turns them off for its anchors): balancing loss (the five tiny
+# configs' own coefficients differ, DeepSeek-V3 has none) and DeepSeek-V3's correction-bias balancing
+ON = ["moe.aux_loss_coef=0.05", "moe.bias_update_rate=0.001"]
+EP2 = ["parallel=fsdp2_ep", "train.micro_batch_size=4", *ON]
 CKPT = ["checkpoint=dcp", "checkpoint.every_steps=2", "checkpoint.export_final=false"]
 
 
