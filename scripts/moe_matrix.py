@@ -1,8 +1,8 @@
 """The mixture-of-experts matrix (issue 10): every MoE family of tests/model_zoo.py x every expert-parallel
 layout of model_zoo.MOE_LAYOUTS, fp32, 6 steps, router balancing loss ON (moe.aux_loss_coef=0.05 in every
-run), each against one process on the same global micro-batches. tests/test_moe.py is the cheap CI tier
-(five families at ep=2, one family for the rest); this is all of it. Prints a table, exits 1 unless every
-cell is ok (a refusal is a failure unless listed in EXPECTED_REFUSALS).
+run; DeepSeek-V3's bias balancing too), each against one process on the same global micro-batches.
+tests/test_moe.py is the cheap CI tier (five families at ep=2, one family for the rest); this is all of it.
+Prints a table, exits 1 unless every cell is ok (a refusal is a failure unless listed in EXPECTED_REFUSALS).
 
     .venv/bin/python scripts/moe_matrix.py                          # everything (2, 4 and 8 ranks; slow on 2 cores)
     .venv/bin/python scripts/moe_matrix.py --quick                  # smoke: one family, ep2
@@ -33,7 +33,9 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import model_zoo as mz  # noqa: E402
 
 FAMILIES = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "olmoe", "qwen2_moe"]
-ON = ["moe.aux_loss_coef=0.05"]  # model_zoo.STEPS turns it off; the tiny configs' own coefficients differ
+# the router's training signals, which model_zoo.STEPS turns off for its anchors (as tests/test_moe.py's ON): the
+# balancing loss (the tiny configs' own coefficients differ) and DeepSeek-V3's correction-bias balancing
+ON = ["moe.aux_loss_coef=0.05", "moe.bias_update_rate=0.001"]
 # (family, layout) -> a substring of the refusal's line. transformers' tp plan of GptOss covers only the embedding
 # and the head (its experts are meant for expert parallel): automodel refuses tp rather than replicate every block.
 EXPECTED_REFUSALS = {("gpt_oss", lay): "the tensor-parallel plan of GptOssForCausalLM shards no layer"

@@ -26,7 +26,8 @@ Mixture-of-experts blocks (the parent of a routed-experts module, see automodel/
 split over tp: HF's plan entries inside them (`moe_tp_experts`, shared experts) are dropped, the block takes
 the whole sequence (all-gathered under SP) and hands back this rank's part. Every tp rank then routes and
 computes the same tokens, so the router's and experts' gradients are already the same on every tp rank;
-experts are split by expert parallel (parallel.ep) instead.
+experts are split by expert parallel (parallel.ep) instead. The same holds for any other part of a block
+the plan leaves alone (DeepSeek-V3's plan has no attention entries): it runs whole on every tp rank.
 
 The engine still passes global `position_ids` under SP (see `ParallelHints`); with the replicated
 embedding output HF would derive the same ones.
@@ -238,6 +239,25 @@ def _split_output_hook(mesh):
     return hook
 
 
+def _whole_per_rank(model: nn.Module, modules: dict, laid_out: set, hidden: int) -> set[str]:
+    """Under SP: the parts of a decoder block the plan leaves alone (no planned layer inside, not a norm), e.g.
+    MoE blocks, or attention where the HF plan covers only the MLPs (DeepSeek-V3's). Each runs whole on every
+    tp rank, on the gathered sequence, and hands back this rank's part of its output."""
+    blocks = {id(b) for b in decoder_layers(model)}
+    whole = set()
+    for block_name, block in modules.items():
+        if id(block) not in blocks:
+            continue
+        for child_name, child in block.named_children():
+            name = f"{block_name}.{child_name}"
+            if not any(True for _ in child.parameters()) or _is_hidden_norm(child, hidden):
+                continue
+            if any(p == name or p.startswith(name + ".") for p in laid_out):
+                continue
+            whole.add(name)
+    return whole
+
+
 def _moe_blocks(base: nn.Module) -> list[str]:
     """Names of the modules that hold a routed-experts module (MoE blocks), in `base`'s naming."""
     from automodel.moe.experts import experts_modules
@@ -296,7 +316,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool,
         lay_out(name, in_emb, "embedding_rowwise")
 
     _refuse_plans_outside_the_blocks(model, base, plan, modules)
-    gathered = set()
+    gathered, whole = set(), set()
     if sequence_parallel:
         planned = set(styles) | set(plan)
         # modules holding column-wise layers take the gathered sequence
@@ -304,10 +324,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool,
             parent = name.rpartition(".")[0]
             if kind.startswith("colwise") and modules[name] is not out_emb and parent:
                 gathered.add(parent)
+        whole = _whole_per_rank(model, modules, planned | gathered, hidden)
         for name, module in modules.items():
-            if name in planned or name in gathered or not name:
+            if name in planned or name in gathered or name in whole or not name:
                 continue
-            if any(name.startswith(p + ".") for p in gathered | planned | set(moe_blocks)):
+            if any(name.startswith(p + ".") for p in gathered | planned | whole):
                 continue  # inside attention/MLP/MoE: runs on the gathered sequence
             if _is_hidden_norm(module, hidden) and not any(
                     m is not module and _is_hidden_norm(m, hidden) for m in module.children()):
@@ -318,11 +339,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool,
     for n, p in base.named_parameters():  # torch's SequenceParallel makes every parameter it replaces trainable
         if n in frozen:
             p.requires_grad_(False)
-    for name in gathered | (set(moe_blocks) if sequence_parallel else set()):
+    for name in gathered | whole:
         modules[name].register_forward_pre_hook(_sequence_hook(tp_mesh, gather_=True), with_kwargs=True)
-    if sequence_parallel:
-        for name in moe_blocks:
-            modules[name].register_forward_hook(_split_output_hook(tp_mesh))
+    for name in whole:
+        modules[name].register_forward_hook(_split_output_hook(tp_mesh))
     if sequence_parallel:
         blocks = decoder_layers(model)
         blocks[0].register_forward_pre_hook(_sequence_hook(tp_mesh, gather_=False), with_kwargs=True)
