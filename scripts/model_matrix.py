@@ -100,18 +100,8 @@ def main(argv=None) -> int:
     columns = [c for c in COLUMNS if c in columns]
     layouts = [c for c in columns if c in mz.LAYOUTS]
     out = args.out or tempfile.mkdtemp(prefix="model_matrix_")
-    os.environ.setdefault("AUTOMODEL_NO_PROGRESS", "1")
-    import logging
-
-    import torch
-
-    torch.set_num_threads(1)
-    logging.getLogger("automodel").setLevel(logging.WARNING)
-
     t0 = time.time()
-    zoo = mz.build_zoo(args.zoo, families)
-    tasks = mz.write_tasks(args.zoo)
-    print(f"zoo: {len(zoo)} families in {args.zoo} ({time.time() - t0:.0f}s); runs in {out}", flush=True)
+    zoo, tasks = mz.start_matrix(args.zoo, families, out)
 
     cells: dict = {}
     # one process: the references every layout is compared with (always the full run: it is the 1proc column)

@@ -120,18 +120,8 @@ def main(argv=None) -> int:
         ap.error(f"unknown families/layouts: {', '.join(unknown)}")
     layouts = [c for c in mz.MOE_LAYOUTS if c in layouts]
     out = args.workdir or tempfile.mkdtemp(prefix="moe_matrix_")
-    os.environ.setdefault("AUTOMODEL_NO_PROGRESS", "1")
-    import logging
-
-    import torch
-
-    torch.set_num_threads(1)
-    logging.getLogger("automodel").setLevel(logging.WARNING)
-
     t0 = time.time()
-    zoo = mz.build_zoo(args.zoo, families)
-    tasks = mz.write_tasks(args.zoo)
-    print(f"zoo: {len(zoo)} families in {args.zoo} ({time.time() - t0:.0f}s); runs in {out}", flush=True)
+    zoo, tasks = mz.start_matrix(args.zoo, families, out)
     bad_ref = {lay: check_reference(*mz.MOE_LAYOUTS[lay]) for lay in layouts}
 
     cells, refs, logits = {}, {}, {}

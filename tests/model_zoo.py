@@ -352,6 +352,22 @@ MIN_EXPORT_MOVE = 1e-4  # the one-process final/ logits must differ from the ini
 TASK_EXAMPLES = 256  # the first examples of the bundled tiny tasks: tokenizing all 20,000 costs seconds a run
 
 
+def start_matrix(root: str, families: list, out: str) -> tuple[dict, str]:
+    """What a matrix script does first: quiet, single-threaded runs; the zoo and the tasks under `root`."""
+    import logging
+    import time
+
+    import torch
+
+    os.environ.setdefault("AUTOMODEL_NO_PROGRESS", "1")
+    torch.set_num_threads(1)
+    logging.getLogger("automodel").setLevel(logging.WARNING)
+    t0 = time.time()
+    zoo, tasks = build_zoo(root, families), write_tasks(root)
+    print(f"zoo: {len(zoo)} families in {root} ({time.time() - t0:.0f}s); runs in {out}", flush=True)
+    return zoo, tasks
+
+
 def write_tasks(root: str) -> str:
     """A small prompt/completion jsonl (the first TASK_EXAMPLES bundled tiny-task examples) under `root`."""
     from automodel.config import RESOURCES

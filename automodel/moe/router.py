@@ -255,13 +255,15 @@ class RouterLosses:
         if mask.shape[0] != logits.shape[0]:
             raise RuntimeError(f"MoE layer {index}: {logits.shape[0]} routed tokens but {mask.shape[0]} mask rows")
         m = mask.to(logits.dtype)
+        # this rank's sums over its real rows, computed once: their values feed the global statistics, and
+        # (with gradients) its share of the losses
+        probs_sum = torch.softmax(logits, -1).mul(m[:, None]).sum(0)
+        lse2 = (torch.logsumexp(logits, -1).pow(2) * m).sum().reshape(1)
         key = (index, call)
-        if key not in self._cache:  # global counts (tokens per expert) and rows, not differentiable
+        if key not in self._cache:  # global counts (tokens per expert), rows and sums, not differentiable
             chosen = top_k.reshape(mask.shape[0], -1)[mask].reshape(-1)
-            stats = torch.cat([torch.bincount(chosen, minlength=n).to(logits.dtype), m.sum().reshape(1)])
-            probs_sum = torch.softmax(logits.detach(), -1).mul(m[:, None]).sum(0)
-            lse2 = (torch.logsumexp(logits.detach(), -1).pow(2) * m).sum().reshape(1)
-            stats = torch.cat([stats, probs_sum, lse2])
+            stats = torch.cat([torch.bincount(chosen, minlength=n).to(logits.dtype), m.sum().reshape(1),
+                               probs_sum.detach(), lse2.detach()])
             if self.group is not None:
                 dist.all_reduce(stats, group=self.group)
             self._cache[key] = stats
@@ -275,10 +277,7 @@ class RouterLosses:
             self._step_load[index] = self._step_load.get(index, 0) + counts.detach()
         if not (self.aux_coef or self.z_coef) or not logits.requires_grad:
             return None
-        share = logits.new_zeros(())
-        if self.aux_coef:
-            probs = torch.softmax(logits, -1)
-            share = share + self.aux_coef * n * ((counts / rows) * (probs * m[:, None]).sum(0) / rows).sum()
+        share = self.aux_coef * n * ((counts / rows) * probs_sum / rows).sum() if self.aux_coef else logits.new_zeros(())
         if self.z_coef:
-            share = share + self.z_coef * (torch.logsumexp(logits, -1).pow(2) * m).sum() / rows
+            share = share + self.z_coef * lse2[0] / rows
         return share

@@ -27,6 +27,8 @@ Micro-batches all have train.seq_len tokens (the stages' buffers have one shape)
 
 from __future__ import annotations
 
+import functools
+
 import copy
 import logging
 from collections.abc import Callable
@@ -351,6 +353,7 @@ def _twin_diff(hf_config, pp: int, virtual_stages: int) -> tuple[str, float]:
     return type(model).__name__, (x - ref).abs().max().item()
 
 
+@functools.cache
 def _stage_class():
     from torch.distributed import pipelining
 
@@ -371,10 +374,6 @@ def _stage_class():
     return Stage
 
 
-def _Stage(*args, **kwargs):
-    return _stage_class()(*args, **kwargs)
-
-
 class Pipeline:
     """This rank's stages and the schedule that runs them; what the engine's pipeline step calls."""
 
@@ -384,7 +383,7 @@ class Pipeline:
 
         self.pp_group = pp_group
         self.has_last_stage = any(s == num_stages - 1 for s, _ in stages)
-        built = [_Stage(m, s, num_stages, device, group=pp_group) for s, m in stages]
+        built = [_stage_class()(m, s, num_stages, device, group=pp_group) for s, m in stages]
         cls = {"gpipe": pipelining.ScheduleGPipe, "1f1b": pipelining.Schedule1F1B,
                "interleaved_1f1b": pipelining.ScheduleInterleaved1F1B}[schedule]
         try:

@@ -195,7 +195,7 @@ class SPMDParallel:
 
         shard = [n for n in ("dp_shard", "cp") if getattr(dims, n) > 1]
         if len(shard) == 2:
-            if "dp_shard_cp" not in (mesh.mesh_dim_names or ()) and dims.ep == 1:
+            if dims.ep == 1:  # under ep, ParallelDims.build_mesh flattened it from the base dimensions
                 mesh[tuple(shard)]._flatten("dp_shard_cp")
             shard = ["dp_shard_cp"]
         fsdp_names = tuple(["dp_replicate"] if dims.dp_replicate > 1 else []) + tuple(shard)
