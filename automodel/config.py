@@ -7,6 +7,7 @@ the user one line and leaves nothing on disk.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from pathlib import Path
@@ -39,6 +40,9 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 10  # the only steps that synchronise the host with the device
     max_grad_norm: float = 1.0  # 0 disables clipping
+    max_bad_steps: int = 3  # consecutive skipped steps (non-finite loss/grad norm, spikes) before stopping
+    spike_factor: Optional[float] = None  # opt-in: skip a step whose loss > factor x the recent median
+    spike_window: int = 20  # applied steps the spike guard's median is taken over
     device: str = "auto"  # auto | cpu | cuda
     sample_prompts: int = 3  # greedy generations shown at the end of a run (0: none)
     val_every: int = 0  # steps between validations on the data's held-out part (0: off); val_loss in metrics
@@ -133,6 +137,16 @@ def _check_train(t: TrainConfig) -> None:
     for key in ("max_steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every"):
         if getattr(t, key) is not None and getattr(t, key) < 1:
             raise UserError(f"train.{key}={getattr(t, key)} must be at least 1")
+    if not (t.max_grad_norm >= 0 and math.isfinite(t.max_grad_norm)):
+        raise UserError(f"train.max_grad_norm={t.max_grad_norm} must be a finite number >= 0 (0: no clipping)")
+    if t.max_bad_steps < 1:
+        raise UserError(f"train.max_bad_steps={t.max_bad_steps} must be at least 1 (skipped steps in a row before "
+                        "the run stops)")
+    if t.spike_factor is not None and not (t.spike_factor > 1 and math.isfinite(t.spike_factor)):
+        raise UserError(f"train.spike_factor={t.spike_factor} must be a finite number above 1 (e.g. 3.0), or null "
+                        "(off)")
+    if t.spike_window < 1:
+        raise UserError(f"train.spike_window={t.spike_window} must be at least 1")
     if t.micro_batch_size is not None and t.micro_batch_size > t.global_batch_size:
         raise UserError(
             f"train.micro_batch_size={t.micro_batch_size} is larger than train.global_batch_size="

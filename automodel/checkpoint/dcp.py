@@ -147,6 +147,8 @@ class DCPCheckpoint:
         set_optimizer_state_dict(state.model, state.optimizer, {"state": payload["optim"], "param_groups": groups})
         state.scheduler.load_state_dict(point.meta["scheduler"])
         _lr_from_schedule(state.scheduler, state.optimizer)
+        if getattr(state, "extra", None) is not None and "extra" in point.meta:
+            state.extra.load_state_dict(point.meta["extra"])
         _load_rng(point.path, rank)
         log.info("resumed from %s (step %d) in %.1fs", point.path, point.step, time.perf_counter() - t0)
         return point.step
@@ -201,6 +203,8 @@ class DCPCheckpoint:
             "param_groups": optim_sd["param_groups"],
             "config_yaml": state.config_yaml,
         }
+        if getattr(state, "extra", None) is not None:
+            meta["extra"] = state.extra.state_dict()
         json.dumps(meta)  # fail now, in every rank, if something is not JSON
         if self.cfg.export_every_save and state.export_hf is not None:
             state.export_hf(os.path.join(staging, "hf"))  # inside the staging folder: committed with it

@@ -27,6 +27,8 @@ class TrainState:
     fingerprint: dict
     config_yaml: str  # the resolved config, stored with every checkpoint (for `automodel export`)
     export_hf: Any = None  # collective: folder -> an HF folder of the current model written there (rank 0)
+    extra: Any = None  # an object with state_dict() -> JSON-able dict and load_state_dict(dict): the loop's own
+    #                    state a resumed run must share (the step guard's), saved with every checkpoint
 
 
 def fingerprint(cfg, hf_config) -> dict:

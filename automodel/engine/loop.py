@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 
 import torch
@@ -41,7 +42,10 @@ class StepRunner:
     dp_size: int = 1
     hints: ParallelHints = dataclasses.field(default_factory=ParallelHints)  # what the layout needs of the step
     router: object = None  # automodel.moe.router.RouterLosses of an MoE model, else None
+    guard: object = None  # automodel.engine.step_guard.StepGuard: which steps may reach the weights
     lr: float = 0.0
+    step: int = 0  # the step being run (the loop sets it; the guard names it)
+    skipped: str | None = None  # why the last step was not applied, or None
 
     def _global_count(self, local: int) -> torch.Tensor:
         count = torch.tensor(float(local), device=self.device)
@@ -71,7 +75,7 @@ class StepRunner:
         share = loss_sum * (scale / self.dp_size)
         if self.router is not None:  # the same on every data-parallel rank: each logs its 1/dp
             share = share + self.router.weighted_step_value().to(share) / self.dp_size
-        grad_norm = self.clip_and_step()
+        grad_norm = self.clip_and_step(loss_share=share)
         return share, grad_norm
 
     def token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -79,18 +83,23 @@ class StepRunner:
         loss = token_sum_cross_entropy(logits, labels)
         return self.hints.reduce_loss(loss) if self.hints.reduce_loss else loss
 
-    def clip_and_step(self, across=None) -> torch.Tensor:
-        """Clip (the norm over `across` too: pipeline stages), step optimizer and schedule; the grad norm."""
-        if self.max_grad_norm > 0:
-            grad_norm = clip_grad_norm(self._params(), self.max_grad_norm, across=across)
-        else:
-            grad_norm = torch.zeros((), device=self.device)
-        self.lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used (a Python float: no sync)
-        self.optimizer.step()
-        self.scheduler.step()
+    def clip_and_step(self, across=None, loss_share=None) -> torch.Tensor:
+        """Clip (the norm over `across` too: pipeline stages), then step optimizer and schedule unless the
+        guard refuses the step (a non-finite norm or loss, a spike); the grad norm. With max_grad_norm=0 the
+        norm is still taken (a NaN must be seen), only not clipped to."""
+        grad_norm = clip_grad_norm(self._params(), self.max_grad_norm if self.max_grad_norm > 0 else math.inf,
+                                   across=across)
+        self.lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used (a Python float)
+        self.skipped = None
+        if self.guard is not None:
+            share = loss_share if loss_share is not None else torch.zeros((), device=self.device)
+            self.skipped = self.guard.judge(self.step, share, grad_norm, self.dp_group, self.dp_size)
+        if self.skipped is None:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.router is not None:
-            self.router.end_step()
+            self.router.end_step(applied=self.skipped is None)
         return grad_norm
 
     def _params(self):
@@ -145,10 +154,12 @@ def run_loop(step_fn: StepRunner, batches, max_steps: int, log_every: int, on_st
     t_last = time.perf_counter()
     for step in range(start_step + 1, max_steps + 1):
         batch = next(batches)
+        step_fn.step = step
         loss_share, grad_norm = step_fn(batch)
         tokens_since += batch.num_tokens
         val_due = validate is not None and (step % val_every == 0 or step == max_steps)
-        if step % log_every == 0 or step == max_steps or val_due:
+        skipped = getattr(step_fn, "skipped", None)
+        if step % log_every == 0 or step == max_steps or val_due or skipped:
             stats = torch.stack([loss_share.float(), torch.tensor(float(tokens_since), device=loss_share.device)])
             if step_fn.dp_size > 1:
                 dist.all_reduce(stats, group=step_fn.dp_group)
@@ -161,11 +172,15 @@ def run_loop(step_fn: StepRunner, batches, max_steps: int, log_every: int, on_st
             }
             if step_fn.router is not None:
                 record.update(step_fn.router.log_values(across=getattr(step_fn, "pp_group", None)))
+            if skipped:
+                record["skipped"] = skipped
             if val_due:
                 record["val_loss"] = validate()  # collective: every rank evaluates
             records.append(record)
             on_log(record)
             tokens_since, t_last = 0, now
+        if step_fn.guard is not None:
+            step_fn.guard.check()  # every rank at the same step: the decision was global
         on_step(step)
         if stop is not None and stop(step):
             break

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -20,7 +21,9 @@ class MetricsFile:
         self._f = open(path, "a", buffering=1, encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record) + "\n")
+        # strict JSON for every reader (jq, JavaScript): a non-finite number (a skipped step's NaN) becomes null
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._f.write(json.dumps(clean, allow_nan=False) + "\n")
         self._f.flush()
 
     def close(self) -> None:
@@ -55,20 +58,30 @@ class Progress:
     def logged(self, record: dict) -> None:
         if not self.enabled:
             return
+        if "skipped" in record:  # always said, bar or not: the user must know a step did not count
+            log.warning("step %d skipped (not applied to the weights): %s", record["step"], record["skipped"])
         if self._bar is not None:
             self._bar.update(self._task, completed=record["step"], loss=f"{record['loss']:.4f}",
-                             tps=f"{record['tokens_per_s']:,.0f}", extra=_moe(record))
+                             tps=f"{record['tokens_per_s']:,.0f}", extra=_extra(record))
+            if "val_loss" in record:  # a line of its own, kept above the bar (and in train.log)
+                log.info("step %d/%d  val_loss %.4f", record["step"], self.total, record["val_loss"])
             return
         done = record["step"] / self.total
         elapsed = time.perf_counter() - self._t0
         eta = elapsed / done - elapsed if done else 0.0
+        extra = _extra(record)
         log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %s tok/s%s  ETA %s", record["step"], self.total,
                  record["loss"], record["lr"], record["grad_norm"], f"{record['tokens_per_s']:,.0f}",
-                 f"  {_moe(record)}" if "moe_load_max_over_mean" in record else "", _hms(eta))
+                 f"  {extra}" if extra else "", _hms(eta))
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+def _extra(record: dict) -> str:
+    return "  ".join(part for part in (f"val_loss {record['val_loss']:.4f}" if "val_loss" in record else "",
+                                       _moe(record)) if part)
 
 
 def _moe(record: dict) -> str:

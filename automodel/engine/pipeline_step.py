@@ -74,7 +74,8 @@ class PipelineStepRunner(StepRunner):
     def __call__(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
         self._scale = self.dp_size / self._global_count(batch.num_target_tokens).clamp(min=1.0)
         loss_sum = self._run(batch.micro_batches, train=True)
-        return loss_sum / self.dp_size, self.clip_and_step(across=self.pp_group)
+        share = loss_sum / self.dp_size
+        return share, self.clip_and_step(across=self.pp_group, loss_share=share)
 
     def eval_loss_sum(self, val: list[StepBatch]) -> torch.Tensor:
         """Held-out micro-batches through the schedule, forward only, in groups of its micro-batch count

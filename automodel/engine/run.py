@@ -22,6 +22,7 @@ from automodel.config import validate
 from automodel.distributed import launch_env
 from automodel.engine.preemption import SignalCheckpoint
 from automodel.engine.preflight import preflight
+from automodel.engine.step_guard import BadSteps, StepGuard
 from automodel.errors import UserError
 
 log = logging.getLogger("automodel")
@@ -126,9 +127,10 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer, scheduler = p["optim"].build(params, t.max_steps)
     pp_group = mesh["pp"].get_group() if dims.pp > 1 else None  # pipeline stages: each holds part of the model
+    guard = StepGuard(t.max_bad_steps, t.spike_factor, t.spike_window)
     state = checkpointing.TrainState(model, optimizer, scheduler, fingerprint, OmegaConf.to_yaml(cfg, resolve=True),
                                      export_hf=lambda folder: export.export_to(model, tokenizer, p, folder, env,
-                                                                               pp_group))
+                                                                               pp_group), extra=guard)
     if resume:  # before anything is written: a failed resume leaves the run dir as it was
         p["checkpoint"].restore(resume, state)
         if env.is_main:
@@ -144,7 +146,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     # 6. loop
     step_args = (model, optimizer, scheduler, lambda: p["precision"].autocast(env.device.type), env.device,
                  t.max_grad_norm)
-    step_kwargs = dict(dp_group=_group(dims.dp_mesh(mesh)), dp_size=dims.dp, hints=hints, router=router)
+    step_kwargs = dict(dp_group=_group(dims.dp_mesh(mesh)), dp_size=dims.dp, hints=hints, router=router, guard=guard)
     if hints.pipeline:
         from automodel.engine.pipeline_step import PipelineStepRunner
 
@@ -172,6 +174,9 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
                            val_every=t.val_every, validate=validate.evaluator(step, val),
                            on_step=lambda s: (progress.advance(s), ckpt.after_step(s, state, out_dir)),
                            on_log=lambda r: (sink and sink.write(r), progress.logged(r)), stop=stop)
+    except BadSteps:
+        ckpt.finish(state, out_dir)  # collective (every rank stops at the same step): commit a save in flight
+        raise
     finally:
         progress.close()
         if sink:

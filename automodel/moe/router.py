@@ -162,8 +162,9 @@ class RouterLosses:
     def add_rows(self, rows: torch.Tensor) -> None:
         self._masks.append(rows)
 
-    def end_step(self) -> None:
-        """After the optimizer step: correction-bias balancing, and the step's numbers into the log."""
+    def end_step(self, applied: bool = True) -> None:
+        """After the optimizer step: correction-bias balancing (not when the step was skipped: its update is
+        discarded whole), and the step's numbers into the log."""
         self._n_steps += 1
         if self._step_aux is not None:  # on the device: read back only when logged
             per_step = self._step_aux / self._micro
@@ -173,7 +174,7 @@ class RouterLosses:
             if load is None:
                 continue
             self._load[index] = self._load.get(index, 0) + load
-            if bias is not None and self.bias_rate > 0:
+            if applied and bias is not None and self.bias_rate > 0:
                 buf = getattr(router, bias)
                 with torch.no_grad():
                     buf += self.bias_rate * torch.sign(load.mean() - load).to(buf)
