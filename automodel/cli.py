@@ -42,6 +42,9 @@ def fail(error: UserError) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from automodel.launch import lifetime
+
+    lifetime.die_with_parent()  # a rank started by torch's elastic agent ends with it, however it ends
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_third_party()
     if argv and argv[0] in SUBCOMMANDS:
@@ -86,6 +89,7 @@ def _run_job(cfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     from automodel.engine import run_dir
+    from automodel.launch import lifetime
 
     hydra_cfg = HydraConfig.get()
     out = hydra_cfg.runtime.output_dir
@@ -97,10 +101,17 @@ def _run_job(cfg) -> float | None:
         checked = validate(cfg)
         if local.should_relaunch(checked.launcher):
             preflight(checked, world_size=checked.launcher.nproc_per_node)
-            return local.relaunch(checked.launcher, list(hydra_cfg.overrides.task), out)
+            lifetime.acquire(out)  # held here for the ranks below, which die with this process
+            lifetime.hand_to_children(out)
+            try:
+                return local.relaunch(checked.launcher, list(hydra_cfg.overrides.task), out)
+            finally:
+                lifetime.release(out)
         from automodel.engine.run import train
 
         result = train(cfg, out)
+    except lifetime.RunDirBusy as e:  # the dir belongs to the job that holds it: touch nothing
+        fail(e)
     except UserError as e:
         if local.launched_world_size() == 1:  # with several ranks, another may still be writing there
             run_dir.discard_if_untouched(out)

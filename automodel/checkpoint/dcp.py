@@ -95,6 +95,14 @@ class DCPCheckpoint:
     # ------------------------------------------------------------------ resume
     def resume_point(self, run_dir: str, fingerprint: dict) -> ResumePoint | None:
         """Which checkpoint to resume from (read-only; every rank). None: start at step 0."""
+        try:
+            return self._resume_point(run_dir, fingerprint)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # a file vanished or is garbled mid-read
+            raise UserError(f"cannot read the checkpoint to resume from in {run_dir}: {_first_line(e)}; resume "
+                            "from another one (checkpoint.resume=PATH) or start fresh (checkpoint.resume=null)") \
+                from None
+
+    def _resume_point(self, run_dir: str, fingerprint: dict) -> ResumePoint | None:
         want = self.cfg.resume
         if want is None or str(want).lower() in ("null", "none", "false"):
             return None
@@ -126,7 +134,10 @@ class DCPCheckpoint:
         t0 = time.perf_counter()
         rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
-        bad = verify_checksums(point.path, point.meta, rank, world)  # each rank checks its share of the files
+        try:
+            bad = verify_checksums(point.path, point.meta, rank, world)  # each rank checks its share of the files
+        except OSError as e:  # removed or unreadable under us (another process pruning it, a failing disk)
+            bad = f"cannot read checkpoint '{point.path}': {_first_line(e)}"
         if world > 1:
             found = [None] * world
             dist.all_gather_object(found, bad)

@@ -42,13 +42,19 @@ class TrainResult:
 
 
 def train(cfg, out_dir: str) -> TrainResult:
+    from automodel.launch import lifetime
+
     checked = validate(cfg)
     env = launch_env.init(checked.train.device, fake_world_size=checked.launcher.fake_world_size)
     try:
+        rehearsal = checked.launcher.fake_world_size > 0  # one real process: nothing to tell other ranks
+        lifetime.acquire_for_job(out_dir, env.is_main, 1 if rehearsal else env.world_size)
         result = _train(cfg, checked, env, out_dir)
     except BaseException:
         launch_env.shutdown()
+        lifetime.release(out_dir)
         raise
+    lifetime.release(out_dir)
     launch_env.shutdown(clean=result.preempted_at is None)  # a preempted rank 0 has exited to requeue
     return result
 
@@ -133,8 +139,8 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
                                                                                pp_group), extra=guard)
     if resume:  # before anything is written: a failed resume leaves the run dir as it was
         p["checkpoint"].restore(resume, state)
-        if env.is_main:
-            checkpointing.trim_metrics(out_dir, start)
+    if env.is_main and not rehearsal:  # the record matches the run: lines past where it starts are trained again
+        checkpointing.trim_metrics(out_dir, start)
 
     if env.is_main:
         run_dir.write_resolved_config(cfg, out_dir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
-HYDRA_FILES = (".hydra",)
+HYDRA_FILES = (".hydra", ".lock")  # what Hydra writes at start-up, and the job's lock (launch/lifetime.py)
 
 
 def write_resolved_config(cfg, out_dir: str) -> str:

@@ -43,6 +43,8 @@ class StepGuard:
 
         `grad_norm` is already global (the same on every rank); the loss share is this rank's part of the
         global loss. One host sync per step: the price of never stepping on a NaN."""
+        if hasattr(grad_norm, "full_tensor"):  # FSDP/TP: the norm is a DTensor; its full value is the global one
+            grad_norm = grad_norm.full_tensor()
         values = [grad_norm.float().reshape(())]
         if self.spike_factor:
             loss = loss_share.float().detach().clone()
