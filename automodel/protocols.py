@@ -1,8 +1,10 @@
 """What each plugin group must implement: the whole contract between the engine and its plugins.
 
 A plugin is a class with a nested dataclass `Config` (its typed config; the registry validates the YAML
-node against it) and an `__init__(self, config)`. The engine only calls the methods below, only with the
-small objects named here; plugins never import each other. See docs/plugins.md for a worked example.
+node against it, minus its `plugin` key) and an `__init__(self, config)` taking an instance of it. The
+engine only calls the methods and reads the attributes below (those marked optional only when the plugin
+has them), only with the small objects named here; plugins never import each other. docs/plugins.md
+explains each group, and plugins/automodel-example-plugin has a worked example of each.
 """
 
 from __future__ import annotations
@@ -15,22 +17,36 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from automodel.data.batch import StepBatch
+    from automodel.batch import StepBatch
     from automodel.distributed.parallel_dims import ParallelDims
 
 
 @runtime_checkable
 class ModelPlugin(Protocol):
+    """Optional: `weights(skeleton) -> source | None`, the pretrained weights to fill the meta-device `skeleton`
+    with (None: random init). A source has `keys() -> set[str]` (the tensor names it holds, as the plain HF
+    model names them), `get(name) -> Tensor` (that whole tensor), `describe() -> str` (for messages) and
+    `close()`; optionally `shape(name)`, `reads_blocks(name)` and `get(name, region)` to read only a rank's
+    block of a sharded tensor. See automodel/model/hf_weights.py. Without `weights`, the engine initializes
+    every module with the model's own `_init_weights`, seeded by (train.seed, module name)."""
+
+    @property
+    def name(self) -> str:
+        """What the log calls the model (e.g. its path or architecture)."""
+
     def hf_config(self) -> Any:
-        """The transformers `PretrainedConfig` (cheap: no weights)."""
+        """The transformers `PretrainedConfig` (cheap: no weights); its fields go into the resume fingerprint."""
 
     def tokenizer(self) -> Any:
         """A transformers tokenizer, saved with every export."""
 
     def build(self, device: "torch.device | str") -> "nn.Module":
-        """The model with its initial weights (pretrained, or random from the current RNG state).
+        """A transformers causal-LM `PreTrainedModel` (forward returns `.logits`; `save_pretrained`,
+        `_init_weights`, `tie_weights`; `_no_split_modules` names its decoder blocks).
 
-        On device "meta" it is a weightless skeleton, used for sizing and for export."""
+        The engine only ever asks for device "meta": a weightless skeleton, used for sizing, training (the
+        engine materializes each rank's shards itself) and export. On a real device: the model with its
+        initial weights (pretrained, or random from the current RNG state)."""
 
 
 @runtime_checkable
@@ -44,55 +60,88 @@ class ParallelPlugin(Protocol):
     holds the last stage, [] elsewhere) and `n_microbatches`."""
 
     def dims(self, world_size: int) -> "ParallelDims":
-        """Mesh sizes for this world size; raises UserError for layouts that cannot work."""
+        """Mesh sizes for this world size (`ParallelDims.infer(world_size, ...)`); raises UserError for layouts
+        that cannot work. Called before any rank starts, so it must not need torch.distributed."""
 
     def check_model(self, dims: "ParallelDims", hf_config: Any) -> None:
         """Refuse (UserError) model/layout combinations before any weights are built."""
 
     def apply(self, model: "nn.Module", mesh: Any, dims: "ParallelDims", mp_policy: Any) -> "nn.Module":
-        """Parallelize in place (TP -> CP -> AC -> compile -> FSDP) and return the model to train: under a
-        pipeline, this rank's part of it (its parameters under the model's own names)."""
+        """Parallelize the meta-device model in place (TP -> CP -> AC -> compile -> FSDP) and return the model
+        to train: under a pipeline, this rank's part of it (its parameters under the model's own names).
+        `mesh` is the DeviceMesh `dims.build_mesh` made; `mp_policy` the precision plugin's
+        `mixed_precision_policy()` (for `fully_shard`). Modules it creates must hold no tensors of their own:
+        the engine fills the tensors of the modules it named before the layout."""
 
 
 @runtime_checkable
 class DataPlugin(Protocol):
-    """Optional: `val_batches(tokenizer, *, seq_len, dp_rank, dp_size, micro_batch_size) -> list[StepBatch] | None`,
+    """A `StepBatch` (automodel.batch) is this rank's share of one global batch: `micro_batches`, a list of
+    dicts of int64 tensors [rows, width] (`input_ids`, `labels`, and optionally `position_ids` for packed
+    rows; every key but `labels` is passed to the model), plus host ints `num_target_tokens` (labels that
+    are not -100, for the global loss normalization) and `num_tokens` (for throughput). Labels are already
+    shifted (`labels[:, i]` is the token after `input_ids[:, i]`) and -100 (`automodel.batch.IGNORE_INDEX`)
+    where there is no loss: prompt, padding. `automodel.batch.step_batch(examples, micro_batch_size, pad_id)`
+    builds one from (input_ids, labels) lists; `automodel.sampling.GlobalBatchSampler(n, global_batch_size,
+    seed).rank_indices(step, dp_rank, dp_size, micro_batch_size)` picks a rank's examples of a step.
+
+    Optional: `val_batches(tokenizer, *, seq_len, dp_rank, dp_size, micro_batch_size) -> list[StepBatch] | None`,
     this rank's share of the held-out data (every rank the same number of forward passes), used every
-    train.val_every steps; None when the data has no held-out part."""
+    train.val_every steps; None when the data has no held-out part (train.val_every > 0 is then refused)."""
 
     def build(self, tokenizer: Any, *, seq_len: int, seed: int, dp_rank: int, dp_size: int,
               global_batch_size: int, micro_batch_size: int, start_step: int = 0) -> "Iterator[StepBatch]":
-        """An endless iterator over optimizer steps from `start_step` on; each item holds this rank's
-        micro-batches. The batches of a step must depend only on (seed, step), so a resumed run that
-        starts at step k sees exactly what an uninterrupted run saw at step k."""
+        """An endless iterator of StepBatch, one per optimizer step, the first being the batch that follows
+        `start_step` completed steps (0, or the resumed checkpoint's step). Each holds this rank's
+        global_batch_size / dp_size rows, in micro-batches of micro_batch_size rows; a row holds at most
+        seq_len tokens (padding aside). The batches of a step must depend only on (seed, step), so a
+        resumed run that starts at step k sees exactly what an uninterrupted run saw at step k. The engine
+        takes the first item at once, before building the model: refuse bad data there (UserError)."""
 
     def sample_prompts(self, n: int) -> list[tuple[str, str]]:
-        """Up to n (prompt, expected completion) pairs to demonstrate the trained model (may be empty)."""
+        """Up to n (prompt, expected completion) string pairs, tried on the exported model after training
+        (greedy, the prompt tokenized without special tokens after a bos); [] for none. Must not fail."""
 
 
 @runtime_checkable
 class PeftPlugin(Protocol):
+    """Optional: `init_module(name, module) -> bool`, initialize the module the plugin added (a full-size,
+    unsharded copy of it, `name` as the plain model names it) and return True; False leaves it to the model's
+    own `_init_weights`."""
+
     def apply(self, model: "nn.Module") -> "nn.Module":
-        """Adapt the model (freeze the base, add adapters); identity for full fine-tuning."""
+        """Adapt the (meta-device) model: freeze the base, add adapters; identity for full fine-tuning.
+        Also applied to the skeletons used for sizing and export, so it must be deterministic."""
 
     def export(self, model: "nn.Module", full_state_dict: dict, out_dir: str) -> "nn.Module":
-        """On rank 0: write adapter files (if any) to out_dir and return a plain HF model to export."""
+        """On rank 0, with an unsharded copy of the trained model (`apply` already run on it, the weights
+        in `full_state_dict`): write adapter files (if any) to out_dir and return a plain HF model to export."""
 
 
 @runtime_checkable
 class PrecisionPlugin(Protocol):
     def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
-        """The context the forward pass runs under."""
+        """The context every forward pass and its loss run under; device_type is "cpu" or "cuda"."""
 
     def mixed_precision_policy(self) -> Any:
-        """FSDP2 `MixedPrecisionPolicy`, or None for full precision."""
+        """FSDP2 `MixedPrecisionPolicy`, or None for full precision (handed to the parallel plugin's apply)."""
 
 
 @runtime_checkable
 class CheckpointPlugin(Protocol):
-    """`state` is the engine's TrainState: model, optimizer, scheduler, fingerprint (what a resumed run must
-    share with the saved one: architecture, peft, optimizer, data, seed, global batch, seq_len) and
-    config_yaml (the resolved config, kept with each checkpoint)."""
+    """`state` is the engine's TrainState: model, optimizer, scheduler, fingerprint (a JSON-able dict of what a
+    resumed run must share with the saved one: architecture, peft, optimizer, data, seed, global batch,
+    seq_len), config_yaml (the resolved config, kept with each checkpoint) and export_hf (collective:
+    folder -> an HF folder of the current model written there).
+
+    Optional: `save_now(step, state, run_dir)`, collective: `step` saved and committed before it returns (the
+    checkpoint a preemption signal asks for; without it such a signal is not handled). A SLURM job requeued
+    after a preemption gets `checkpoint.resume=auto` when the config has a `resume` key: accept `auto` as
+    "the latest checkpoint of this run directory"."""
+
+    cfg: Any
+    """The plugin's config; the engine reads `cfg.export_final` (bool: write the final HF folder) and
+    `cfg.dirname` (str: that folder's name inside the run directory)."""
 
     def resume_point(self, run_dir: str, fingerprint: dict) -> Any:
         """Every rank, read-only, before the data loader and the model are built: the checkpoint to resume
@@ -110,10 +159,14 @@ class CheckpointPlugin(Protocol):
         """Collective, after the last step: wait for (and commit) a background save."""
 
     def export_final(self, model: "nn.Module", tokenizer: Any, out_dir: str) -> None:
-        """On rank 0: write an HF folder (config, safetensors, tokenizer) that transformers loads."""
+        """On rank 0: write an HF folder (config, safetensors, tokenizer) that transformers loads into out_dir
+        (a staging folder the engine renames into place). `model` is plain, unsharded, fp32: what the peft
+        plugin's export returned."""
 
 
 @runtime_checkable
 class OptimPlugin(Protocol):
     def build(self, params: list, max_steps: int) -> tuple[Any, Any]:
-        """(optimizer, LR scheduler stepped once per optimizer step)."""
+        """(a torch.optim.Optimizer over `params` (the trainable ones, possibly DTensors), an LR scheduler
+        stepped once per optimizer step); both need state_dict/load_state_dict for checkpoints.
+        `automodel.optim.schedule.warmup_cosine_scheduler` is the shared warmup + cosine shape."""

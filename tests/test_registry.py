@@ -1,6 +1,7 @@
 """Entry-point registry and typed config validation."""
 
 import dataclasses
+import sys
 from typing import Optional
 
 import pytest
@@ -54,12 +55,63 @@ def test_validate_wrong_type_names_key_and_expected_type():
     assert str(e.value) == "train.steps='many': wrong type, expected int"
 
 
-def test_allowlist_hides_other_distributions(monkeypatch):
-    # automodel's own plugins are always allowed; everything else needs to be named
-    monkeypatch.setenv("AUTOMODEL_PLUGINS", "some-other-dist")
-    registry._entry_points.cache_clear()
-    try:
-        assert {p.dist for p in registry.plugins("optim")} == {"automodel"}
-    finally:
-        monkeypatch.delenv("AUTOMODEL_PLUGINS")
+def _fake_distribution(root, dist: str, module: str, plugin: str) -> None:
+    """An installed distribution as importlib.metadata finds it on sys.path: a dist-info folder naming an optim
+    plugin and a conf package, and the module that holds them."""
+    (root / f"{module}.py").write_text(
+        "import dataclasses\n\n@dataclasses.dataclass\nclass Config:\n    lr: float = 0.1\n\n"
+        "class Opt:\n    Config = Config\n\n    def __init__(self, config):\n        self.cfg = config\n")
+    info = root / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[automodel.optim]\n{plugin} = {module}:Opt\n\n"
+                                           f"[automodel.conf]\n{module} = {module}_conf\n")
+
+
+@pytest.fixture
+def two_distributions(tmp_path, monkeypatch):
+    """Two third-party distributions, each with an optim plugin and a conf package, installed on sys.path."""
+    _fake_distribution(tmp_path, "alpha-plugins", "alpha_opt", "alpha")
+    _fake_distribution(tmp_path, "beta-plugins", "beta_opt", "beta")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("AUTOMODEL_PLUGINS", raising=False)
+
+    def fresh():
         registry._entry_points.cache_clear()
+        registry.load.cache_clear()
+
+    fresh()
+    yield fresh
+    monkeypatch.undo()  # sys.path and the environment first, then forget what was found with them
+    fresh()
+    for name in ("alpha_opt", "beta_opt"):
+        sys.modules.pop(name, None)
+
+
+def _optims() -> dict[str, str]:
+    return {p.name: p.dist for p in registry.plugins("optim")}
+
+
+def test_third_party_distributions_are_found_without_an_allowlist(two_distributions):
+    assert _optims() == {"adamw": "automodel", "alpha": "alpha-plugins", "beta": "beta-plugins"}
+    assert registry.load("optim", "beta").__module__ == "beta_opt"
+    assert {dist for _, dist in registry.conf_packages()} >= {"alpha-plugins", "beta-plugins"}
+
+
+def test_allowlist_admits_only_the_named_distributions(two_distributions, monkeypatch):
+    # automodel's own plugins are always allowed; everything else needs to be named
+    monkeypatch.setenv("AUTOMODEL_PLUGINS", " alpha-plugins , someone-else")
+    two_distributions()
+    assert _optims() == {"adamw": "automodel", "alpha": "alpha-plugins"}
+    assert registry.load("optim", "alpha").__module__ == "alpha_opt"
+    with pytest.raises(UserError) as e:
+        registry.load("optim", "beta")
+    head, choices = str(e.value).split("; choose one of: ")
+    assert head == "optim.plugin='beta' is not an installed plugin"
+    assert sorted(choices.split(", ")) == ["adamw", "alpha"]
+    conf_dists = {dist for _, dist in registry.conf_packages()}
+    assert "alpha-plugins" in conf_dists and "beta-plugins" not in conf_dists
+
+    monkeypatch.setenv("AUTOMODEL_PLUGINS", "someone-else")
+    two_distributions()
+    assert _optims() == {"adamw": "automodel"}

@@ -18,9 +18,29 @@ def batches(data, tokenizer, t, dp_rank: int, dp_size: int, micro_batch_size: in
     val = data.val_batches(tokenizer, seq_len=t.seq_len, dp_rank=dp_rank, dp_size=dp_size,
                            micro_batch_size=micro_batch_size) if hasattr(data, "val_batches") else None
     if not val:
-        raise UserError(f"train.val_every={t.val_every} but the data has no validation set; set data.val_path, "
-                        f"data.val_split or data.val_size (or train.val_every=0)")
+        raise _no_validation(data, t.val_every)
     return val
+
+
+def _no_validation(data, val_every: int) -> UserError:
+    """What to set: the held-out keys the data plugin's config has (the built-in plugins' val_path, val_split,
+    val_size); a third-party plugin without them is named as offering no validation set."""
+    import dataclasses
+
+    config = getattr(type(data), "Config", None)
+    fields = {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
+    keys = [f"data.{k}" for k in ("val_path", "val_split", "val_size") if k in fields]
+    if keys:
+        which = keys[0] if len(keys) == 1 else f"{', '.join(keys[:-1])} or {keys[-1]}"
+        return UserError(f"train.val_every={val_every} but the data has no validation set; set {which} "
+                         f"(or train.val_every=0)")
+    plugin = type(data).__name__
+    if not hasattr(data, "val_batches"):
+        return UserError(f"train.val_every={val_every} but the data plugin ({plugin}) offers no validation "
+                         f"(it has no `val_batches`); set train.val_every=0")
+    return UserError(f"train.val_every={val_every} but the data plugin ({plugin}) gave no validation set "
+                     f"(`val_batches` returned none); enable its held-out data (see its options) or set "
+                     f"train.val_every=0")
 
 
 def evaluator(step_runner, val):

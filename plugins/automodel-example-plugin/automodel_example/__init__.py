@@ -1,1 +1,1 @@
-"""automodel-example-plugin: the Lion optimizer as an automodel `optim` plugin."""
+"""automodel-example-plugin: one example automodel plugin per group (see README.md and docs/plugins.md)."""
