@@ -6,6 +6,8 @@ template; each assistant turn's characters are found by rendering the conversati
 the generation prompt) and up to its end, and the tokens whose characters fall inside those spans are the
 targets (the template's closing tag included, so the model learns to stop). data.chat_template overrides
 the tokenizer's template ("chatml" names a built-in one); the template used is saved with the export.
+A conversation with a null message content is left out (and counted), not trained on as the text "None".
+`sharegpt` (sharegpt.py) is this plugin reading ShareGPT's {"conversations": [{"from", "value"}]} records.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 from typing import Optional
 
 from automodel.batch import IGNORE_INDEX
+from automodel.data import samples
 from automodel.data.examples import EncodeStats, ExampleData, SourceConfig
 from automodel.errors import UserError
 
@@ -31,6 +34,7 @@ class ChatConfig(SourceConfig):
 class ChatData(ExampleData):
     Config = ChatConfig
     hint = "name yours with data.messages_column"
+    option = "chat"  # named in messages
 
     def __init__(self, config: ChatConfig):
         super().__init__(config)
@@ -45,20 +49,27 @@ class ChatData(ExampleData):
             t = CHATML
         t = t or getattr(tokenizer, "chat_template", None)
         if not t:
-            raise UserError("data=chat: the tokenizer has no chat template; set data.chat_template=chatml "
+            raise UserError(f"data={self.option}: the tokenizer has no chat template; set data.chat_template=chatml "
                             "(or a Jinja template)")
         tokenizer.chat_template = t  # exported with the model, so generation renders prompts the same way
         return t
 
-    def _conversations(self, records) -> list[list[dict]]:
+    def conversations(self, records, stats: EncodeStats) -> list[tuple[int, list[dict]]]:
+        """(record index, messages) of the usable records; a conversation with a null content is counted out."""
         out = []
         for i, conv in enumerate(records.column(self.cfg.messages_column)):
             if not isinstance(conv, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                      for m in conv):
                 raise UserError(f"{records.source}: record {i + 1}: '{self.cfg.messages_column}' must be a list of "
                                 f"{{\"role\": ..., \"content\": ...}} messages")
-            out.append([{"role": str(m["role"]), "content": str(m["content"])} for m in conv])
+            if any(m["content"] is None for m in conv):
+                stats.skip("conversations with a null message content")
+                continue
+            out.append((i, [{"role": str(m["role"]), "content": str(m["content"])} for m in conv]))
         return out
+
+    def _conversations(self, records) -> list[list[dict]]:
+        return [conv for _, conv in self.conversations(records, EncodeStats())]
 
     def render(self, tokenizer, template, messages, generation_prompt=False) -> str:
         return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
@@ -66,10 +77,10 @@ class ChatData(ExampleData):
 
     def encode(self, tokenizer, records, seq_len):
         template, self._tokenizer = self.template(tokenizer), tokenizer
-        convs = self._conversations(records)
-        stats = EncodeStats(rows=len(convs))
+        stats = EncodeStats(rows=len(records))
+        convs = self.conversations(records, stats)
         texts, spans = [], []
-        for conv in convs:
+        for _, conv in convs:
             full = self.render(tokenizer, template, conv)
             mine = []
             for i, m in enumerate(conv):
@@ -83,9 +94,10 @@ class ChatData(ExampleData):
                 mine.append((start, len(end_text)))
             texts.append(full)
             spans.append(mine)
-        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {
+            "input_ids": [], "offset_mapping": []}
         examples = []
-        for ids, offsets, mine in zip(enc["input_ids"], enc["offset_mapping"], spans):
+        for (row, _), ids, offsets, mine in zip(convs, enc["input_ids"], enc["offset_mapping"], spans):
             target = [any(s <= a < e for s, e in mine) for a, _ in offsets]
             if len(ids) - 1 > seq_len:
                 stats.truncated += 1
@@ -95,17 +107,30 @@ class ChatData(ExampleData):
                 stats.dropped += 1
                 continue
             examples.append((ids[:-1], labels))
+            stats.origin.append(row)
         return examples, stats
 
     def prompts(self, records, n):
+        """The conversations up to their last assistant turn (rendered with the generation prompt), and that
+        turn. A conversation too long for the model trained here loses whole turns from its start first."""
         tokenizer = getattr(self, "_tokenizer", None)  # set by encode(); sample prompts come after training
         if tokenizer is None:
             return []
+        seq_len = self._fit[1]
+        room = samples.budget(tokenizer, seq_len) if seq_len else None
         template, out = self.template(tokenizer), []
         for conv in self._conversations(records):
             last = max((i for i, m in enumerate(conv) if m["role"] == "assistant"), default=0)
-            if last:
-                out.append((self.render(tokenizer, template, conv[:last], generation_prompt=True), conv[last]["content"]))
+            if not last:
+                continue
+            starts = [k for k in range(last) if k == 0 or conv[k]["role"] != "assistant"]
+            for k in starts:  # the longest tail of the conversation that fits (else the whole: cut later)
+                prompt = self.render(tokenizer, template, conv[k:last], generation_prompt=True)
+                if room is None or samples.n_tokens(tokenizer, prompt) <= room:
+                    break
+            else:
+                prompt = self.render(tokenizer, template, conv[:last], generation_prompt=True)
+            out.append((prompt, conv[last]["content"]))
             if len(out) == n:
                 break
         return out

@@ -13,7 +13,7 @@ import logging
 from typing import Optional
 
 from automodel.batch import IGNORE_INDEX, pack, packed_step_batch, step_batch
-from automodel.data import loading
+from automodel.data import loading, samples
 from automodel.errors import UserError
 from automodel.sampling import GlobalBatchSampler
 
@@ -36,11 +36,26 @@ class SourceConfig:
 class EncodeStats:
     rows: int = 0
     truncated: int = 0  # longer than train.seq_len: cut
-    dropped: int = 0  # nothing left to learn from (no target token within train.seq_len, or empty)
+    dropped: int = 0  # records that gave no example, whatever the reason (`skipped` names some of them)
+    # records left out for a reason of their own, by that reason ("unanswerable questions (SQuAD v2.0)",
+    # "records with a null completion"): counted and logged apart, not lumped into "no target token left"
+    skipped: dict = dataclasses.field(default_factory=dict)
+    # the record each example came from (filled by plugins whose examples are records): the held-out
+    # examples' records are where the sample prompts come from
+    origin: list = dataclasses.field(default_factory=list)
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        if n:
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
+            self.dropped += n
+
+    def skip_notes(self) -> list[str]:
+        return [f"skipped {n} {reason}" for reason, n in self.skipped.items()]
 
     def message(self, seq_len: int) -> str:
-        return (f"{self.rows} examples: {self.truncated} longer than train.seq_len={seq_len} were truncated, "
-                f"{self.dropped} dropped (no target token left)")
+        no_target = self.dropped - sum(self.skipped.values())
+        return "; ".join([f"{self.rows} examples: {self.truncated} longer than train.seq_len={seq_len} were "
+                          f"truncated, {no_target} dropped (no target token left)", *self.skip_notes()])
 
 
 class ExampleData:
@@ -52,6 +67,8 @@ class ExampleData:
     def __init__(self, config):
         self.cfg = config
         self._cache: dict = {}
+        self._fit = (None, None)  # (tokenizer, seq_len) of the last build: the sample prompts are cut to it
+        self._origin = self._held_rows = None  # the record of each example; the records val_size held out
 
     # ------------------------------------------------ what subclasses provide
     def columns(self) -> tuple[str, ...]:
@@ -63,18 +80,29 @@ class ExampleData:
     def prompts(self, records: loading.Records, n: int) -> list[tuple[str, str]]:
         return []
 
+    def read_columns(self) -> tuple[str, ...]:
+        """The columns every record must have as read (before `reshape`)."""
+        return self.columns()
+
+    def reshape(self, records: loading.Records) -> loading.Records:
+        """A published layout -> one record per example (SQuAD's nested file); as read by default."""
+        return records
+
     # ------------------------------------------------ loading
     def records(self, which: str = "train") -> loading.Records | None:
         c = self.cfg
         if which == "train":
-            return loading.load(c.path, split=c.split, required=self.columns(), hint=self.hint)
-        if c.val_path:
-            return loading.load(c.val_path, key="data.val_path", split=c.split, required=self.columns(), hint=self.hint)
-        if c.val_split:
-            return loading.load(c.path, split=c.val_split, required=self.columns(), hint=self.hint)
-        return None
+            where = dict(path=c.path, key="data.path", split=c.split)
+        elif c.val_path:
+            where = dict(path=c.val_path, key="data.val_path", split=c.split)
+        elif c.val_split:
+            where = dict(path=c.path, key="data.path", split=c.val_split)
+        else:
+            return None
+        return self.reshape(loading.load(where.pop("path"), **where, required=self.read_columns(), hint=self.hint))
 
     def _encoded(self, tokenizer, seq_len: int, which: str) -> list[Example] | None:
+        self._fit = (tokenizer, seq_len)
         key = (id(tokenizer), seq_len, which)
         if key not in self._cache:
             self._cache[key] = self._encode_split(tokenizer, seq_len, which)
@@ -96,8 +124,11 @@ class ExampleData:
         if not examples:
             raise UserError(f"{key}='{records.source}' has no usable example: of {stats.message(seq_len)}; "
                             f"raise train.seq_len or check the data")
-        if stats.truncated or stats.dropped:
+        for note in stats.skip_notes():
+            log.warning("%s: %s", records.source, note)
+        if stats.truncated or stats.dropped > sum(stats.skipped.values()):
             log.warning("%s: of %s", records.source, stats.message(seq_len))
+        self._origin = stats.origin if len(stats.origin) == len(examples) else None
         return examples
 
     def _held_out(self, tokenizer, seq_len: int) -> tuple[list[Example], list[Example]]:
@@ -110,8 +141,10 @@ class ExampleData:
             if n >= len(examples):
                 raise UserError(f"data.val_size={n} leaves nothing to train on ({len(examples)} usable examples); "
                                 f"lower it or set data.val_path")
+            origin = self._origin
             perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(VAL_SEED)).tolist()
             held = set(perm[:n])
+            self._held_rows = sorted(origin[i] for i in held) if origin else None
             self._cache[key] = ([e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)])
         return self._cache[key]
 
@@ -159,11 +192,27 @@ class ExampleData:
                 for i in range(0, len(mine), micro_batch_size)]
 
     def sample_prompts(self, n: int) -> list[tuple[str, str]]:
-        try:  # held-out prompts if there are any (asked for after training: never fail the run here)
-            records = self.records("val") if (self.cfg.val_path or self.cfg.val_split) else None
+        """Up to n (prompt, expected) pairs from the held-out data when there is any (val_path, val_split, or
+        the records val_size held out), else from the training data; no prompt longer than train.seq_len
+        tokens. Asked for after training: a problem here never fails the run."""
+        tokenizer, seq_len = self._fit
+        records = None
+        try:
+            if self.cfg.val_path or self.cfg.val_split:
+                records = self.records("val")
+            elif self.cfg.val_size and tokenizer is not None:
+                self._held_out(tokenizer, seq_len)
+                rows = self._held_rows
+                train = self.records("train")
+                if rows:
+                    records = loading.Records([train.rows[i] for i in rows], f"{train.source} (held out)",
+                                              train.columns)
         except UserError:
             records = None
-        return self.prompts(records or self.records("train"), n)
+        records = records or self.records("train")
+        if tokenizer is None:
+            return self.prompts(records, n)
+        return samples.fitting(tokenizer, self.prompts(records, n * samples.CANDIDATES), n, seq_len)
 
 
 def _pad_id(tokenizer) -> int:

@@ -1,9 +1,13 @@
-"""Data plugins `instruction`, `squad`, `hellaswag`: prompt/completion pairs, loss on the completion only.
+"""Data plugins `instruction` and `hellaswag`: prompt/completion pairs, loss on the completion only.
 
-Each record gives a prompt and a completion (`instruction` reads two columns, named by data.prompt_column
-and data.completion_column; `squad` and `hellaswag` build them from those public sets' record formats, as
-NeMo AutoModel's recipes do). The sequence is [bos] prompt completion [eos]; labels mask the prompt, so
-the model is trained to answer, not to ask.
+`instruction` reads a completion column and either a prompt column (data.prompt_column) or a prompt built
+from several columns by data.prompt_template (the `alpaca` option: instruction / input / output; see
+automodel/data/template.py). `hellaswag` builds the pair from that public set's record format, as NeMo
+AutoModel's recipe does; `squad` lives in squad.py (and is importable from here too). The sequence is
+[bos] prompt completion [eos] (pairs.py).
+
+A null completion or prompt (JSON null, an empty cell) would otherwise be trained on as the text "None":
+such records are left out and counted in the log; when every record is, the run stops saying so.
 """
 
 from __future__ import annotations
@@ -11,86 +15,57 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from automodel.data.examples import EncodeStats, ExampleData, SourceConfig, mask_before
+from automodel.data.examples import SourceConfig
+from automodel.data.pairs import PairData, is_null
+from automodel.data.squad import SquadConfig, SquadData  # noqa: F401  (its home before squad.py)
+from automodel.data.template import PromptTemplate
 
 
 @dataclasses.dataclass
 class InstructionConfig(SourceConfig):
     prompt_column: str = "prompt"
     completion_column: str = "completion"
+    # null: the prompt is data.prompt_column; else a template naming columns, e.g. "{instruction}\n\n{input}"
+    # (a blank-line-separated section naming an empty column vanishes); prompt_column is then unused
+    prompt_template: Optional[str] = None
     add_eos: bool = True
     packing: bool = False  # several examples per row, no attention across them (position_ids restart)
-
-
-class PairData(ExampleData):
-    """Anything that yields (prompt, completion) strings per record."""
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.packing = config.packing
-
-    def pairs(self, records) -> tuple[list[str], list[str], int]:
-        """(prompts, completions, records skipped as unusable)."""
-        raise NotImplementedError
-
-    def encode(self, tokenizer, records, seq_len):
-        prompts, answers, skipped = self.pairs(records)
-        stats = EncodeStats(rows=len(records), dropped=skipped)
-        p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
-        c_ids = tokenizer(answers, add_special_tokens=False)["input_ids"] if answers else []
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        eos = [tokenizer.eos_token_id] if self.cfg.add_eos and tokenizer.eos_token_id is not None else []
-        examples = []
-        for p, c in zip(p_ids, c_ids):
-            ex = mask_before(bos + p + c + eos, len(bos) + len(p), seq_len, stats)
-            if ex is not None:
-                examples.append(ex)
-        return examples, stats
-
-    def prompts(self, records, n):
-        prompts, answers, _ = self.pairs(records)
-        return list(zip(prompts, answers))[:n]
 
 
 class InstructionData(PairData):
     Config = InstructionConfig
     hint = "map yours with data.prompt_column / data.completion_column"
 
+    def __init__(self, config: InstructionConfig):
+        super().__init__(config)
+        self.template = PromptTemplate(config.prompt_template) if config.prompt_template else None
+
     def columns(self):
+        if self.template is not None:  # template columns may be absent from some records: checked in items()
+            return (self.cfg.completion_column,)
         return self.cfg.prompt_column, self.cfg.completion_column
 
-    def pairs(self, records):
-        return ([str(x) for x in records.column(self.cfg.prompt_column)],
-                [str(x) for x in records.column(self.cfg.completion_column)], 0)
-
-
-@dataclasses.dataclass
-class SquadConfig(SourceConfig):
-    path: str = "rajpurkar/squad"
-    val_split: Optional[str] = "validation"
-    add_eos: bool = True
-    packing: bool = False
-
-
-class SquadData(PairData):
-    """SQuAD records {context, question, answers: {text: [...]}}: prompt "<context> <question> ", completion the
-    first answer (NeMo AutoModel's `make_squad_dataset` format)."""
-
-    Config = SquadConfig
-
-    def columns(self):
-        return "context", "question", "answers"
-
-    def pairs(self, records):
-        prompts, answers, skipped = [], [], 0
-        for r in records.rows:
-            texts = (r["answers"] or {}).get("text") or []
-            if not texts:  # SQuAD v2 unanswerable questions: nothing to train on
-                skipped += 1
+    def items(self, records, stats):
+        if self.template is not None:
+            self.template.check(records)
+        out = []
+        for i, r in enumerate(records.rows):
+            completion = r[self.cfg.completion_column]
+            if is_null(completion):
+                stats.skip("records with a null completion")
                 continue
-            prompts.append(f"{r['context']} {r['question']} ")
-            answers.append(str(texts[0]).strip())
-        return prompts, answers, skipped
+            if self.template is not None:
+                prompt = self.template.render(r)
+                if prompt is None:
+                    stats.skip("records whose data.prompt_template columns are all empty")
+                    continue
+            else:
+                prompt = r[self.cfg.prompt_column]
+                if is_null(prompt):
+                    stats.skip("records with a null prompt")
+                    continue
+            out.append((i, str(prompt), str(completion)))
+        return out
 
 
 @dataclasses.dataclass
@@ -110,13 +85,12 @@ class HellaSwagData(PairData):
     def columns(self):
         return "ctx", "endings", "label"
 
-    def pairs(self, records):
-        prompts, answers, skipped = [], [], 0
-        for r in records.rows:
+    def items(self, records, stats):
+        out = []
+        for i, r in enumerate(records.rows):
             label = str(r["label"]).strip()
-            if not label.isdigit() or int(label) >= len(r["endings"]):  # the test split has no labels
-                skipped += 1
+            if not label.isdigit() or int(label) >= len(r["endings"] or []):
+                stats.skip("records without a usable label (the test split has none)")
                 continue
-            prompts.append(str(r["ctx"]))
-            answers.append(" " + str(r["endings"][int(label)]))
-        return prompts, answers, skipped
+            out.append((i, str(r["ctx"]), " " + str(r["endings"][int(label)])))
+        return out

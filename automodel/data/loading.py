@@ -1,13 +1,17 @@
 """Where data plugins read their records: local files, `save_to_disk` folders and hub ids, through one function.
 
     jsonl / json     read here, line by line, so a malformed line is named by file and line number (and the
-                     bundled default set loads without importing `datasets`)
+                     bundled default set loads without importing `datasets`); a JSON array of objects, or
+                     one JSON object spread over many lines (a published file such as SQuAD's), is one document
     parquet / csv / txt        `datasets.load_dataset(<builder>, data_files=path)`
     a folder         `datasets.load_from_disk` (a `save_to_disk` folder; a DatasetDict is indexed by split)
     anything else    a hub id: `datasets.load_dataset(path, split=...)`; offline it stops with one line
 
 `streaming=True` returns a `datasets.IterableDataset` (every format goes through `datasets` then) for corpora
 larger than memory; otherwise a `Records` table held in memory.
+
+Text is read as UTF-8 with or without a byte-order mark: Windows editors start a UTF-8 file with one, and
+it would otherwise make the first line invalid JSON (or the first document begin with U+FEFF).
 """
 
 from __future__ import annotations
@@ -100,8 +104,11 @@ def load(path: str, *, key: str = "data.path", split: str = "train", streaming: 
 
 
 def _read_json(path: str, required: tuple[str, ...], hint: str) -> Records:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is dropped, not refused
         text = f.read()
+    whole = _one_object(text)
+    if whole is not None:  # one JSON object over many lines (a published file: {"version", "data": [...]})
+        return Records([whole], path, list(whole))
     if text.lstrip().startswith("["):  # one JSON array of objects
         try:
             rows = json.loads(text)
@@ -129,6 +136,21 @@ def _read_json(path: str, required: tuple[str, ...], hint: str) -> Records:
     return Records(rows, path, list(rows[0]) if rows else [])
 
 
+def _one_object(text: str) -> dict | None:
+    """The object, when the whole text is one JSON object spread over several lines; else None.
+
+    A JSON-lines file fails this at once (json stops at the end of the first object: "Extra data"), and
+    a one-line object is left to the line reader, which gives the same single record."""
+    stripped = text.strip()
+    if not stripped.startswith("{") or "\n" not in stripped:
+        return None
+    try:
+        obj = json.loads(stripped)
+    except json.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def _first_line(e: BaseException) -> str:
     """The innermost cause's first line: `datasets` wraps the parser's message (which names the line)."""
     while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
@@ -138,7 +160,7 @@ def _first_line(e: BaseException) -> str:
 
 def _builder(builder: str, path: str, key: str, streaming: bool):
     datasets = _datasets()
-    kwargs = {"sample_by": "line"} if builder == "text" else {}
+    kwargs = {"sample_by": "line", "encoding": "utf-8-sig"} if builder == "text" else {}
     if builder == "csv" and path.lower().endswith(".tsv"):
         kwargs["sep"] = "\t"
     try:

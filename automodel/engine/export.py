@@ -82,6 +82,10 @@ def _unaliased(state_dict: dict, model) -> dict:
 
 
 def show_samples(final_dir: str, samples: list[tuple[str, str]]) -> None:
+    """Greedy answers of the trained model to a few held-out prompts, and a command to try your own: shell-
+    quoted (a chat prompt holds newlines and quotes), so pasting it into a shell runs it as shown."""
+    import shlex
+
     from automodel.generate import load, greedy
 
     if not samples:
@@ -96,5 +100,5 @@ def show_samples(final_dir: str, samples: list[tuple[str, str]]) -> None:
         ok = got.strip() == expected.strip()
         right += ok
         log.info("  %s %r -> %r%s", "✓" if ok else "✗", prompt, got, "" if ok else f" (expected {expected!r})")
-    log.info("%d/%d sample prompts answered exactly. Try your own:  automodel generate %s %r", right, len(samples),
-             final_dir, samples[0][0])
+    log.info("%d/%d sample prompts answered exactly. Try your own:  automodel generate %s %s", right, len(samples),
+             shlex.quote(final_dir), shlex.quote(samples[0][0]))
