@@ -4,6 +4,7 @@
     automodel list                  installed plugins and config options, with the package providing each
     automodel generate DIR PROMPT   greedy generation from an exported HF folder
     automodel export CKPT OUT       a DCP checkpoint -> an HF folder, offline, on one process
+    automodel help | --version
 """
 
 from __future__ import annotations
@@ -30,15 +31,45 @@ def _quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     # expert parallel slices flattened mesh dimensions (dp_shard = dp_shard_mod_ep x ep), as torchtitan does
     warnings.filterwarnings("ignore", message=r"Slicing a flattened dim from root mesh")
+    # DCP read/written by one process (automodel export, a single-process resume): exactly the intent
+    warnings.filterwarnings("ignore", message=r"torch.distributed is disabled, unavailable or uninitialized")
+    # transformers announcing its own future API changes: addressed to library authors, not to a user's run
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
 
 
 def fail(error: UserError) -> None:
-    """Print the one line (once: every rank of a job hits the same refusal, rank 0 says it) and exit."""
+    """Print the one line (once: every rank of a job hits the same refusal, rank 0 says it) and exit.
+
+    Under automodel's own launcher every rank hands its line to the launcher instead (AUTOMODEL_ERROR_DIR),
+    which prints the first: the rank that fails first may be any rank, and the agent kills the others
+    before rank 0 could speak."""
     import os
 
+    from automodel.launch import local
+
+    if local.report_to_launcher(str(error)):
+        sys.exit(error.exit_code)
     if os.environ.get("RANK", "0") == "0":
         print(f"automodel: error: {error}", file=sys.stderr, flush=True)
     sys.exit(error.exit_code)
+
+
+def _looks_like_a_command(word: str) -> bool:
+    """A bare word first (`automodel plan`): not an override (key=value, +key=, ~key) nor a flag."""
+    return word not in SUBCOMMANDS and not word.startswith("-") and "=" not in word and not word.startswith("~")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"automodel {v('automodel')} (torch {v('torch')}, transformers {v('transformers')}, peft {v('peft')}, "
+            f"hydra-core {v('hydra-core')}, Python {sys.version.split()[0]})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,6 +78,13 @@ def main(argv: list[str] | None = None) -> None:
     lifetime.die_with_parent()  # a rank started by torch's elastic agent ends with it, however it ends
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_third_party()
+    if argv and argv[0] in ("--version", "version"):
+        return print(_version())
+    if argv and argv[0] == "help":
+        argv = ["--help", *argv[1:]]
+    if argv and _looks_like_a_command(argv[0]):
+        fail(UserError(f"'{argv[0]}' is not an automodel command; the commands are: {', '.join(SUBCOMMANDS)}, help, "
+                       "--version; training takes group=option and key=value overrides (automodel --help)"))
     if argv and argv[0] in SUBCOMMANDS:
         module, func = SUBCOMMANDS[argv[0]].split(":")
         import importlib

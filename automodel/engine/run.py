@@ -85,6 +85,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     dims, micro, accum = preflight(checked, env.world_size)
     hf_config = p["model"].hf_config()
     p["parallel"].check_model(dims, hf_config)
+    _check_seq_len(t.seq_len, hf_config, p["model"].name)
     hints = _hints(p["parallel"], dims, t.seq_len, accum)
 
     # 2. will it fit? (a weightless skeleton, adapted by peft so trainable counts are right)
@@ -132,6 +133,10 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     # 5. optimizer
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer, scheduler = p["optim"].build(params, t.max_steps)
+    warmup = getattr(getattr(p["optim"], "cfg", None), "warmup_steps", 0) or 0
+    if env.is_main and warmup >= t.max_steps:
+        log.warning("optim.warmup_steps=%d is not shorter than train.max_steps=%d: the learning rate never reaches "
+                    "optim.lr; lower optim.warmup_steps", warmup, t.max_steps)
     pp_group = mesh["pp"].get_group() if dims.pp > 1 else None  # pipeline stages: each holds part of the model
     guard = StepGuard(t.max_bad_steps, t.spike_factor, t.spike_window)
     state = checkpointing.TrainState(model, optimizer, scheduler, fingerprint, OmegaConf.to_yaml(cfg, resolve=True),
@@ -141,6 +146,9 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
         p["checkpoint"].restore(resume, state)
     if env.is_main and not rehearsal:  # the record matches the run: lines past where it starts are trained again
         checkpointing.trim_metrics(out_dir, start)
+    if env.is_main and start >= t.max_steps:
+        log.warning("this run already finished: its checkpoint is of step %d and train.max_steps=%d, so there is "
+                    "nothing to train (raise train.max_steps to train on)", start, t.max_steps)
 
     if env.is_main:
         run_dir.write_resolved_config(cfg, out_dir)
@@ -240,6 +248,16 @@ def _hints(parallel, dims, seq_len: int, accum: int = 1):
                         f"step, but train.global_batch_size / (train.micro_batch_size x {dims.dp} data-parallel "
                         f"rank(s)) = {accum}; lower train.micro_batch_size or raise train.global_batch_size")
     return hints
+
+
+def _check_seq_len(seq_len: int, hf_config, model_name: str) -> None:
+    """A sequence longer than the model's positions would train on positions it never learned (or index past
+    a learned table): refuse before anything is built."""
+    limit = next((getattr(hf_config, k) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                  if isinstance(getattr(hf_config, k, None), int)), None)
+    if limit and seq_len > limit:
+        raise UserError(f"train.seq_len={seq_len} is longer than model {model_name!r} can place ("
+                        f"max_position_embeddings={limit}); use train.seq_len<={limit}")
 
 
 def _group(mesh):

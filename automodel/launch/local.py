@@ -12,12 +12,15 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 
 from automodel.errors import UserError
 
 log = logging.getLogger("automodel")
+_ERROR_DIR = "AUTOMODEL_ERROR_DIR"  # where the ranks of a relaunch leave their one-line errors
 
 
 @dataclasses.dataclass
@@ -77,6 +80,8 @@ def relaunch(launcher: LauncherConfig, job_overrides: list[str], out_dir: str) -
     elastic_log = logging.getLogger("torch.distributed.elastic")
     level = elastic_log.level
     elastic_log.setLevel(logging.CRITICAL)  # the ranks report their own errors
+    errors = tempfile.mkdtemp(prefix="automodel-errors-")
+    os.environ[_ERROR_DIR] = errors  # the ranks inherit it: their one-line errors come back here
     try:
         elastic_launch(config, cmd)(*cmd_args)
     except ChildFailedError as e:
@@ -85,12 +90,39 @@ def relaunch(launcher: LauncherConfig, job_overrides: list[str], out_dir: str) -
             from automodel.engine import run_dir
 
             run_dir.discard_if_untouched(out_dir)  # here, once every rank has stopped using it
-            sys.exit(2)  # a user error, already printed by rank 0 (the agent then stopped the other ranks)
+            first = _first_error(errors)
+            if first:
+                print(f"automodel: error: {first}", file=sys.stderr, flush=True)
+            sys.exit(2)  # a user error (the agent then stopped the other ranks)
         ranks = ", ".join(str(r) for r in sorted(e.failures))
         raise SystemExit(f"automodel: error: rank(s) {ranks} failed with exit code(s) {codes}; see their output above")
     finally:
         elastic_log.setLevel(level)
+        os.environ.pop(_ERROR_DIR, None)
+        shutil.rmtree(errors, ignore_errors=True)
     return final_loss(out_dir)
+
+
+def report_to_launcher(message: str) -> bool:
+    """In a rank this launcher started: leave the one-line error for it to print; False elsewhere."""
+    folder = os.environ.get(_ERROR_DIR)
+    if not folder or not os.path.isdir(folder):
+        return False
+    path = os.path.join(folder, f"rank{os.environ.get('RANK', '0')}")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(message)
+    os.replace(path + ".tmp", path)  # whole or absent: the launcher never reads half a line
+    return True
+
+
+def _first_error(folder: str) -> str | None:
+    """The line of the rank that failed first (the others were stopped, or failed alike after it)."""
+    found = [os.path.join(folder, n) for n in os.listdir(folder) if not n.endswith(".tmp")]
+    if not found:
+        return None
+    first = min(found, key=lambda p: os.stat(p).st_mtime_ns)
+    with open(first, encoding="utf-8") as f:
+        return f.read().strip()
 
 
 def final_loss(out_dir: str) -> float | None:

@@ -18,9 +18,19 @@ from automodel.errors import UserError
 def check_can_submit(argv: list[str]) -> None:
     """`hydra/launcher=slurm` where SLURM's tools are missing: one line now, not a traceback from Hydra."""
     chosen = [a for a in argv if a in ("hydra/launcher=slurm", "hydra/launcher=submitit_slurm")]
-    if chosen and shutil.which("sbatch") is None:
+    if not chosen:
+        return
+    if shutil.which("sbatch") is None:
         raise UserError(f"{chosen[0]} needs SLURM's sbatch on PATH: run it on a SLURM login node "
                         f"(no cluster: scripts/slurm_local.sh start), or drop {chosen[0]}")
+    try:  # sbatch on PATH but no controller answering: submitit would fail after Hydra made the sweep dir
+        probe = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=20)
+        problem = None if probe.returncode == 0 else (probe.stderr.strip().splitlines() or ["no answer"])[-1]
+    except (OSError, subprocess.TimeoutExpired) as e:
+        problem = str(e) or type(e).__name__
+    if problem:
+        raise UserError(f"{chosen[0]}: no SLURM controller answers here (sinfo: {problem}); run it where the "
+                        f"cluster is reachable (no cluster: scripts/slurm_local.sh start), or drop {chosen[0]}")
 
 
 def slurm_task_count() -> int:

@@ -15,6 +15,8 @@ SLURM tasks forming one torch.distributed world. Added to the plain submitit lau
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Any
 
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _SubmititSlurmLauncher
@@ -22,6 +24,29 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLaunche
 from automodel.launch.slurm import export_torch_env
 
 _FRESH = {f"checkpoint.resume={v}" for v in ("null", "none", "false", "")}
+log = logging.getLogger("automodel")
+
+
+@contextlib.contextmanager
+def _announcing_jobs(first_idx: int):
+    """While the base launcher submits and then waits for every job: say each job id and its log as soon as it
+    is submitted (the wait can be hours in a queue). Scoped to this launch; submitit is as it was after."""
+    import submitit
+
+    submit = submitit.AutoExecutor.map_array
+
+    def map_array(executor, *args, **kwargs):
+        jobs = submit(executor, *args, **kwargs)
+        for i, job in enumerate(jobs):
+            log.info("sweep job #%d: SLURM job %s, log %s", first_idx + i, job.job_id, job.paths.stdout)
+        log.info("waiting for %d SLURM job(s) (squeue --me shows them)", len(jobs))
+        return jobs
+
+    submitit.AutoExecutor.map_array = map_array
+    try:
+        yield
+    finally:
+        submitit.AutoExecutor.map_array = submit
 
 
 class SlurmLauncher(_SubmititSlurmLauncher):
@@ -31,7 +56,8 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         # `${stamp:...}` would give another time on the compute node: pin the directory chosen here
         self._sweep_dir = str(self.config.hydra.sweep.dir)
         self._resumable = "resume" in self.config.get("checkpoint", {})
-        return super().launch(job_overrides, initial_job_idx)
+        with _announcing_jobs(initial_job_idx):
+            return super().launch(job_overrides, initial_job_idx)
 
     def __call__(self, sweep_overrides, job_dir_key, job_num, job_id, singleton_state) -> Any:
         from automodel.config import register_resolvers
