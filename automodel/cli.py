@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         slurm.check_can_submit(argv)
         launch_env.share_run_stamp()  # every rank of a torchrun/SLURM job names the same run dir
         compose.check(argv)
+        if compose.show_sweep_configs(argv):
+            return
     except UserError as e:
         fail(e)
     _hydra_main(argv)

@@ -59,12 +59,54 @@ def compose(overrides: list[str]):
 
 
 def check(argv: list[str]) -> None:
-    """Raise UserError (one line) if any job that argv describes has an invalid config."""
+    """Raise UserError (one line) if any job that argv describes has an invalid config, or if the folder it
+    would write cannot be made or belongs to a job still running."""
+    from automodel.launch import lifetime
+
     args = parse_args(argv)
     if not needs_check(args):
         return
-    for point in sweep_points(args.overrides, args.multirun):
+    points = sweep_points(args.overrides, args.multirun)
+    for point in points:
         validate(compose(point))
+    if args.cfg or not points:
+        return  # shows a config and writes nothing / another sweeper's points: each job checks itself
+    key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
+    folder = _hydra_value(points[0], key)  # one point: sweep syntax (a,b) does not compose
+    if folder:
+        lifetime.check_can_use(folder, key)
+
+
+def show_sweep_configs(argv: list[str]) -> bool:
+    """`-m ... --cfg job`: Hydra refuses the pair with a traceback; print each sweep point's job config instead."""
+    from omegaconf import OmegaConf
+
+    args = parse_args(argv)
+    if not (args.multirun and args.cfg):
+        return False
+    if args.cfg != "job":
+        raise UserError(f"--cfg {args.cfg} with -m: a sweep shows its jobs' configs with --cfg job; drop -m to see "
+                        f"Hydra's config of one run")
+    points = sweep_points(args.overrides, True)
+    for i, point in enumerate(points):
+        cfg = compose(point)
+        print(f"# sweep job #{i}: {' '.join(point) or '(no overrides)'}")
+        print(OmegaConf.to_yaml(cfg, resolve=False))
+    return True
+
+
+def _hydra_value(overrides: list[str], key: str) -> str | None:
+    """A hydra.* value as this run would resolve it (None when it needs Hydra's runtime to resolve)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    try:
+        with initialize_config_dir(str(conf_dir()), version_base="1.3", job_name="automodel"):
+            cfg = hydra_compose(CONFIG_NAME, overrides=overrides, return_hydra_config=True)
+        return str(OmegaConf.select(cfg, key))
+    except Exception:  # interpolations only Hydra's run can resolve (${hydra:...}): Hydra will say
+        return None
 
 
 def _missing_option_line(e) -> str:

@@ -48,6 +48,40 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+def check_can_use(run_dir: str, key: str = "hydra.run.dir") -> None:
+    """Before Hydra writes anything there: a run dir that cannot be made, or that another job holds, is refused.
+
+    Hydra's first act in a run dir is to (over)write its `.hydra/` files, so a busy or impossible dir must be
+    caught before Hydra starts; `acquire` then takes the lock for real (a race between the two ends there)."""
+    import fcntl
+
+    path = os.path.abspath(run_dir)
+    if os.environ.get(_HELD_ENV) == path:  # a rank of the launcher that holds it
+        return
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{key}={run_dir} cannot be made: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{key}={run_dir} cannot be made: {existing} is not writable by this user; choose a writable "
+                        "folder")
+    lock = os.path.join(path, LOCK_NAME)
+    if existing != path or not os.path.isfile(lock):
+        return
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a probe: released at once below
+    except OSError:
+        raise RunDirBusy(f"the run dir {run_dir} is in use by another automodel job ({_read_holder(fd)}); wait for it "
+                         "to end, stop it, or choose another hydra.run.dir") from None
+    finally:
+        os.close(fd)
+
+
 def acquire(run_dir: str) -> None:
     """Hold `run_dir` for this process's lifetime, or raise UserError naming the job that holds it."""
     import fcntl
