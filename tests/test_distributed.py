@@ -15,7 +15,8 @@ STEPS = ["train.max_steps=6", "train.log_every=1", "train.global_batch_size=8"]
 NO_EXPORT = "checkpoint.export_final=false"
 
 CHECKS = [
-    ("fsdp2_micro4", ["parallel=fsdp2", *STEPS, "train.micro_batch_size=4", NO_EXPORT]),
+    # the loop's clock ticks 1 s per reading here (dist_workers.ticking_loop_clock): tokens/s becomes checkable
+    ("fsdp2_micro4", ["parallel=fsdp2", *STEPS, "train.micro_batch_size=4", NO_EXPORT], {"ticking_clock": True}),
     ("fsdp2_micro1_accum4", ["parallel=fsdp2", *STEPS, "train.micro_batch_size=1", NO_EXPORT]),
     ("fsdp2_lora", ["parallel=fsdp2", "peft=lora", "optim.lr=1e-2", *STEPS, "train.micro_batch_size=4"]),
     ("fsdp2_bf16", ["parallel=fsdp2", "precision=bf16", *STEPS, "train.micro_batch_size=4"]),
@@ -41,8 +42,10 @@ def _entry(rank, world, store, out, checks):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ref"))
+    fp32 = train(out, *STEPS, "train.micro_batch_size=8", NO_EXPORT)
     return {
-        "fp32": losses(train(out, *STEPS, "train.micro_batch_size=8", NO_EXPORT)),
+        "fp32": losses(fp32),
+        "fp32_records": fp32.records,
         "lora": losses(train(out, "peft=lora", "optim.lr=1e-2", *STEPS, "train.micro_batch_size=8", NO_EXPORT)),
     }
 
@@ -64,6 +67,19 @@ def test_fsdp2_with_gradient_accumulation_matches_one_process(two_ranks, referen
 def test_grad_norm_and_throughput_are_global(two_ranks, reference):
     records = two_ranks["fsdp2_micro4"]["records"]
     assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in records)
+    ref = reference["fp32_records"]
+    assert [r["step"] for r in records] == [r["step"] for r in ref] == [1, 2, 3, 4, 5, 6]
+    # the norm of the whole gradient (every shard, every rank), not of this rank's shard: the one-process value
+    for name in ("fsdp2_micro4", "fsdp2_micro1_accum4"):
+        got = [r["grad_norm"] for r in two_ranks[name]["records"]]
+        assert _max_diff(got, [r["grad_norm"] for r in ref]) < 1e-5, (name, got, [r["grad_norm"] for r in ref])
+    # tokens: the global batch's (both ranks' together), the same count one process sees
+    assert [r["tokens"] for r in records] == [r["tokens"] for r in ref], (records, ref)
+    assert all(r["tokens"] > 0 for r in records)
+    # tokens/s: those global tokens over the step's time. The loop's clock advanced exactly 1 s per reading (a
+    # start reading + one per logged step), so tokens/s must be the global count itself, not a rank's share of it
+    assert two_ranks["fsdp2_micro4"]["clock_reads"] == 1 + len(records)
+    assert [r["tokens_per_s"] for r in records] == [float(r["tokens"]) for r in records], records
 
 
 def test_lora_under_fsdp2_matches_one_process_and_exports_the_trained_model(two_ranks, reference):

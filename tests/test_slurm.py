@@ -1,9 +1,11 @@
 """SLURM launches against a real single-node cluster (scripts/slurm_local.sh): a 2-task FSDP2 job, a sweep
 as a job array, and a job that is signalled mid-run, saves a checkpoint there, requeues itself and resumes.
 
-The cluster is started here when it can be (root, Debian/apt, packages installable) and stopped at the
-end if this module started it; otherwise every test is skipped with the reason. AUTOMODEL_TEST_SLURM=0
-skips them on purpose. Every wait is bounded.
+A cluster that is already up (`scripts/slurm_local.sh status`; .ci/run starts one) is used as it is. Otherwise
+it is started here when it can be (root, Debian/apt, packages installable) and stopped at the end if this
+module started it; when it cannot be, every test is skipped with the reason. AUTOMODEL_TEST_SLURM=0 skips them
+on purpose. AUTOMODEL_REQUIRE_SLURM=1 (set by .ci/run) turns every one of those skips into a failure: in CI a
+SLURM test that did not run is an error, not a pass. Every wait is bounded.
 """
 
 import csv
@@ -27,9 +29,19 @@ SLURM_DIR = os.environ.get("AUTOMODEL_SLURM_DIR", "/tmp/automodel-slurm")
 FAST = [*MICRO, "train.max_steps=4", "train.log_every=2", "train.global_batch_size=8", "checkpoint.export_final=false"]
 
 
+def _required() -> bool:
+    return os.environ.get("AUTOMODEL_REQUIRE_SLURM", "0") not in ("", "0")
+
+
+def _cannot_run(reason: str):
+    """Skip the SLURM tests with `reason`, or fail them when AUTOMODEL_REQUIRE_SLURM is set."""
+    if _required():
+        pytest.fail(f"AUTOMODEL_REQUIRE_SLURM is set, but the SLURM tests cannot run: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 def _skip_reason() -> str | None:
-    if os.environ.get("AUTOMODEL_TEST_SLURM", "1") == "0":
-        return "AUTOMODEL_TEST_SLURM=0"
+    """Why this process cannot start the local cluster itself (None: it can)."""
     if not sys.platform.startswith("linux") or os.geteuid() != 0:
         return "starting a local SLURM cluster needs root on Linux (scripts/slurm_local.sh)"
     if not shutil.which("dpkg-query") or not (shutil.which("apt-get") or shutil.which("slurmctld")):
@@ -40,11 +52,11 @@ def _skip_reason() -> str | None:
 @pytest.fixture(scope="module")
 def slurm():
     """The environment to submit with (SLURM_CONF ...); the cluster is up while the module runs."""
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
+    if os.environ.get("AUTOMODEL_TEST_SLURM", "1") == "0":
+        _cannot_run("AUTOMODEL_TEST_SLURM=0")
     os.makedirs(os.path.dirname(SLURM_DIR) or "/", exist_ok=True)
-    lock = open(SLURM_DIR + ".lock", "w")  # one test session at a time uses (and may stop) the cluster
+    # one test session at a time uses (and may stop) the cluster; read-only: a lock file root made serves others too
+    lock = os.fdopen(os.open(SLURM_DIR + ".lock", os.O_RDONLY | os.O_CREAT, 0o666), "r")
     deadline = time.time() + 300
     while True:
         try:
@@ -52,10 +64,14 @@ def slurm():
             break
         except BlockingIOError:
             if time.time() > deadline:
-                pytest.skip(f"the local SLURM cluster stayed in use by another test session ({SLURM_DIR}.lock)")
+                lock.close()
+                _cannot_run(f"the local SLURM cluster stayed in use by another test session ({SLURM_DIR}.lock)")
             time.sleep(1)
     env = {**os.environ, "AUTOMODEL_SLURM_DIR": SLURM_DIR}
     was_up = subprocess.run(["bash", SCRIPT, "status"], env=env, capture_output=True, timeout=60).returncode == 0
+    if not was_up and _skip_reason():  # not up, and this process may not start it
+        lock.close()
+        _cannot_run(_skip_reason())
     if not was_up:
         try:
             start = subprocess.run(["bash", SCRIPT, "start"], env=env, capture_output=True, text=True, timeout=300)
@@ -65,7 +81,7 @@ def slurm():
             subprocess.run(["bash", SCRIPT, "stop"], env=env, capture_output=True, timeout=120)
             lock.close()
             why = "timed out after 300s" if start is None else start.stderr.strip().splitlines()[-3:]
-            pytest.skip(f"could not start a local SLURM cluster with scripts/slurm_local.sh: {why}")
+            _cannot_run(f"could not start a local SLURM cluster with scripts/slurm_local.sh: {why}")
     job_env = {"SLURM_CONF": os.path.join(SLURM_DIR, "etc", "slurm.conf"), "OMP_NUM_THREADS": "1",
                "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/usr/bin:/sbin:/bin"}
     yield job_env
@@ -116,6 +132,14 @@ def test_a_two_task_job_is_one_fsdp2_world(slurm, tmp_path):
     assert [r["step"] for r in records] == [2, 4]
     assert all(r["tokens"] > 0 and r["loss"] > 0 for r in records)
     assert _sacct(slurm, job_id) == ["COMPLETED"]
+    # the two tasks trained one model together: one process on the same global batches logs the same numbers
+    from helpers import train
+
+    (tmp_path / "one").mkdir()
+    one = train(str(tmp_path / "one"), *FAST[len(MICRO):], "train.micro_batch_size=8")
+    assert [r["step"] for r in one.records] == [2, 4]
+    assert [r["tokens"] for r in records] == [r["tokens"] for r in one.records]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(records, one.records)) < 1e-5, (records, one.records)
 
 
 def test_a_sweep_is_a_job_array_with_a_summary(slurm, tmp_path):

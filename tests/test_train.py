@@ -16,9 +16,14 @@ def _logits(model, input_ids):
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
+    from dist_workers import ticking_loop_clock
+
     out = str(tmp_path_factory.mktemp("full"))
-    return out, train(out, "train.max_steps=6", "train.log_every=2", "train.global_batch_size=8",
-                      "train.micro_batch_size=8")
+    with ticking_loop_clock() as clock:  # the loop's clock advances 1 s per reading: tokens/s becomes checkable
+        result = train(out, "train.max_steps=6", "train.log_every=2", "train.global_batch_size=8",
+                       "train.micro_batch_size=8")
+    result.clock_reads = clock.reads
+    return out, result
 
 
 def test_metrics_jsonl_has_one_line_per_logged_step(full_run):
@@ -29,6 +34,11 @@ def test_metrics_jsonl_has_one_line_per_logged_step(full_run):
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(r)
         assert r["tokens_per_s"] > 0 and r["grad_norm"] > 0 and r["lr"] > 0
     assert lines == result.records
+    # tokens: the real tokens of the two steps since the last record (8 rows of at most seq_len=48 each);
+    # tokens/s: those over the time since the last record, which the ticking clock made exactly 1 s
+    assert all(0 < r["tokens"] <= 2 * 8 * 48 for r in lines), lines
+    assert result.clock_reads == 1 + len(lines)
+    assert [r["tokens_per_s"] for r in lines] == [float(r["tokens"]) for r in lines], lines
 
 
 def test_export_loads_with_transformers_and_gives_the_trained_logits(full_run):

@@ -50,9 +50,9 @@ def train(cfg, out_dir: str) -> TrainResult:
         rehearsal = checked.launcher.fake_world_size > 0  # one real process: nothing to tell other ranks
         lifetime.acquire_for_job(out_dir, env.is_main, 1 if rehearsal else env.world_size)
         result = _train(cfg, checked, env, out_dir)
-    except BaseException:
+    except BaseException as e:
         launch_env.shutdown()
-        lifetime.release(out_dir)
+        lifetime.release(out_dir, refused=isinstance(e, UserError))
         raise
     lifetime.release(out_dir)
     launch_env.shutdown(clean=result.preempted_at is None)  # a preempted rank 0 has exited to requeue

@@ -112,10 +112,15 @@ def hand_to_children(run_dir: str) -> None:
     os.environ[_HELD_ENV] = os.path.abspath(run_dir)
 
 
-def release(run_dir: str) -> None:
+def release(run_dir: str, refused: bool = False) -> None:
+    """Let go of the run dir. `refused`: the run stopped before it began; if the lock is all it left there,
+    the lock file goes too, so a refusal leaves the folder as it found it."""
     fd = _HELD.pop(os.path.abspath(run_dir), None)
-    if fd is not None:
-        os.close(fd)
+    if fd is None:
+        return
+    if refused and os.listdir(run_dir) == [LOCK_NAME]:
+        os.unlink(os.path.join(run_dir, LOCK_NAME))  # while still held: no other job can have taken it
+    os.close(fd)
 
 
 def acquire_for_job(run_dir: str, is_main: bool, world_size: int) -> None:
