@@ -41,10 +41,13 @@ def export(checkpoint: str, out: str) -> str:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="automodel export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a <run>/checkpoints/step_N folder, or a run directory (its latest)")
-    parser.add_argument("out", help="the HF folder to write (replaced atomically if it exists)")
+    from automodel.generate import ArgumentParser  # argparse errors as one line, exit code 2
+
+    parser = ArgumentParser(prog="automodel export", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="a <run>/checkpoints/step_N folder, or a run directory (its latest)")
+    parser.add_argument("out", metavar="OUT", help="the HF folder to write (replaced atomically if it exists)")
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 

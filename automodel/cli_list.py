@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from automodel import registry
+from automodel.errors import UserError
 from automodel.options import options
 
 
 def main(argv: list[str]) -> None:
     import sys
+
+    if argv in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return
+    if argv:  # a typo such as `automodel list model` would otherwise print the whole table as if understood
+        raise UserError(f"automodel list takes no arguments (got: {' '.join(argv)}); it lists every group's options")
 
     from rich.console import Console
     from rich.table import Table

@@ -18,10 +18,17 @@ _NO_CHECK_FLAGS = ("help", "hydra_help", "info", "shell_completion", "version")
 def parse_args(argv: list[str]):
     from hydra._internal.utils import get_args_parser
 
-    try:
-        return get_args_parser().parse_args(argv)
-    except SystemExit:  # argparse already printed its one-line usage error
-        raise UserError(f"cannot parse arguments: {' '.join(argv)}") from None
+    def refuse(message: str):  # argparse would print its usage block and exit; one line instead
+        raise UserError(f"{message}; automodel takes group=option and key=value overrides and Hydra's flags "
+                        "(automodel --help)")
+
+    parser = get_args_parser()
+    parser.error = refuse
+    args = parser.parse_args(argv)
+    for override in args.overrides:
+        if override.lstrip("+~").startswith("="):
+            raise UserError(f"'{override}': an override needs a key: key=value (e.g. train.max_steps=10)")
+    return args
 
 
 def needs_check(args) -> bool:
@@ -56,6 +63,9 @@ def compose(overrides: list[str]):
         raise UserError(_missing_option_line(e)) from None
     except HydraException as e:
         raise UserError(_hydra_line(e, overrides)) from None
+    except (ValueError, TypeError) as e:  # Hydra's defaults list refusing an override it parsed
+        raise UserError(f"cannot apply the overrides {' '.join(overrides)}: {' '.join(str(e).split())}; overrides "
+                        "are key=value or group=option") from None
 
 
 def check(argv: list[str]) -> None:
@@ -129,6 +139,10 @@ def _hydra_line(e, overrides: list[str]) -> str:
     if m:
         return f"+{m.group(1)}: the key already exists; drop the '+' to override it"
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+    if "LexerNoViableAlt" in first or "mismatched input" in first or "no viable alternative" in first:
+        bad = next((o for o in overrides if o in text), " ".join(overrides))
+        return (f"cannot parse the override '{bad}': overrides are key=value with a dotted key "
+                "(train.max_steps=10) or group=option (parallel=fsdp2)")
     return first
 
 

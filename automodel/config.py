@@ -137,6 +137,9 @@ def _check_train(t: TrainConfig) -> None:
     for key in ("max_steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every"):
         if getattr(t, key) is not None and getattr(t, key) < 1:
             raise UserError(f"train.{key}={getattr(t, key)} must be at least 1")
+    for key, off in (("val_every", "0 turns validation off"), ("sample_prompts", "0 shows none")):
+        if getattr(t, key) < 0:
+            raise UserError(f"train.{key}={getattr(t, key)} must be >= 0 ({off})")
     if not (t.max_grad_norm >= 0 and math.isfinite(t.max_grad_norm)):
         raise UserError(f"train.max_grad_norm={t.max_grad_norm} must be a finite number >= 0 (0: no clipping)")
     if t.max_bad_steps < 1:

@@ -68,7 +68,14 @@ def load(group: str, name: str) -> type:
     if name not in eps:
         choices = ", ".join(eps) or "(none installed)"
         raise UserError(f"{group}.plugin='{name}' is not an installed plugin; choose one of: {choices}")
-    cls = eps[name].load()
+    try:
+        cls = eps[name].load()
+    except Exception as e:  # a broken or half-installed package: the user reinstalls it or picks another plugin
+        others = ", ".join(n for n in eps if n != name) or "(none)"
+        raise UserError(f"{group}.plugin='{name}' ({eps[name].value}, from the installed package "
+                        f"{_dist_name(eps[name])}) cannot be imported: {type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]}; reinstall that package or choose another plugin: "
+                        f"{others}") from None
     if not (isinstance(getattr(cls, "Config", None), type) and dataclasses.is_dataclass(cls.Config)):
         raise UserError(f"plugin {group}/{name} ({eps[name].value}) does not declare a dataclass `Config`")
     return cls

@@ -9,6 +9,7 @@ validation batches, messages about unusable data) lives here once.
 from __future__ import annotations
 
 import dataclasses
+import os
 import logging
 from typing import Optional
 
@@ -65,6 +66,12 @@ class ExampleData:
     hint = ""  # appended to a missing-column message, e.g. which keys map columns
 
     def __init__(self, config):
+        if getattr(config, "val_size", 0) < 0:
+            raise UserError(f"data.val_size={config.val_size} must be >= 0 (examples held out for validation; 0: none)")
+        path, val_split = getattr(config, "path", None), getattr(config, "val_split", None)
+        if val_split and path and not getattr(config, "val_path", None) and os.path.isfile(str(path)):
+            raise UserError(f"data.val_split={val_split!r}: data.path='{path}' is one file, which has no split "
+                            f"'{val_split}'; use data.val_path (a held-out file) or data.val_size")
         self.cfg = config
         self._cache: dict = {}
         self._fit = (None, None)  # (tokenizer, seq_len) of the last build: the sample prompts are cut to it

@@ -104,8 +104,12 @@ def load(path: str, *, key: str = "data.path", split: str = "train", streaming: 
 
 
 def _read_json(path: str, required: tuple[str, ...], hint: str) -> Records:
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is dropped, not refused
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is dropped, not refused
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x}); JSON lines must be "
+                        "UTF-8 text, one JSON object per line") from None
     whole = _one_object(text)
     if whole is not None:  # one JSON object over many lines (a published file: {"version", "data": [...]})
         return Records([whole], path, list(whole))
@@ -166,7 +170,7 @@ def _builder(builder: str, path: str, key: str, streaming: bool):
     try:
         return datasets.load_dataset(builder, data_files=path, split="train", streaming=streaming, **kwargs)
     except Exception as e:  # pandas / pyarrow parse errors carry the line where they have one
-        if "corresponds to no data" in str(e):  # datasets' words for a file without rows
+        if "corresponds to no data" in str(e) or "at least one example" in _first_line(e):  # a file without rows
             raise UserError(f"{key}='{path}' holds no examples") from None
         raise UserError(f"{path}: could not be read as {builder} ({_first_line(e)})") from None
 

@@ -7,6 +7,11 @@
 
 The engine builds the model on the meta device and fills only each rank's shards: from `weights()`
 (the folder's safetensors, read one tensor at a time, see hf_weights.py) or by random init.
+
+What can be checked without transformers is checked when the config is validated (before a run directory
+exists): a local model.path must be a model folder, and one that holds something else (a PEFT adapter, a
+file, nothing) is named for what it is. The architecture is checked when transformers builds its config:
+its strict type checks, an unknown model_type and sizes below 1 become one line naming the key.
 """
 
 from __future__ import annotations
@@ -52,8 +57,13 @@ def _is_local(path: str) -> bool:
     return os.path.isdir(os.path.expanduser(path))
 
 
+def _looks_like_path(value: str) -> bool:
+    """A value the user meant as a local path (a hub id is `name` or `org/name`)."""
+    return value.startswith((".", "/", "~")) or value.count("/") > 1
+
+
 def _hub_failure(key: str, value: str, err: Exception) -> UserError:
-    if not _is_local(value) and (value.startswith((".", "/", "~")) or value.count("/") > 1):
+    if not _is_local(value) and _looks_like_path(value):
         return UserError(f"{key}='{value}' is not an existing folder")  # a path, not a hub id (org/name)
     reason = " ".join(str(err).split()).split(". ")[0][:200]
     offline = os.environ.get("HF_HUB_OFFLINE") or "connect" in reason.lower() or "offline" in reason.lower()
@@ -68,6 +78,11 @@ class HFModel:
         self.cfg = config
         if not config.path and not config.config.get("model_type"):
             raise UserError("model: set model.path (a folder or hub id) or model.config.model_type (random init)")
+        if config.path:
+            _check_model_folder(config.path)
+        if config.tokenizer and _looks_like_path(config.tokenizer) and not _is_local(config.tokenizer):
+            raise UserError(f"model.tokenizer='{config.tokenizer}' is not an existing folder; give a tokenizer folder "
+                            "(what save_pretrained writes), a hub id, or null (model.path's own tokenizer)")
 
     @property
     def name(self) -> str:
@@ -77,6 +92,8 @@ class HFModel:
     def hf_config(self):
         from transformers import AutoConfig
 
+        from huggingface_hub.errors import StrictDataclassError
+
         if self.cfg.path:
             try:
                 cfg = AutoConfig.from_pretrained(
@@ -84,19 +101,27 @@ class HFModel:
                     trust_remote_code=self.cfg.trust_remote_code,
                 )
             except (OSError, ValueError) as e:
-                raise _hub_failure("model.path", self.cfg.path, e) from None
+                raise _config_failure(self.cfg, e) from None
+            except StrictDataclassError as e:
+                raise UserError(_strict_line(e, f"model.path='{self.cfg.path}': config.json")) from None
         else:
             overrides = dict(self.cfg.config)
             model_type = overrides.pop("model_type")
-            try:
-                cfg = AutoConfig.for_model(model_type, **overrides)
-            except ValueError:
+            if not _known_model_type(model_type):
                 raise UserError(
                     f"model.config.model_type='{model_type}' is not a transformers model type (e.g. llama, qwen2, "
                     "qwen3, mistral, gemma2, phi3)"
-                ) from None
+                )
+            try:
+                cfg = AutoConfig.for_model(model_type, **overrides)
+            except (ValueError, TypeError, StrictDataclassError) as e:
+                raise UserError(_strict_line(e, "model.config", overrides)) from None
         for key, value in self.cfg.config_overrides.items():
-            setattr(cfg, key, value)
+            try:
+                setattr(cfg, key, value)
+            except (ValueError, TypeError, StrictDataclassError) as e:
+                raise UserError(_strict_line(e, "model.config_overrides", self.cfg.config_overrides)) from None
+        _check_sizes(cfg, self.cfg)
         cfg.use_cache = False  # training never uses the KV cache; leaving it on also hides packed sequences
         cfg._attn_implementation = self.cfg.attn_implementation or _default_attention(cfg)
         if self.cfg.experts_implementation is not None:
@@ -166,10 +191,17 @@ class HFModel:
 
         cfg = self.hf_config()
         if str(device) == "meta" or not self.cfg.path:
-            with torch.device(device):
-                model = AutoModelForCausalLM.from_config(
-                    cfg, dtype=torch.float32, trust_remote_code=self.cfg.trust_remote_code
-                )
+            try:
+                with torch.device(device):
+                    model = AutoModelForCausalLM.from_config(
+                        cfg, dtype=torch.float32, trust_remote_code=self.cfg.trust_remote_code
+                    )
+            except ValueError as e:
+                if "attn_implementation" not in str(e):
+                    raise
+                raise UserError(f"model.attn_implementation={self.cfg.attn_implementation!r} is not supported "
+                                f"here; use null (the best this model supports), sdpa or eager "
+                                f"({' '.join(str(e).split())[:300]})") from None
         else:
             try:
                 model = AutoModelForCausalLM.from_pretrained(
@@ -199,3 +231,101 @@ class HFModel:
                 f"model has {rows} token embeddings but the tokenizer has {len(tok)} tokens; use the "
                 "model's own tokenizer (model.tokenizer) or set model.config.vocab_size >= the tokenizer size"
             )
+
+
+# sizes every architecture that has them needs at least 1 of (transformers builds a model without layers)
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def _known_model_type(model_type: str) -> bool:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
+
+
+def _check_model_folder(path: str) -> None:
+    """A local model.path must hold config.json; refuse, naming what the folder holds instead, before any load."""
+    full = os.path.expanduser(path)
+    if os.path.isfile(full):
+        raise UserError(f"model.path='{path}' is a file; give the folder that holds config.json and the "
+                        "*.safetensors weights (what save_pretrained writes), or a hub id")
+    if not os.path.isdir(full):
+        if _looks_like_path(path):
+            raise UserError(f"model.path='{path}' is not an existing folder; give a model folder or a hub id "
+                            "(org/name)")
+        return  # a hub id: resolved (or refused) when the config is loaded
+    if os.path.isfile(os.path.join(full, "config.json")):
+        return
+    if os.path.isfile(os.path.join(full, "adapter_config.json")):
+        base = _adapter_base(full)
+        named = f" '{base}' (named in its adapter_config.json)" if base else ""
+        raise UserError(f"model.path='{path}' holds a PEFT adapter (adapter_config.json), not a model: set model.path "
+                        f"to its base model{named} and add peft=lora to train an adapter on it, or point model.path "
+                        "at a merged model (a run's final/ folder holds one next to its adapter/)")
+    held = sorted(os.listdir(full))
+    more = ", ..." if held[4:] else ""
+    what = f"has no config.json (it holds {', '.join(held[:4])}{more})" if held else "is empty"
+    raise UserError(f"model.path='{path}' {what}; give a model folder (config.json and *.safetensors, as "
+                    "save_pretrained writes them) or a hub id")
+
+
+def _adapter_base(folder: str) -> str | None:
+    import json
+
+    try:
+        with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as f:
+            return json.load(f).get("base_model_name_or_path") or None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _config_failure(cfg: HFModelConfig, err: Exception) -> UserError:
+    """Why transformers could not read model.path's config, in the words a user can act on."""
+    import json
+
+    folder = os.path.expanduser(cfg.path)
+    if not _is_local(folder):
+        return _hub_failure("model.path", cfg.path, err)
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        return UserError(f"model.path='{cfg.path}': config.json is not valid JSON ({' '.join(str(e).split())[:120]})")
+    raw = raw if isinstance(raw, dict) else {}
+    model_type = raw.get("model_type")
+    if raw.get("auto_map") and not cfg.trust_remote_code:
+        return UserError(f"model.path='{cfg.path}' ships its own model code (auto_map in config.json); set "
+                         "model.trust_remote_code=true to run it (only for folders you trust)")
+    if not model_type:
+        return UserError(f"model.path='{cfg.path}': config.json names no model_type; it is not a transformers model "
+                         "config (e.g. model_type: llama)")
+    if not _known_model_type(model_type):
+        import transformers
+
+        return UserError(f"model.path='{cfg.path}': config.json has model_type '{model_type}', which transformers "
+                         f"{transformers.__version__} does not know; upgrade transformers, or set "
+                         "model.trust_remote_code=true if the folder ships its own model code")
+    return UserError(f"model.path='{cfg.path}': cannot read its config ({' '.join(str(err).split())[:200]})")
+
+
+def _strict_line(err: Exception, where: str, given: dict | None = None) -> str:
+    """transformers' config checks (huggingface_hub strict dataclasses) as one line: 'where.key=value: wrong type,
+    expected T' for a value the user gave, else 'where: <transformers' reason>'."""
+    import re
+
+    text = " ".join(str(err).split())
+    m = re.search(r"Field '(\w+)' expected (.+?), got", text)
+    if m and given is not None and m.group(1) in given:
+        return f"{where}.{m.group(1)}={given[m.group(1)]!r}: wrong type, expected {m.group(2)}"
+    m = re.search(r"(?:TypeError|ValueError): (.*)$", text)
+    return f"{where}: {(m.group(1) if m else text)[:300]}"
+
+
+def _check_sizes(hf_cfg, cfg: HFModelConfig) -> None:
+    for key in SIZES:
+        value = getattr(hf_cfg, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            where = ("model.config_overrides" if key in cfg.config_overrides else
+                     f"model.path='{cfg.path}' config.json" if cfg.path else "model.config")
+            raise UserError(f"{where}: {key}={value} must be at least 1")

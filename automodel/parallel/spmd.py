@@ -60,6 +60,10 @@ class SPMDParallel:
         if config.activation_checkpointing not in AC_MODES:
             raise UserError(f"parallel.activation_checkpointing={config.activation_checkpointing!r}: choose one of "
                             f"{', '.join(AC_MODES)}")
+        from automodel.parallel.pipeline import SCHEDULES
+
+        if config.pp_schedule not in SCHEDULES:
+            raise UserError(f"parallel.pp_schedule={config.pp_schedule!r}: choose one of {', '.join(SCHEDULES)}")
         self._cp = None
         self._experts = []  # this rank's expert-parallel experts modules, under ep > 1
         self._stages = []  # (stage index, stage module) of this rank, under pp > 1

@@ -8,6 +8,10 @@ Adapters are created on the meta device with the rest of the model and initializ
 one adapter matrix at a time (A as peft initializes it, B zero), so every layout starts from the same
 adapters. Inits computed from the base weights (pissa, olora, loftq, ...) would need each whole base
 matrix before sharding and are refused.
+
+The hyper-parameters are checked when the config is validated (before a run directory exists), and the
+target modules against the model as soon as the weightless skeleton is adapted: peft would otherwise
+refuse them deep inside its injection with a traceback, or silently skip a misspelt name next to a right one.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class LoRA:
         if str(config.init).lower() not in INITS:
             raise UserError(f"peft.init={config.init!r}: choose one of {', '.join(INITS)} (inits computed from the base "
                             "weights, such as pissa or olora, need each whole base matrix and are not supported)")
+        _check(config)
 
     def _init(self):
         return {"true": True, "default": True, "false": False}.get(str(self.cfg.init).lower(), "gaussian")
@@ -87,7 +92,14 @@ class LoRA:
     def apply(self, model):
         from peft import get_peft_model
 
-        return get_peft_model(model, self._peft_config(model))
+        _check_targets(self.cfg.target_modules, model)
+        try:
+            return get_peft_model(model, self._peft_config(model))
+        except ValueError as e:  # peft's words for targets (a pattern) that match nothing, or a layer it cannot adapt
+            if "target" not in str(e).lower():
+                raise
+            raise UserError(f"peft.target_modules={self.cfg.target_modules!r}: {' '.join(str(e).split())[:300]}; "
+                            f"the model's linear layers are: {', '.join(_linear_names(model))}") from None
 
     def init_module(self, name: str, module) -> bool:
         """Initialize one adapter matrix (a full-size copy of it) as peft would; False for anything else."""
@@ -120,3 +132,37 @@ class LoRA:
             log.info("LoRA base weights were randomly initialised: the adapter in %s needs the merged model "
                      "(or the same seed) to be meaningful", adapter_dir)
         return model.merge_and_unload()
+
+
+def _check(c: LoRAConfig) -> None:
+    """The ranges peft and torch accept, as one line naming the key (NaN fails every comparison)."""
+    if c.r < 1:
+        raise UserError(f"peft.r={c.r} must be at least 1 (the adapter rank, e.g. 8 or 16)")
+    if not (c.alpha > 0 and math.isfinite(c.alpha)):
+        raise UserError(f"peft.alpha={c.alpha} must be a positive number (the scale is alpha / r; e.g. 2 x r)")
+    if not (0 <= c.dropout < 1):
+        raise UserError(f"peft.dropout={c.dropout} must be in [0, 1) (a probability; 0: off)")
+    targets = c.target_modules
+    ok = (isinstance(targets, str) and targets.strip()) or (
+        isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) and t for t in targets))
+    if not ok:
+        raise UserError(f"peft.target_modules={targets!r} must be all-linear, a regular expression, or a non-empty "
+                        "list of module names, e.g. [q_proj, v_proj]")
+
+
+def _linear_names(model) -> list[str]:
+    import torch
+
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def _check_targets(targets, model) -> None:
+    """Every name of a list must name some module (peft's rule: the whole name or a dotted suffix of it)."""
+    if isinstance(targets, str):
+        return  # all-linear, or a pattern: peft checks that it matches something
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise UserError(f"peft.target_modules: {', '.join(repr(t) for t in missing)} names no module of "
+                        f"{type(model).__name__}; its linear layers are: {', '.join(_linear_names(model))} "
+                        "(or use all-linear)")
