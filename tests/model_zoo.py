@@ -553,9 +553,10 @@ def anchors(folder: str, tasks: str, out_dir: str) -> dict:
 
         os.makedirs(out_dir, exist_ok=True)
         r = train(cfg, out_dir)
-        return r.records[0]["loss"], {k: v.detach().clone() for k, v in r.model.state_dict().items()}
+        return (r.records[0]["loss"], {k: v.detach().clone() for k, v in r.model.state_dict().items()},
+                r.records[0]["grad_norm"])
 
-    auto = attempt(lambda: dict(zip(("loss", "state"), automodel_step())))
+    auto = attempt(lambda: dict(zip(("loss", "state", "grad_norm"), automodel_step())))
     if auto["status"] != "ok":
         return {"hf_loss": auto, "adamw": auto}
 
@@ -602,7 +603,7 @@ def anchors(folder: str, tasks: str, out_dir: str) -> dict:
     pdiff = max(float((state[k].float() - after[k].float()).abs().max()) for k in after)
     moved = max(float((after[k].float() - before[k].float()).abs().max()) for k in after)
     result["adamw"] = {"status": "ok" if pdiff <= TOL_PARAM else "mismatch", "diff": pdiff, "moved": moved,
-                       "grad_norm": hf["grad_norm"]}
+                       "grad_norm": hf["grad_norm"], "automodel_grad_norm": auto["grad_norm"]}
     if pdiff > TOL_PARAM:
         worst = max(after, key=lambda k: float((state[k].float() - after[k].float()).abs().max()))
         result["adamw"]["error"] = f"max param diff {pdiff:.2e} (at {worst}; the step moved weights by {moved:.2e})"

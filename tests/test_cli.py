@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shlex
 
 import pytest
 import torch
@@ -24,7 +26,10 @@ def test_default_run_writes_config_metrics_and_a_loadable_hf_folder(tmp_path):
     run = tmp_path / "run"
     proc = cli(*FAST, "train.sample_prompts=2", f"hydra.run.dir={run}", cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "sample prompts answered exactly" in proc.stdout and "automodel generate" in proc.stdout
+    answered = re.search(r"(\d+)/2 sample prompts answered exactly\. Try your own:  (automodel generate .*)",
+                         proc.stdout)
+    assert answered, proc.stdout[-2000:]
+    assert len(re.findall(r"^  [✓✗] ", proc.stdout, re.M)) == 2  # the two prompts, each with its answer
     resolved = (run / "config.yaml").read_text()
     assert "max_steps: 20" in resolved and "${" not in resolved  # resolved, not interpolated
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
@@ -37,6 +42,10 @@ def test_default_run_writes_config_metrics_and_a_loadable_hf_folder(tmp_path):
     assert model(input_ids=ids).logits.shape == (1, ids.shape[1], model.config.vocab_size)
     gen = cli("generate", str(final), "max: 3 9 1 =>", "--max-new-tokens", "4", cwd=str(tmp_path))
     assert gen.returncode == 0 and gen.stdout.startswith("max: 3 9 1 =>"), gen.stderr[-2000:]
+    hint = shlex.split(answered.group(2))  # the printed try-your-own command, as a shell would split it
+    assert hint[:3] == ["automodel", "generate", str(final)], hint
+    tried = cli(*hint[1:], "--max-new-tokens", "4", cwd=str(tmp_path))
+    assert tried.returncode == 0 and tried.stdout.startswith(hint[3]), tried.stderr[-2000:]
 
 
 @pytest.mark.parametrize("args,expected", [
