@@ -23,7 +23,9 @@ def _options(group):
 def test_every_shipped_option_composes_validates_and_lists_all_its_plugin_fields(group):
     for option in _options(group):
         overrides = [f"{group}={option}"]
-        if option in ("hf", "instruction", "text", "chat"):  # options that need the user to name a path
+        if option == "hf":  # the user names a model (a hub id here: a local path must exist)
+            overrides.append("model.path=some-org/some-model")
+        elif option in ("instruction", "text", "chat", "alpaca", "sharegpt"):  # options that need a data path
             overrides.append(f"{group}.path=/some/where")
         cfg = compose(*overrides)
         validate(cfg)
