@@ -209,7 +209,7 @@ def test_squad_and_hellaswag_record_formats(tmp_path, tok):
     prompts, answers, skipped = data.pairs(data.records())
     assert prompts == ["He picks up the ball and"] * 2 and answers == [" throws it"] * 2 and skipped == 1
     with pytest.raises(UserError, match="no column 'ctx'"):
-        HellaSwagData(HellaSwagConfig(path=str(squad))).records()
+        HellaSwagData(HellaSwagConfig(path=str(squad), val_split=None)).records()
 
 
 def test_cli_offline_hub_id_and_unusable_data_stop_with_one_line(tmp_path):
@@ -272,9 +272,10 @@ def test_every_plugin_trains_through_the_engine(tmp_path, plugin):
 
 def test_a_split_of_a_single_file_is_refused(tmp_path, tok):
     path = _write(tmp_path, "jsonl")
-    data = SquadData(SquadConfig(path=path))  # val_split=validation by default: fine for the hub id, not a file
-    with pytest.raises(UserError, match=r"is one file, which has no split 'validation'"):
-        data.val_batches(tok, seq_len=32, dp_rank=0, dp_size=1, micro_batch_size=4)
+    # val_split=validation by default: fine for the hub id, not a file; refused as the config is read
+    with pytest.raises(UserError, match=r"is one file, which has no split 'validation'; use data.val_path"):
+        SquadData(SquadConfig(path=path))
+    SquadData(SquadConfig(path=path, val_path=path))  # a held-out file of its own: the split is not asked for
 
 
 @pytest.mark.parametrize("fmt", ["txt", "parquet", "save_to_disk"])

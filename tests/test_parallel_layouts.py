@@ -266,8 +266,6 @@ def test_every_preset_exists_and_every_size_is_overridable():
 @pytest.mark.parametrize("overrides,world,expected", [
     (["parallel=fsdp2_tp"], 3, "parallel: world size 3 is not divisible by tp=2"),
     (["parallel=fsdp2_tp_pp"], 6, "parallel: world size 6 is not divisible by tp=2 x pp=2"),
-    (["parallel=pp", "parallel.pp_schedule=zb"], 2, "parallel.pp_schedule='zb': choose one of gpipe, 1f1b, "
-                                                   "interleaved_1f1b"),
     (["parallel=pp", "parallel.pp_schedule=interleaved_1f1b"], 2, "parallel.pp_schedule=interleaved_1f1b needs "
                                                                   "parallel.pp_virtual_stages >= 2"),
     (["parallel=pp", "parallel.pp_virtual_stages=2"], 2, "parallel.pp_virtual_stages=2 needs "
@@ -278,6 +276,12 @@ def test_impossible_layouts_are_refused_in_one_line(overrides, world, expected):
     with pytest.raises(UserError) as e:
         plugin.dims(world)
     assert str(e.value).startswith(expected) and "\n" not in str(e.value)
+
+
+def test_an_unknown_pipeline_schedule_is_refused_as_the_config_is_read():
+    with pytest.raises(UserError) as e:
+        _plugin("parallel=pp", "parallel.pp_schedule=zb")
+    assert str(e.value) == "parallel.pp_schedule='zb': choose one of gpipe, 1f1b, interleaved_1f1b"
 
 
 def test_pipeline_refuses_tied_embeddings_too_few_micro_batches_and_packing(tmp_path):
