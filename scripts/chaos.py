@@ -69,7 +69,7 @@ def _same_weights(a: str, b: str) -> bool:
 def _kill_point(run: str, steps: int, rng: random.Random) -> str:
     """Where to kill: during start-up (before any step is logged) or some time after a random step."""
     logged = _last_step(run)
-    step = rng.randint(logged, steps - 1)
+    step = rng.randint(logged, max(logged, steps - 1))  # all steps logged already: a kill in start-up or export
     return f"start-up+{rng.uniform(0, 3):.1f}s" if step == logged else f"step {step}+{rng.uniform(0, 0.4):.2f}s"
 
 
