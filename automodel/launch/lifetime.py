@@ -76,8 +76,7 @@ def check_can_use(run_dir: str, key: str = "hydra.run.dir") -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a probe: released at once below
     except OSError:
-        raise RunDirBusy(f"the run dir {run_dir} is in use by another automodel job ({_read_holder(fd)}); wait for it "
-                         "to end, stop it, or choose another hydra.run.dir") from None
+        raise _busy(run_dir, _read_holder(fd)) from None
     finally:
         os.close(fd)
 
@@ -99,8 +98,7 @@ def acquire(run_dir: str) -> None:
     except OSError:
         holder = _read_holder(fd)
         os.close(fd)
-        raise RunDirBusy(f"the run dir {run_dir} is in use by another automodel job ({holder}); wait for it to end, "
-                        "stop it, or choose another hydra.run.dir") from None
+        raise _busy(run_dir, holder) from None
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                              "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
@@ -139,6 +137,11 @@ def acquire_for_job(run_dir: str, is_main: bool, world_size: int) -> None:
         problem = box[0]
     if problem:
         raise (RunDirBusy if problem[0] else UserError)(problem[1])
+
+
+def _busy(run_dir: str, holder: str) -> RunDirBusy:
+    return RunDirBusy(f"the run dir {run_dir} is in use by another automodel job ({holder}); wait for it to end, "
+                      "stop it, or choose another hydra.run.dir")
 
 
 def _read_holder(fd: int) -> str:
