@@ -49,8 +49,9 @@ def sweep_points(overrides: list[str], multirun: bool) -> list[list[str]]:
     return [list(point) for batch in batches for point in batch]
 
 
-def compose(overrides: list[str]):
-    """The composed job config for one list of overrides (no run directory, no side effects)."""
+def compose(overrides: list[str], with_hydra: bool = False):
+    """The composed job config for one list of overrides (no run directory, no side effects); with_hydra adds
+    the `hydra` node, which costs nothing extra and saves a second composition where its values are wanted."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException, MissingConfigException
@@ -58,7 +59,7 @@ def compose(overrides: list[str]):
     register_resolvers()
     try:
         with initialize_config_dir(str(conf_dir()), version_base="1.3", job_name="automodel"):
-            return hydra_compose(CONFIG_NAME, overrides=overrides)
+            return hydra_compose(CONFIG_NAME, overrides=overrides, return_hydra_config=with_hydra)
     except MissingConfigException as e:
         raise UserError(_missing_option_line(e)) from None
     except HydraException as e:
@@ -77,12 +78,15 @@ def check(argv: list[str]) -> None:
     if not needs_check(args):
         return
     points = sweep_points(args.overrides, args.multirun)
+    first = None
     for point in points:
-        validate(compose(point))
+        cfg = compose(point, with_hydra=first is None)
+        validate(cfg)
+        first = cfg if first is None else first
     if args.cfg or not points:
         return  # shows a config and writes nothing / another sweeper's points: each job checks itself
     key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
-    folder = _hydra_value(points[0], key)  # one point: sweep syntax (a,b) does not compose
+    folder = _hydra_value(first, key)  # the first point's: every point of a sweep shares hydra.sweep.dir
     if folder:
         lifetime.check_can_use(folder, key)
 
@@ -105,15 +109,11 @@ def show_sweep_configs(argv: list[str]) -> bool:
     return True
 
 
-def _hydra_value(overrides: list[str], key: str) -> str | None:
+def _hydra_value(cfg, key: str) -> str | None:
     """A hydra.* value as this run would resolve it (None when it needs Hydra's runtime to resolve)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
     try:
-        with initialize_config_dir(str(conf_dir()), version_base="1.3", job_name="automodel"):
-            cfg = hydra_compose(CONFIG_NAME, overrides=overrides, return_hydra_config=True)
         return str(OmegaConf.select(cfg, key))
     except Exception:  # interpolations only Hydra's run can resolve (${hydra:...}): Hydra will say
         return None

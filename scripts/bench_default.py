@@ -38,6 +38,8 @@ def main() -> int:
             return 1
         with open(os.path.join(run, "metrics.jsonl")) as f:
             final_loss = [json.loads(ln) for ln in f][-1]["loss"]
+        with open(os.path.join(run, "train.log")) as f:
+            trained = next((ln.split(" in ")[1].split(";")[0] for ln in f if "] trained " in ln), "?")
         from automodel.generate import greedy, load
 
         model, tok = load(os.path.join(run, "final"))
@@ -49,7 +51,7 @@ def main() -> int:
             total[task] += 1
             right[task] += greedy(model, tok, row["prompt"]).strip() == row["completion"].strip()
     per_task = "  ".join(f"{t} {right[t]}/{total[t]}" for t in sorted(total))
-    print(f"wall {wall:.1f}s  final loss {final_loss:.4f}  held-out exact {sum(right.values())}/{sum(total.values())}"
+    print(f"wall {wall:.1f}s (training {trained})  final loss {final_loss:.4f}  held-out exact {sum(right.values())}/{sum(total.values())}"
           f"  ({per_task})  overrides: {' '.join(args.overrides) or '(default)'}")
     return 0
 
