@@ -9,9 +9,6 @@ import sys
 # A 4-layer micro Llama (GQA, untied head): large enough to exercise every code path, small enough
 # that a 6-step run takes well under a second.
 MICRO = [
-    # the bundled set packs by default; pp and cp refuse packed rows, and layout parity is not about packing
-    # (tests that pack say data.packing=true after MICRO: the later override wins)
-    "data.packing=false",
     "model.config.hidden_size=64", "model.config.intermediate_size=128", "model.config.num_attention_heads=4",
     "model.config.num_key_value_heads=2", "model.config.num_hidden_layers=4", "train.sample_prompts=0",
     "train.seq_len=48",
