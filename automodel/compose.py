@@ -79,10 +79,11 @@ def check(argv: list[str]) -> None:
         return
     points = sweep_points(args.overrides, args.multirun)
     first = None
-    for point in points:
-        cfg = compose(point, with_hydra=first is None)
+    for i, point in enumerate(points):
+        cfg = compose(point, with_hydra=i == 0)  # the first also answers where the job would write
         validate(cfg)
-        first = cfg if first is None else first
+        if i == 0:
+            first = cfg
     if args.cfg or not points:
         return  # shows a config and writes nothing / another sweeper's points: each job checks itself
     key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
