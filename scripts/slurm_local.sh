@@ -4,6 +4,7 @@
 #   sudo bash scripts/slurm_local.sh start    # install Debian packages if missing, start the daemons
 #   source /tmp/automodel-slurm/env.sh        # SLURM_CONF for sbatch, squeue, sacct and submitit
 #   sudo bash scripts/slurm_local.sh stop     # cancel jobs, stop only the daemons this script started
+#   (a start forgets the jobs of any earlier lifetime: slurmctld -c)
 #   bash scripts/slurm_local.sh status        # exit 0 when the cluster answers and the node is usable
 #
 # Why accounting: submitit asks `sacct` for the state of finished jobs; without slurmdbd it cannot tell
@@ -26,6 +27,8 @@ export PATH="${PATH:+$PATH:}/usr/sbin:/usr/bin:/sbin:/bin"
 say() { echo "slurm_local: $*" >&2; }
 fail() {
   say "error: $*"
+  # what SLURM itself says: jobs and why they wait, nodes and why they are down
+  { squeue -h -o '%i %T %r' && sinfo -h -N -o '%N %t %E'; } 2>/dev/null | sed 's/^/slurm_local: /' >&2 || true
   for f in "$LOG"/*.log; do [ -f "$f" ] && { echo "--- last lines of $f" >&2; tail -n 5 "$f" >&2; }; done
   exit 1
 }
@@ -186,8 +189,10 @@ start() {
   write_config
   start_accounting
   if ! running "$RUN/slurmctld.pid"; then
+    # -c: jobs and node states saved by an earlier lifetime of this cluster (a killed CI run, a reboot) would
+    # hold the node or queue ahead of new jobs; nothing from before a start is wanted
     say "starting slurmctld"
-    slurmctld -f "$SLURM_CONF"
+    slurmctld -c -f "$SLURM_CONF"
     wait_until "answer from slurmctld" scontrol ping
   fi
   if ! running "$RUN/slurmd.pid"; then
@@ -200,7 +205,7 @@ start() {
   rm -f "$RUN/probe.out"
   local job
   job=$(sbatch --parsable -Q -J probe -t 1 -o "$RUN/probe.out" --wrap 'echo probe-ok') || fail "sbatch refused a job"
-  wait_until "output from probe job $job" grep -qx probe-ok "$RUN/probe.out"
+  WAIT_S=$((WAIT_S * 2)) wait_until "output from probe job $job" grep -qx probe-ok "$RUN/probe.out"
   say "up: $(sinfo -h -o '%P %D node(s) %c cpus %t') ; now: source $DIR/env.sh"
 }
 

@@ -84,6 +84,23 @@ def slurm():
             _cannot_run(f"could not start a local SLURM cluster with scripts/slurm_local.sh: {why}")
     job_env = {"SLURM_CONF": os.path.join(SLURM_DIR, "etc", "slurm.conf"), "OMP_NUM_THREADS": "1",
                "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/usr/bin:/sbin:/bin"}
+    # jobs left by an earlier session (a killed run) would queue ahead of these tests' jobs: the cluster is the
+    # tests' own (its own ports and directory) and this session holds its lock
+    _cancel_all(job_env)
+    # a cluster that answers but does not run jobs fails here once, with SLURM's reason, not in each test after 300s
+    try:
+        probe = subprocess.run(["sbatch", "--wait", "-Q", "-t", "1", "-J", "probe", "-o", "/dev/null", "--wrap", "true"],
+                               env={**os.environ, **job_env}, capture_output=True, text=True, timeout=120)
+        ran = probe.returncode == 0
+    except subprocess.TimeoutExpired:
+        ran = False
+    if not ran:
+        state = _slurm_state(job_env)
+        _cancel_all(job_env)
+        if not was_up:
+            subprocess.run(["bash", SCRIPT, "stop"], env=env, capture_output=True, timeout=120)
+        lock.close()
+        _cannot_run(f"the local SLURM cluster did not run a 1-second job within 120s; SLURM says: {state}")
     yield job_env
     if not was_up:
         subprocess.run(["bash", SCRIPT, "stop"], env=env, capture_output=True, timeout=120)
@@ -109,6 +126,28 @@ def _sh(env, *cmd: str) -> str:
     return subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=60).stdout
 
 
+def _cancel_all(env):
+    jobs = _sh(env, "squeue", "-h", "-o", "%i").split()
+    if jobs:
+        _sh(env, "scancel", *jobs)
+
+
+def _slurm_state(env) -> str:
+    """The queue with each job's reason and the node's state with its reason, for failure messages."""
+    return _sh(env, "squeue", "-o", "%i %T %r %M") + _sh(env, "sinfo", "-N", "-o", "%N %t %C %E")
+
+
+def _submit(env, cwd, *args, timeout: int):
+    """`automodel ARGS` run against the cluster; if it outlasts `timeout`, fail with what SLURM says of its jobs."""
+    try:
+        return cli(*args, cwd=str(cwd), env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        state = _slurm_state(env)
+        _cancel_all(env)  # or they queue ahead of the next test
+        out = (e.stdout or b"").decode()[-1500:]
+        pytest.fail(f"not done after {timeout}s; SLURM says:\n{state}\nautomodel printed:\n{out}", pytrace=False)
+
+
 def _sacct(env, job_id: str, *extra: str, fields: str = "State") -> list[str]:
     """sacct's lines for the job, once SLURM has finished it (its result comes back slightly before)."""
     deadline = time.time() + 60
@@ -121,8 +160,8 @@ def _sacct(env, job_id: str, *extra: str, fields: str = "State") -> list[str]:
 
 
 def test_a_two_task_job_is_one_fsdp2_world(slurm, tmp_path):
-    proc = cli("-m", "hydra/launcher=slurm", "launcher.nproc_per_node=2", "parallel=fsdp2", *FAST, cwd=str(tmp_path),
-               env=slurm, timeout=300)
+    proc = _submit(slurm, tmp_path, "-m", "hydra/launcher=slurm", "launcher.nproc_per_node=2", "parallel=fsdp2", *FAST,
+                   timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     sweep = _sweep_dir(tmp_path)
     (job_id,) = _job_ids(sweep)
@@ -144,8 +183,7 @@ def test_a_two_task_job_is_one_fsdp2_world(slurm, tmp_path):
 
 def test_a_sweep_is_a_job_array_with_a_summary(slurm, tmp_path):
     # hydra-submitit-launcher's own name for the launcher works the same (automodel takes it over)
-    proc = cli("-m", "hydra/launcher=submitit_slurm", *FAST, "optim.lr=1e-3,3e-3", cwd=str(tmp_path), env=slurm,
-               timeout=300)
+    proc = _submit(slurm, tmp_path, "-m", "hydra/launcher=submitit_slurm", *FAST, "optim.lr=1e-3,3e-3", timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "sweep summary (2 jobs)" in proc.stdout
     sweep = _sweep_dir(tmp_path)
