@@ -165,6 +165,19 @@ class CheckpointPlugin(Protocol):
 
 
 @runtime_checkable
+class LossPlugin(Protocol):
+    """How a micro-batch's token-sum loss comes out of the model. Optional: `check_layout(dims, hints)`, refuse
+    (UserError) a layout it cannot work under, before anything is built; `prepare(model, model_name)`, adapt the
+    meta-device model after peft and before the layout (e.g. swap its output head: automodel/head_loss.py)."""
+
+    def targets(self, labels: "torch.Tensor") -> contextlib.AbstractContextManager:
+        """The context the model's forward runs under (the labels handed to a head that computes the loss)."""
+
+    def token_loss(self, logits: "torch.Tensor", labels: "torch.Tensor") -> "torch.Tensor":
+        """The sum over target tokens (labels != -100) of the loss, from what the model returned as `.logits`."""
+
+
+@runtime_checkable
 class OptimPlugin(Protocol):
     def build(self, params: list, max_steps: int) -> tuple[Any, Any]:
         """(a torch.optim.Optimizer over `params` (the trainable ones, possibly DTensors), an LR scheduler

@@ -84,6 +84,12 @@ CASES = [
          "q_proj"),
     case("lora_target_empty", ["peft=lora", "peft.target_modules=[]"], "peft.target_modules", "all-linear"),
     case("lora_init_unknown", ["peft=lora", "peft.init=pissa"], "peft.init='pissa'", "gaussian"),
+    # ---- loss.*
+    case("loss_unknown", ["loss=focal"], "loss=focal", "chunked_ce"),
+    case("chunked_loss_chunk_zero", ["loss=chunked_ce", "loss.chunk_tokens=0"], "loss.chunk_tokens=0", "positive"),
+    case("chunked_loss_with_lora_on_the_head", ["loss=chunked_ce", "peft=lora", "peft.target_modules=[q_proj,lm_head]"],
+         "plain Linear layer", "use loss=ce"),
+    case("liger_loss_without_cuda", ["loss=liger"], "loss=liger", "loss=chunked_ce"),
     # ---- precision.* and parallel.*
     case("bf16_reduce_dtype_unknown", ["precision=bf16", "precision.reduce_dtype=float99"],
          "precision.reduce_dtype='float99'", "float32"),

@@ -59,15 +59,6 @@ def test_the_rotation_covers_every_family_and_every_layout_several_times():
 
 
 @pytest.fixture(scope="module")
-def zoo(pytestconfig, tmp_path_factory):
-    """Built under $AUTOMODEL_MODEL_ZOO, else pytest's cache directory, else (no cache plugin) a temporary one."""
-    cache = getattr(pytestconfig, "cache", None)
-    root = os.environ.get("AUTOMODEL_MODEL_ZOO") or (str(cache.mkdir("model_zoo")) if cache is not None
-                                                     else str(tmp_path_factory.mktemp("model_zoo")))
-    return mz.build_zoo(root), mz.write_tasks(root)
-
-
-@pytest.fixture(scope="module")
 def references(zoo, tmp_path_factory):
     """{family: the one-process run its 2-rank layout is compared with}"""
     folders, tasks = zoo

@@ -33,6 +33,7 @@ FAMILIES = {
                "model.config.tie_word_embeddings=true"],
     "phi3": ["model.config.model_type=phi3", "+model.config.pad_token_id=0"],
 }
+CHUNKED = ["loss=chunked_ce", "loss.chunk_tokens=20"]
 KV4 = ["model.config.num_key_value_heads=4"]  # so that tp=4 divides the KV heads
 # Gemma 2 with untied embeddings (pp cannot split tied ones) and a sliding window shorter than the sequence:
 # its layers alternate sliding and full attention, which each stage must keep by the layer's own index.
@@ -63,6 +64,11 @@ TWO = [
     # LoRA under tensor parallel: the adapters laid out around their sharded base layers (the first one exports)
     ("tp_lora", ["parallel=tp", *LORA, *[s for s in STEPS if "export_final" not in s], "train.micro_batch_size=8"]),
     ("tp_lora_loss_parallel", ["parallel=tp", "parallel.loss_parallel=true", *LORA, *STEPS, "train.micro_batch_size=4"]),
+    # the loss inside the output head, chunk by chunk (a 48-token row: 3 chunks of 20): an FSDP2 unit of its own
+    # (untied), the root's tied to the embedding (gemma3), and split by sequence under CP (gradients recomputed)
+    ("fsdp2_chunked_ce", ["parallel=fsdp2", *CHUNKED, *STEPS, "train.micro_batch_size=4"]),
+    ("fsdp2_chunked_ce_gemma3", ["parallel=fsdp2", *FAMILIES["gemma3"], *CHUNKED, *STEPS, "train.micro_batch_size=4"]),
+    ("cp_chunked_ce", ["parallel=cp", *CHUNKED, "loss.recompute=true", *STEPS, "train.micro_batch_size=4"]),
 ]
 FOUR = [
     ("fsdp2", ["parallel=fsdp2", *STEPS, "train.micro_batch_size=2"]),
@@ -149,6 +155,13 @@ def test_llama_layouts_on_two_ranks_match_one_process(two, reference, name):
     d, g = _report(f"2 ranks {name}", two[name], reference["llama"])
     assert d < TOL and g < 1e-4
     assert reference["llama"]["losses"][-1] < reference["llama"]["losses"][0]
+
+
+@pytest.mark.parametrize("name,ref", [("fsdp2_chunked_ce", "llama"), ("fsdp2_chunked_ce_gemma3", "gemma3"),
+                                      ("cp_chunked_ce", "llama")])
+def test_chunked_loss_on_two_ranks_matches_one_process_of_full_logits(two, reference, name, ref):
+    d, g = _report(f"2 ranks {name}", two[name], reference[ref])
+    assert d < TOL and g < 1e-4
 
 
 @pytest.mark.parametrize("name,ref", [("cp_llama", "llama"), ("cp_gemma2", "gemma2")])

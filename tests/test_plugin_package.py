@@ -3,7 +3,7 @@ gone, they vanish.
 
 It is installed with pip (once, for the module) into a target folder that only the "installed" subprocesses
 see on PYTHONPATH, so the test environment itself is never modified. The package holds one plugin per group
-(docs/plugins.md walks through them); one training run uses all seven together, a second resumes it.
+(docs/plugins.md walks through them); one training run uses all eight together, a second resumes it.
 """
 
 import dataclasses
@@ -24,7 +24,7 @@ PACKAGE = os.path.join(REPO, "plugins", "automodel-example-plugin")
 
 # group -> the example package's option (and plugin) for it
 EXAMPLES = {"model": "small_llama", "parallel": "checkpointed", "data": "arith", "peft": "top_layers",
-            "precision": "autocast", "checkpoint": "torch_save", "optim": "lion"}
+            "precision": "autocast", "checkpoint": "torch_save", "optim": "lion", "loss": "smoothed_ce"}
 KIT = [
     *(f"{group}={option}" for group, option in EXAMPLES.items()),
     *(o for o in MICRO if o.startswith("train.")),  # (MICRO's model keys are the hf plugin's)
@@ -212,7 +212,7 @@ def test_docs_excerpts_are_the_example_files():
     blocks = re.findall(r"^```\w*\n# file: (\S+)\n(.*?)^```$", docs, re.M | re.S)
     assert {path.split("/")[-1] for path, _ in blocks} >= {
         "pyproject.toml", "small_llama.py", "checkpointed.py", "arith.py", "top_layers.py", "autocast.py",
-        "torch_save.py", "lion.py"}
+        "torch_save.py", "lion.py", "smoothed_ce.py"}
     for path, block in blocks:
         text = open(os.path.join(REPO, path), encoding="utf-8").read()
         chunks = re.split(r"^\s*\.\.\.\n", block, flags=re.M)

@@ -27,7 +27,6 @@ import torch.distributed as dist
 from automodel.batch import IGNORE_INDEX, StepBatch
 from automodel.distributed.grad_norm import clip_grad_norm
 from automodel.distributed.parallel_dims import ParallelHints
-from automodel.loss import token_sum_cross_entropy
 
 
 @dataclasses.dataclass
@@ -43,6 +42,7 @@ class StepRunner:
     hints: ParallelHints = dataclasses.field(default_factory=ParallelHints)  # what the layout needs of the step
     router: object = None  # automodel.moe.router.RouterLosses of an MoE model, else None
     guard: object = None  # automodel.engine.step_guard.StepGuard: which steps may reach the weights
+    loss: object = None  # the loss plugin (protocols.LossPlugin); None: cross-entropy over the logits
     lr: float = 0.0
     step: int = 0  # the step being run (the loop sets it; the guard names it)
     skipped: str | None = None  # why the last step was not applied, or None
@@ -66,7 +66,7 @@ class StepRunner:
             inputs, labels, rows = _for_layout(inputs, labels, self.hints)
             if self.router is not None:
                 self.router.add_rows(rows)
-            with self.autocast():
+            with self.autocast(), self._targets(labels):
                 logits = self.model(**inputs).logits
             with self.hints.loss_context() if self.hints.loss_context else contextlib.nullcontext():
                 loss = self.token_loss(logits, labels)
@@ -80,8 +80,17 @@ class StepRunner:
 
     def token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The token-sum loss of one micro-batch, summed over the ranks that split its sequence (CP)."""
-        loss = token_sum_cross_entropy(logits, labels)
+        if self.loss is not None:
+            loss = self.loss.token_loss(logits, labels)
+        else:
+            from automodel.loss import token_sum_cross_entropy
+
+            loss = token_sum_cross_entropy(logits, labels)
         return self.hints.reduce_loss(loss) if self.hints.reduce_loss else loss
+
+    def _targets(self, labels: torch.Tensor):
+        """The loss plugin's context for a forward pass (its head may compute the loss of `labels`)."""
+        return self.loss.targets(labels) if self.loss is not None else contextlib.nullcontext()
 
     def clip_and_step(self, across=None, loss_share=None) -> torch.Tensor:
         """Clip (the norm over `across` too: pipeline stages), then step optimizer and schedule unless the
@@ -113,7 +122,7 @@ class StepRunner:
                 inputs = {k: v.to(self.device) for k, v in micro.items() if k != "labels"}
                 labels = micro["labels"].to(self.device)
                 inputs, labels, _ = _for_layout(inputs, labels, self.hints)
-                with self.autocast():
+                with self.autocast(), self._targets(labels):
                     logits = self.model(**inputs).logits
                 with self.hints.loss_context() if self.hints.loss_context else contextlib.nullcontext():
                     loss = self.token_loss(logits, labels)

@@ -87,6 +87,8 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     p["parallel"].check_model(dims, hf_config)
     _check_seq_len(t.seq_len, hf_config, p["model"].name)
     hints = _hints(p["parallel"], dims, t.seq_len, accum)
+    if hasattr(p["loss"], "check_layout"):
+        p["loss"].check_layout(dims, hints)
 
     # 2. will it fit? (a weightless skeleton, adapted by peft so trainable counts are right)
     skeleton = p["peft"].apply(p["model"].build("meta"))
@@ -116,6 +118,8 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     base_keys = set(model.state_dict())  # what pretrained weights must provide (adapters are not in them)
     source = p["model"].weights(model) if hasattr(p["model"], "weights") else None
     model = p["peft"].apply(model)
+    if hasattr(p["loss"], "prepare"):  # e.g. the loss computed inside the output head (same parameters)
+        p["loss"].prepare(model, p["model"].name)
     model.train()
     router = RouterLosses.attach(model, hf_config, checked.moe)  # None for a dense model
     if router is not None:
@@ -160,7 +164,8 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     # 6. loop
     step_args = (model, optimizer, scheduler, lambda: p["precision"].autocast(env.device.type), env.device,
                  t.max_grad_norm)
-    step_kwargs = dict(dp_group=_group(dims.dp_mesh(mesh)), dp_size=dims.dp, hints=hints, router=router, guard=guard)
+    step_kwargs = dict(dp_group=_group(dims.dp_mesh(mesh)), dp_size=dims.dp, hints=hints, router=router, guard=guard,
+                       loss=p["loss"])
     if hints.pipeline:
         from automodel.engine.pipeline_step import PipelineStepRunner
 
