@@ -178,6 +178,21 @@ class LossPlugin(Protocol):
 
 
 @runtime_checkable
+class TeacherPlugin(Protocol):
+    """Distillation. `enabled` False (the `none` plugin) is all the engine reads of a run without a teacher.
+    Enabled, it also has `model`, a model plugin instance (ModelPlugin above: the engine builds, lays out and
+    loads it like the student, frozen), and `kd_ratio` (float in [0, 1]): the step trains
+    (1 - kd_ratio) x CE + kd_ratio x token_loss(...), normalized like the CE, and logs both parts."""
+
+    enabled: bool
+
+    def token_loss(self, student_logits: "torch.Tensor", teacher_logits: "torch.Tensor",
+                   labels: "torch.Tensor") -> "torch.Tensor":
+        """The distillation term's sum over target tokens (logits as the model returned them: vocab-sharded
+        DTensors under tensor parallelism's loss_parallel)."""
+
+
+@runtime_checkable
 class OptimPlugin(Protocol):
     def build(self, params: list, max_steps: int) -> tuple[Any, Any]:
         """(a torch.optim.Optimizer over `params` (the trainable ones, possibly DTensors), an LR scheduler

@@ -16,7 +16,7 @@ from typing import Any
 
 from automodel.errors import UserError
 
-GROUPS = ("model", "parallel", "data", "peft", "precision", "checkpoint", "optim", "loss")
+GROUPS = ("model", "parallel", "data", "peft", "precision", "checkpoint", "optim", "loss", "teacher")
 CONF_GROUP = "automodel.conf"  # entry points naming a package whose folder holds extra YAML options
 BUILTIN_DIST = "automodel"
 

@@ -56,13 +56,13 @@ def leave_group(clean: bool) -> None:
     dist.destroy_process_group()
 
 
-def save_micro_hf_model(folder: str) -> str:
+def save_micro_hf_model(folder: str, *overrides: str) -> str:
     """A pretrained-model folder as transformers writes it (safetensors, config, tokenizer), from a seed."""
     import torch
 
     from automodel.config import validate
 
-    plugins = validate(compose(*MICRO)).plugins
+    plugins = validate(compose(*MICRO, *overrides)).plugins
     torch.manual_seed(1234)
     plugins["model"].build("cpu").save_pretrained(folder, safe_serialization=True)
     plugins["model"].tokenizer().save_pretrained(folder)

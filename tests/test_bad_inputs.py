@@ -90,6 +90,14 @@ CASES = [
     case("chunked_loss_with_lora_on_the_head", ["loss=chunked_ce", "peft=lora", "peft.target_modules=[q_proj,lm_head]"],
          "plain Linear layer", "use loss=ce"),
     case("liger_loss_without_cuda", ["loss=liger"], "loss=liger", "loss=chunked_ce"),
+    # ---- teacher.*
+    case("teacher_without_path", ["teacher=hf"], "teacher.model.path", "mandatory"),
+    case("teacher_path_missing", ["teacher=hf", "teacher.model.path=/nonexistent/teacher"],
+         "teacher.model.path='/nonexistent/teacher'", "not an existing folder"),
+    case("teacher_kd_ratio_above_one", ["teacher=hf", "teacher.model.path={fx}/empty_dir", "teacher.kd_ratio=1.5"],
+         "teacher.kd_ratio=1.5", "[0, 1]"),
+    case("teacher_temperature_zero", ["teacher=hf", "teacher.model.path={fx}/empty_dir", "teacher.temperature=0"],
+         "teacher.temperature=0", "positive"),
     # ---- precision.* and parallel.*
     case("bf16_reduce_dtype_unknown", ["precision=bf16", "precision.reduce_dtype=float99"],
          "precision.reduce_dtype='float99'", "float32"),

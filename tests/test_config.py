@@ -24,7 +24,7 @@ def test_every_shipped_option_composes_validates_and_lists_all_its_plugin_fields
     for option in _options(group):
         overrides = [f"{group}={option}"]
         if option == "hf":  # the user names a model (a hub id here: a local path must exist)
-            overrides.append("model.path=some-org/some-model")
+            overrides.append(f"{'teacher.model' if group == 'teacher' else 'model'}.path=some-org/some-model")
         elif option in ("instruction", "text", "chat", "alpaca", "sharegpt"):  # options that need a data path
             overrides.append(f"{group}.path=/some/where")
         cfg = compose(*overrides)

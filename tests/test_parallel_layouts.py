@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch.multiprocessing as mp
-from helpers import GRANITE, compose, losses, train
+from helpers import GRANITE, compose, losses, save_micro_hf_model, train
 
 from automodel import registry
 from automodel.config import validate
@@ -34,6 +34,8 @@ FAMILIES = {
     "phi3": ["model.config.model_type=phi3", "+model.config.pad_token_id=0"],
 }
 CHUNKED = ["loss=chunked_ce", "loss.chunk_tokens=20"]
+# distillation from a frozen teacher folder (made by the `teacher` fixture; {teacher} is its path)
+KD = ["teacher=hf", "teacher.model.path={teacher}", "teacher.kd_ratio=0.5", "teacher.temperature=2.0"]
 KV4 = ["model.config.num_key_value_heads=4"]  # so that tp=4 divides the KV heads
 # Gemma 2 with untied embeddings (pp cannot split tied ones) and a sliding window shorter than the sequence:
 # its layers alternate sliding and full attention, which each stage must keep by the layer's own index.
@@ -69,6 +71,11 @@ TWO = [
     ("fsdp2_chunked_ce", ["parallel=fsdp2", *CHUNKED, *STEPS, "train.micro_batch_size=4"]),
     ("fsdp2_chunked_ce_gemma3", ["parallel=fsdp2", *FAMILIES["gemma3"], *CHUNKED, *STEPS, "train.micro_batch_size=4"]),
     ("cp_chunked_ce", ["parallel=cp", *CHUNKED, "loss.recompute=true", *STEPS, "train.micro_batch_size=4"]),
+    # the teacher laid out like the student: FSDP2-sharded, split by heads under TP (vocab-sharded logits), and
+    # fed each rank's part of the sequence under CP
+    ("fsdp2_kd", ["parallel=fsdp2", *KD, *STEPS, "train.micro_batch_size=4"]),
+    ("tp_kd", ["parallel=tp", "parallel.loss_parallel=true", *KD, *STEPS, "train.micro_batch_size=8"]),
+    ("cp_kd", ["parallel=cp", *KD, *STEPS, "train.micro_batch_size=8"]),
 ]
 FOUR = [
     ("fsdp2", ["parallel=fsdp2", *STEPS, "train.micro_batch_size=2"]),
@@ -93,9 +100,10 @@ EIGHT = [
 ]
 
 
-def _spawn(tmp_path_factory, world, checks):
+def _spawn(tmp_path_factory, world, checks, teacher: str):
     from layout_workers import run_layouts  # noqa: F401  (importable by the spawned ranks)
 
+    checks = [(name, [o.replace("{teacher}", teacher) for o in over]) for name, over in checks]
     out = str(tmp_path_factory.mktemp(f"ranks{world}"))
     mp.spawn(_entry, args=(world, os.path.join(out, "store"), out, checks), nprocs=world, join=True)
     with open(os.path.join(out, "results.json")) as f:
@@ -111,11 +119,18 @@ def _entry(rank, world, store, out, checks):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def teacher(tmp_path_factory) -> str:
+    """A teacher folder: the micro model's architecture with its own (seeded) weights."""
+    return save_micro_hf_model(str(tmp_path_factory.mktemp("teacher")))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, teacher):
     out = tmp_path_factory.mktemp("ref")
     refs = {}
+    kd = [o.replace("{teacher}", teacher) for o in KD]
     for name, over in [("llama", []), ("llama_kv4", KV4), ("gemma2_sliding", GEMMA2_SLIDING), ("granite", GRANITE),
-                       ("lora", LORA), *FAMILIES.items()]:
+                       ("lora", LORA), ("kd", kd), *FAMILIES.items()]:
         os.makedirs(out / name)
         result = train(str(out / name), *over, *STEPS, "train.micro_batch_size=8")
         refs[name] = {"losses": losses(result), "grad_norms": [r["grad_norm"] for r in result.records]}
@@ -123,18 +138,18 @@ def reference(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two(tmp_path_factory, reference):
-    return _spawn(tmp_path_factory, 2, TWO)
+def two(tmp_path_factory, reference, teacher):
+    return _spawn(tmp_path_factory, 2, TWO, teacher)
 
 
 @pytest.fixture(scope="module")
-def four(tmp_path_factory, reference):
-    return _spawn(tmp_path_factory, 4, FOUR)
+def four(tmp_path_factory, reference, teacher):
+    return _spawn(tmp_path_factory, 4, FOUR, teacher)
 
 
 @pytest.fixture(scope="module")
-def eight(tmp_path_factory, reference):
-    return _spawn(tmp_path_factory, 8, EIGHT)
+def eight(tmp_path_factory, reference, teacher):
+    return _spawn(tmp_path_factory, 8, EIGHT, teacher)
 
 
 def _diff(a, b):
@@ -162,6 +177,13 @@ def test_llama_layouts_on_two_ranks_match_one_process(two, reference, name):
 def test_chunked_loss_on_two_ranks_matches_one_process_of_full_logits(two, reference, name, ref):
     d, g = _report(f"2 ranks {name}", two[name], reference[ref])
     assert d < TOL and g < 1e-4
+
+
+@pytest.mark.parametrize("name", ["fsdp2_kd", "tp_kd", "cp_kd"])
+def test_distillation_on_two_ranks_matches_one_process(two, reference, name):
+    d, g = _report(f"2 ranks {name}", two[name], reference["kd"])
+    assert d < TOL and g < 1e-4
+    assert reference["kd"]["losses"] != reference["llama"]["losses"]  # the teacher changed the objective
 
 
 @pytest.mark.parametrize("name,ref", [("cp_llama", "llama"), ("cp_gemma2", "gemma2")])
@@ -386,7 +408,7 @@ def test_context_parallel_splits_the_sequence_with_causal_load_balancing():
 def test_compile_and_activation_checkpointing_under_fsdp2_match_one_process(tmp_path_factory, reference):
     checks = [("compile_ac", ["parallel=fsdp2", "parallel.compile=true", "parallel.activation_checkpointing=full",
                               *STEPS, "train.micro_batch_size=4"])]
-    got = _spawn(tmp_path_factory, 2, checks)["compile_ac"]
+    got = _spawn(tmp_path_factory, 2, checks, teacher="")["compile_ac"]
     d, g = _report("2 ranks fsdp2 + compile + full AC", got, reference["llama"])
     assert d < TOL
 

@@ -43,6 +43,8 @@ class StepRunner:
     router: object = None  # automodel.moe.router.RouterLosses of an MoE model, else None
     guard: object = None  # automodel.engine.step_guard.StepGuard: which steps may reach the weights
     loss: object = None  # the loss plugin (protocols.LossPlugin); None: cross-entropy over the logits
+    teacher: object = None  # automodel.engine.teacher.Teacher when distilling, else None
+    parts: dict = dataclasses.field(default_factory=dict)  # the last step's loss components (local shares), logged
     lr: float = 0.0
     step: int = 0  # the step being run (the loop sets it; the guard names it)
     skipped: str | None = None  # why the last step was not applied, or None
@@ -57,6 +59,7 @@ class StepRunner:
         """Run forward/backward over this rank's micro-batches and step; return (local loss share, grad norm)."""
         scale = self.dp_size / self._global_count(batch.num_target_tokens).clamp(min=1.0)
         loss_sum = torch.zeros((), device=self.device)
+        ce_sum = kd_sum = torch.zeros((), device=self.device) if self.teacher is not None else None
         if self.router is not None:
             self.router.begin_step(len(batch.micro_batches))
         for micro in batch.micro_batches:
@@ -68,11 +71,18 @@ class StepRunner:
                 self.router.add_rows(rows)
             with self.autocast(), self._targets(labels):
                 logits = self.model(**inputs).logits
+            taught = self.teacher.logits(inputs) if self.teacher is not None else None
             with self.hints.loss_context() if self.hints.loss_context else contextlib.nullcontext():
                 loss = self.token_loss(logits, labels)
+                if taught is not None:  # the objective trained: the blend; its parts are logged beside it
+                    kd = self._reduce(self.teacher.token_loss(logits, taught, labels))
+                    ce_sum, kd_sum = ce_sum + _full(loss.detach()), kd_sum + _full(kd.detach())
+                    loss = (1 - self.teacher.kd_ratio) * loss + self.teacher.kd_ratio * kd
                 (loss * scale).backward()
             loss_sum += _full(loss.detach())
         share = loss_sum * (scale / self.dp_size)
+        if self.teacher is not None:
+            self.parts = {"ce_loss": ce_sum * (scale / self.dp_size), "kd_loss": kd_sum * (scale / self.dp_size)}
         if self.router is not None:  # the same on every data-parallel rank: each logs its 1/dp
             share = share + self.router.weighted_step_value().to(share) / self.dp_size
         grad_norm = self.clip_and_step(loss_share=share)
@@ -86,6 +96,10 @@ class StepRunner:
             from automodel.loss import token_sum_cross_entropy
 
             loss = token_sum_cross_entropy(logits, labels)
+        return self._reduce(loss)
+
+    def _reduce(self, loss: torch.Tensor) -> torch.Tensor:
+        """A token-sum summed over the ranks that split the sequence (CP), where the layout does."""
         return self.hints.reduce_loss(loss) if self.hints.reduce_loss else loss
 
     def _targets(self, labels: torch.Tensor):
@@ -169,15 +183,17 @@ def run_loop(step_fn: StepRunner, batches, max_steps: int, log_every: int, on_st
         val_due = validate is not None and (step % val_every == 0 or step == max_steps)
         skipped = getattr(step_fn, "skipped", None)
         if step % log_every == 0 or step == max_steps or val_due or skipped:
-            stats = torch.stack([loss_share.float(), torch.tensor(float(tokens_since), device=loss_share.device)])
+            parts = getattr(step_fn, "parts", {})  # loss components (the CE and KD of a distilled run)
+            stats = torch.stack([loss_share.float(), torch.tensor(float(tokens_since), device=loss_share.device),
+                                 *(v.float() for v in parts.values())])
             if step_fn.dp_size > 1:
                 dist.all_reduce(stats, group=step_fn.dp_group)
-            loss, tokens = stats.tolist()  # the one host sync of a logged step
+            loss, tokens, *part_values = stats.tolist()  # the one host sync of a logged step
             now = time.perf_counter()
             record = {
                 "step": step, "loss": loss, "lr": step_fn.lr,
                 "grad_norm": float(_full(grad_norm)), "tokens_per_s": tokens / max(now - t_last, 1e-9),
-                "tokens": int(tokens),
+                "tokens": int(tokens), **dict(zip(parts, part_values)),
             }
             if step_fn.router is not None:
                 record.update(step_fn.router.log_values(across=getattr(step_fn, "pp_group", None)))

@@ -64,7 +64,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
 
     from omegaconf import OmegaConf
 
-    from automodel.engine import checkpointing, export, metrics, run_dir, validate
+    from automodel.engine import checkpointing, export, metrics, run_dir, teacher, validate
     from automodel.engine.loop import StepRunner, run_loop
     from automodel.engine.materialize import canonical_names, hf_init, materialize, zero_init
     from automodel.engine import memory
@@ -95,7 +95,9 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     total, trainable = count_params(skeleton)
     largest = max((q.numel() for q in skeleton.parameters()), default=0)
     del skeleton
-    check_fits(total, trainable, dims, device_type=env.device.type, model_name=p["model"].name,
+    # a teacher's frozen weights count like the student's, without grads or optimizer state
+    frozen_teacher = count_params(p["teacher"].model.build("meta"))[0] if p["teacher"].enabled else 0
+    check_fits(total + frozen_teacher, trainable, dims, device_type=env.device.type, model_name=p["model"].name,
                largest_tensor=largest)
     tokenizer = p["model"].tokenizer()
     mesh = dims.build_mesh(env.device.type)
@@ -118,6 +120,8 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     base_keys = set(model.state_dict())  # what pretrained weights must provide (adapters are not in them)
     source = p["model"].weights(model) if hasattr(p["model"], "weights") else None
     model = p["peft"].apply(model)
+    if p["teacher"].enabled:
+        teacher.check(p["teacher"], p["loss"], hints, model, p["model"].name, dims.describe())
     if hasattr(p["loss"], "prepare"):  # e.g. the loss computed inside the output head (same parameters)
         p["loss"].prepare(model, p["model"].name)
     model.train()
@@ -132,6 +136,13 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     materialize(model, names, env.device, seed=t.seed, inits=inits, source=source, base_keys=base_keys)
     if source is not None:
         source.close()
+    distiller = None
+    if p["teacher"].enabled:  # its own instance of the parallel plugin: a layout keeps state per model it lays out
+        from automodel import registry
+
+        distiller = teacher.build(p["teacher"], registry.instantiate("parallel", cfg.parallel), mesh, dims,
+                                  p["precision"].mixed_precision_policy(), env.device, t.seed,
+                                  lambda: p["precision"].autocast(env.device.type))
     memory.log_setup(model, env.device)
 
     # 5. optimizer
@@ -165,7 +176,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     step_args = (model, optimizer, scheduler, lambda: p["precision"].autocast(env.device.type), env.device,
                  t.max_grad_norm)
     step_kwargs = dict(dp_group=_group(dims.dp_mesh(mesh)), dp_size=dims.dp, hints=hints, router=router, guard=guard,
-                       loss=p["loss"])
+                       loss=p["loss"], teacher=distiller)
     if hints.pipeline:
         from automodel.engine.pipeline_step import PipelineStepRunner
 

@@ -24,6 +24,7 @@ class ChunkedCrossEntropyConfig:
 class ChunkedCrossEntropy:
     Config = ChunkedCrossEntropyConfig
     option = "chunked_ce"
+    returns_logits = False  # the model hands back the loss: a teacher has no student logits to compare with
 
     def __init__(self, config: ChunkedCrossEntropyConfig):
         if config.chunk_tokens is not None and config.chunk_tokens < 1:

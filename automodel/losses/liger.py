@@ -22,6 +22,7 @@ class LigerCrossEntropyConfig:
 class LigerCrossEntropy:
     Config = LigerCrossEntropyConfig
     option = "liger"
+    returns_logits = False
 
     def __init__(self, config: LigerCrossEntropyConfig):
         self.cfg = config

@@ -1,0 +1,84 @@
+"""The distillation teacher on the run's mesh: built on the meta device, laid out by (a fresh instance of) the
+run's parallel plugin, each rank loading only its shards of the teacher's weights, frozen in eval mode.
+
+The step asks it for logits of the very inputs the student saw (already padded, position-numbered and, under
+CP, sequence-split for the layout), so both distributions cover the same tokens on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from automodel.errors import UserError
+
+log = logging.getLogger("automodel")
+
+
+class Teacher:
+    def __init__(self, plugin, model: torch.nn.Module, autocast):
+        self.plugin = plugin
+        self.model = model
+        self.kd_ratio = float(plugin.kd_ratio)
+        self._autocast = autocast
+
+    @torch.no_grad()
+    def logits(self, inputs: dict) -> torch.Tensor:
+        with self._autocast():
+            return self.model(**inputs).logits
+
+    def token_loss(self, student_logits, teacher_logits, labels):
+        return self.plugin.token_loss(student_logits, teacher_logits, labels)
+
+
+def check(plugin, loss, hints, student_model, student_name: str, layout_name: str) -> None:
+    """Refuse, before the student is laid out, what distillation cannot do here: a pipeline, a loss that never
+    forms the student's logits, a teacher whose logits cover another vocabulary."""
+    if hints.pipeline:
+        raise UserError(f"teacher={plugin.model.name!r} under pipeline parallelism ({layout_name}) is not supported: "
+                        "the student's logits exist only on the last stage; use a layout without pp")
+    if not getattr(loss, "returns_logits", True):
+        raise UserError(f"distillation needs the student's logits, which loss={getattr(loss, 'option', '?')} never forms; "
+                        "use loss=ce with a teacher")
+    skeleton = plugin.model.build("meta")
+    student_vocab = _vocab(student_model)
+    teacher_vocab = _vocab(skeleton)
+    if student_vocab != teacher_vocab:
+        raise UserError(f"teacher {plugin.model.name!r} has logits over {teacher_vocab} tokens but the student "
+                        f"{student_name!r} over {student_vocab}: distillation needs one vocabulary (a teacher of the "
+                        "student's tokenizer family)")
+
+
+def _vocab(model) -> int:
+    from automodel.modules import hf_base
+
+    head = hf_base(model).get_output_embeddings()
+    return head.out_features if head is not None else hf_base(model).config.vocab_size
+
+
+def build(plugin, parallel, mesh, dims, mp_policy, device, seed: int, autocast) -> Teacher:
+    """The teacher laid out on `mesh` by `parallel` (a fresh plugin instance: layouts keep per-model state),
+    with its pretrained weights in each rank's shards."""
+    from automodel.engine.materialize import canonical_names, hf_init, materialize
+
+    model = plugin.model.build("meta")
+    base_keys = set(model.state_dict())
+    source = plugin.model.weights(model) if hasattr(plugin.model, "weights") else None
+    if source is None:
+        raise UserError(f"teacher {plugin.model.name!r} has no pretrained weights (teacher.model.path is not set): a "
+                        "randomly initialized teacher teaches nothing; give teacher.model.path=<folder or hub id>")
+    model.requires_grad_(False)
+    model.eval()
+    names = canonical_names(model)
+    parallel.check_model(dims, plugin.model.hf_config())
+    model = parallel.apply(model, mesh, dims, mp_policy)
+    try:
+        materialize(model, names, device, seed=seed, inits=[hf_init(model)], source=source, base_keys=base_keys)
+    finally:
+        source.close()
+    model.eval()
+    log.info("teacher %s: %.2fM parameters, frozen; kd_ratio %.3g", plugin.model.name,
+             sum(p.numel() for p in model.parameters()) / 1e6, plugin.kd_ratio)
+    return Teacher(plugin, model, autocast)
+
