@@ -22,6 +22,7 @@ STEPS = ["train.max_steps=6", "train.log_every=1", "train.global_batch_size=8", 
          "data.packing=false"]
 TOL = 1e-5
 LORA = ["peft=lora", "optim.lr=1e-2"]
+DORA = ["peft=dora", "optim.lr=1e-2"]
 
 # tiny random configs of the other families (MICRO in helpers.py sets the sizes)
 FAMILIES = {
@@ -74,6 +75,8 @@ TWO = [
     # the teacher laid out like the student: FSDP2-sharded, split by heads under TP (vocab-sharded logits), and
     # fed each rank's part of the sequence under CP
     ("fsdp2_kd", ["parallel=fsdp2", *KD, *STEPS, "train.micro_batch_size=4"]),
+    # DoRA's magnitudes start as the row norms of the FSDP2-sharded base weights, each rank its own rows
+    ("fsdp2_dora", ["parallel=fsdp2", *DORA, *STEPS, "train.micro_batch_size=4"]),
     ("tp_kd", ["parallel=tp", "parallel.loss_parallel=true", *KD, *STEPS, "train.micro_batch_size=8"]),
     ("cp_kd", ["parallel=cp", *KD, *STEPS, "train.micro_batch_size=8"]),
 ]
@@ -130,7 +133,7 @@ def reference(tmp_path_factory, teacher):
     refs = {}
     kd = [o.replace("{teacher}", teacher) for o in KD]
     for name, over in [("llama", []), ("llama_kv4", KV4), ("gemma2_sliding", GEMMA2_SLIDING), ("granite", GRANITE),
-                       ("lora", LORA), ("kd", kd), *FAMILIES.items()]:
+                       ("lora", LORA), ("dora", DORA), ("kd", kd), *FAMILIES.items()]:
         os.makedirs(out / name)
         result = train(str(out / name), *over, *STEPS, "train.micro_batch_size=8")
         refs[name] = {"losses": losses(result), "grad_norms": [r["grad_norm"] for r in result.records]}
@@ -177,6 +180,12 @@ def test_llama_layouts_on_two_ranks_match_one_process(two, reference, name):
 def test_chunked_loss_on_two_ranks_matches_one_process_of_full_logits(two, reference, name, ref):
     d, g = _report(f"2 ranks {name}", two[name], reference[ref])
     assert d < TOL and g < 1e-4
+
+
+def test_dora_under_fsdp2_matches_one_process(two, reference):
+    d, g = _report("2 ranks fsdp2 dora", two["fsdp2_dora"], reference["dora"])
+    assert d < TOL and g < 1e-4
+    assert reference["dora"]["losses"] != reference["lora"]["losses"]  # the magnitudes made it DoRA
 
 
 @pytest.mark.parametrize("name", ["fsdp2_kd", "tp_kd", "cp_kd"])

@@ -65,16 +65,23 @@ def test_gradient_accumulation_4x1_equals_micro_batch_4(tmp_path):
     assert one[-1] < one[0]
 
 
-def test_lora_trains_only_adapters_and_exports_merged_model_and_peft_adapter(tmp_path):
+@pytest.mark.parametrize("peft", ["lora", "dora"])
+def test_lora_trains_only_adapters_and_exports_merged_model_and_peft_adapter(tmp_path, peft):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     out = str(tmp_path)
-    result = train(out, "peft=lora", "train.max_steps=4", "train.log_every=1", "optim.lr=1e-2",
-                   "train.global_batch_size=8", "train.micro_batch_size=8")
+    common = ["train.max_steps=4", "train.log_every=1", "optim.lr=1e-2", "train.global_batch_size=8",
+              "train.micro_batch_size=8"]
+    result = train(out, f"peft={peft}", *common)
     model = result.model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
+    assert any("lora_magnitude_vector" in n for n in trainable) == (peft == "dora")
+    # at the start the adapted model is the base model (B = 0; DoRA's magnitudes are the base rows' norms)
+    (tmp_path / "full").mkdir()
+    full = train(str(tmp_path / "full"), *common, "checkpoint.export_final=false")
+    assert abs(result.records[0]["loss"] - full.records[0]["loss"]) < 1e-6
     ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
     model.eval()
     trained = _logits(model, ids)
@@ -91,6 +98,20 @@ def test_lora_trains_only_adapters_and_exports_merged_model_and_peft_adapter(tmp
     fresh.load_state_dict({k.replace("base_layer.", ""): v for k, v in base.state_dict().items() if "lora_" not in k})
     reloaded = PeftModel.from_pretrained(fresh, adapter_dir).eval()
     torch.testing.assert_close(_logits(reloaded, ids), trained, rtol=0, atol=1e-4)
+
+
+def test_dora_is_refused_where_whole_weight_rows_are_not_on_one_rank():
+    from automodel import registry
+    from automodel.distributed.parallel_dims import ParallelDims
+    from automodel.errors import UserError
+
+    dora = registry.instantiate("peft", {"plugin": "lora", "use_dora": True})
+    dora.check_layout(ParallelDims.infer(4, dp_shard=4))  # FSDP2 splits rows: each rank holds whole ones
+    for dims in (ParallelDims.infer(2, tp=2), ParallelDims.infer(2, pp=2)):
+        with pytest.raises(UserError, match="peft.use_dora=true under .* parallelism is not supported"):
+            dora.check_layout(dims)
+    with pytest.raises(UserError, match="peft.init=gaussian"):
+        registry.instantiate("peft", {"plugin": "lora", "use_dora": True, "init": "false"})
 
 
 def test_bf16_trains_close_to_fp32(tmp_path):

@@ -87,8 +87,10 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     p["parallel"].check_model(dims, hf_config)
     _check_seq_len(t.seq_len, hf_config, p["model"].name)
     hints = _hints(p["parallel"], dims, t.seq_len, accum)
-    if hasattr(p["loss"], "check_layout"):
+    if hasattr(p["loss"], "check_layout"):  # layouts these plugins cannot serve: refused before anything is built
         p["loss"].check_layout(dims, hints)
+    if hasattr(p["peft"], "check_layout"):
+        p["peft"].check_layout(dims)
 
     # 2. will it fit? (a weightless skeleton, adapted by peft so trainable counts are right)
     skeleton = p["peft"].apply(p["model"].build("meta"))
@@ -136,6 +138,8 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     materialize(model, names, env.device, seed=t.seed, inits=inits, source=source, base_keys=base_keys)
     if source is not None:
         source.close()
+    if hasattr(p["peft"], "after_materialize"):  # adapters whose start depends on the base weights (DoRA)
+        p["peft"].after_materialize(model)
     distiller = None
     if p["teacher"].enabled:  # its own instance of the parallel plugin: a layout keeps state per model it lays out
         from automodel import registry

@@ -37,6 +37,7 @@ class LoRAConfig:
     target_modules: Any = "all-linear"  # a list of module names, or peft's for every linear layer but the output head
     init: str = "gaussian"  # peft `init_lora_weights`: gaussian | true (kaiming-uniform A) | false (A, B as peft leaves them)
     target_experts: bool = False  # MoE models: also adapt the routed experts and routers (peft's parameter targets)
+    use_dora: bool = False  # DoRA: a learned magnitude per output row times the direction of W + BA
     base_model_name_or_path: Optional[str] = None  # recorded in adapter_config.json (default: model.path)
 
 
@@ -60,6 +61,7 @@ class LoRA:
         config = LoraConfig(
             r=self.cfg.r, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout,
             target_modules=self.cfg.target_modules, init_lora_weights=init, task_type="CAUSAL_LM",
+            use_dora=self.cfg.use_dora,
         )
         if model is not None and not self.cfg.target_experts:
             config = self._without_experts(config, model)
@@ -106,6 +108,10 @@ class LoRA:
         import torch
 
         parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] == "lora_magnitude_vector":  # set from the base weight: after_materialize
+            for p in module.parameters(recurse=False):
+                torch.nn.init.ones_(p)
+            return True
         if len(parts) < 2 or parts[-2] not in ("lora_A", "lora_B"):
             return False
         init = self._init()
@@ -123,6 +129,32 @@ class LoRA:
             torch.nn.init.zeros_(module.bias)
         return True
 
+    def check_layout(self, dims) -> None:
+        if self.cfg.use_dora and (dims.tp > 1 or dims.pp > 1):
+            raise UserError(f"peft.use_dora=true under {'tensor' if dims.tp > 1 else 'pipeline'} parallelism is not "
+                            "supported (DoRA's weight norm needs whole rows of each adapted weight); use fsdp2/hsdp or "
+                            "plain LoRA (peft.use_dora=false)")
+
+    def after_materialize(self, model) -> None:
+        """DoRA: each magnitude starts as the row norms of its base weight (B = 0, so W + BA = W), taken from the
+        rows this rank holds: FSDP2 splits a weight and its magnitude vector into the same row blocks."""
+        if not self.cfg.use_dora:
+            return
+        import torch
+
+        with torch.no_grad():
+            for module in model.modules():
+                vectors = getattr(module, "lora_magnitude_vector", None)
+                if not vectors:
+                    continue
+                weight = _local(module.get_base_layer().weight)
+                for layer in vectors.values():
+                    magnitude = _local(layer.weight)
+                    if magnitude.shape[0] != weight.shape[0]:
+                        raise RuntimeError(f"DoRA magnitude rows {tuple(magnitude.shape)} do not match the weight "
+                                           f"rows {tuple(weight.shape)} this rank holds")
+                    magnitude.copy_(torch.linalg.vector_norm(weight.float(), dim=1).to(magnitude.dtype))
+
     def export(self, model, full_state_dict, out_dir):
         adapter_dir = os.path.join(out_dir, "adapter")
         base = self.cfg.base_model_name_or_path or model.peft_config["default"].base_model_name_or_path
@@ -134,8 +166,17 @@ class LoRA:
         return model.merge_and_unload()
 
 
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _check(c: LoRAConfig) -> None:
     """The ranges peft and torch accept, as one line naming the key (NaN fails every comparison)."""
+    if c.use_dora and str(c.init).lower() == "false":
+        raise UserError("peft.use_dora=true needs B = 0 at the start (peft.init=gaussian or true): DoRA's magnitude "
+                        "starts as the norm of the base weight")
+    if c.use_dora and c.target_experts:
+        raise UserError("peft.use_dora=true adapts linear modules only; set peft.target_experts=false")
     if c.r < 1:
         raise UserError(f"peft.r={c.r} must be at least 1 (the adapter rank, e.g. 8 or 16)")
     if not (c.alpha > 0 and math.isfinite(c.alpha)):
