@@ -120,6 +120,9 @@ class PeftPlugin(Protocol):
 
 @runtime_checkable
 class PrecisionPlugin(Protocol):
+    """Optional: `loss_scale()`, a fresh `automodel.loss_scale.DynamicLossScale` (fp16): backward then runs on the
+    loss times its value, gradients are unscaled before clipping, and overflowing steps are skipped."""
+
     def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
         """The context every forward pass and its loss run under; device_type is "cpu" or "cuda"."""
 

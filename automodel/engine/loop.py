@@ -44,6 +44,7 @@ class StepRunner:
     guard: object = None  # automodel.engine.step_guard.StepGuard: which steps may reach the weights
     loss: object = None  # the loss plugin (protocols.LossPlugin); None: cross-entropy over the logits
     teacher: object = None  # automodel.engine.teacher.Teacher when distilling, else None
+    loss_scale: object = None  # automodel.loss_scale.DynamicLossScale under fp16 (the guard owns its decisions)
     parts: dict = dataclasses.field(default_factory=dict)  # the last step's loss components (local shares), logged
     lr: float = 0.0
     step: int = 0  # the step being run (the loop sets it; the guard names it)
@@ -58,10 +59,11 @@ class StepRunner:
     def __call__(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Run forward/backward over this rank's micro-batches and step; return (local loss share, grad norm)."""
         scale = self.dp_size / self._global_count(batch.num_target_tokens).clamp(min=1.0)
+        backward_scale = scale * self._loss_scale()
         loss_sum = torch.zeros((), device=self.device)
         ce_sum = kd_sum = torch.zeros((), device=self.device) if self.teacher is not None else None
         if self.router is not None:
-            self.router.begin_step(len(batch.micro_batches))
+            self.router.begin_step(len(batch.micro_batches), self._loss_scale())
         for micro in batch.micro_batches:
             # every key but labels is a model input (input_ids, and e.g. position_ids for packed rows)
             inputs = {k: v.to(self.device, non_blocking=True) for k, v in micro.items() if k != "labels"}
@@ -78,7 +80,7 @@ class StepRunner:
                     kd = self._reduce(self.teacher.token_loss(logits, taught, labels))
                     ce_sum, kd_sum = ce_sum + _full(loss.detach()), kd_sum + _full(kd.detach())
                     loss = (1 - self.teacher.kd_ratio) * loss + self.teacher.kd_ratio * kd
-                (loss * scale).backward()
+                (loss * backward_scale).backward()
             loss_sum += _full(loss.detach())
         share = loss_sum * (scale / self.dp_size)
         if self.teacher is not None:
@@ -102,6 +104,10 @@ class StepRunner:
         """A token-sum summed over the ranks that split the sequence (CP), where the layout does."""
         return self.hints.reduce_loss(loss) if self.hints.reduce_loss else loss
 
+    def _loss_scale(self) -> float:
+        """The fp16 loss scale backward runs at (1 without one); clip_and_step divides the gradients by it."""
+        return self.loss_scale.value if self.loss_scale is not None else 1.0
+
     def _targets(self, labels: torch.Tensor):
         """The loss plugin's context for a forward pass (its head may compute the loss of `labels`)."""
         return self.loss.targets(labels) if self.loss is not None else contextlib.nullcontext()
@@ -110,6 +116,8 @@ class StepRunner:
         """Clip (the norm over `across` too: pipeline stages), then step optimizer and schedule unless the
         guard refuses the step (a non-finite norm or loss, a spike); the grad norm. With max_grad_norm=0 the
         norm is still taken (a NaN must be seen), only not clipped to."""
+        if self.loss_scale is not None:
+            self.loss_scale.unscale_(self._params())
         grad_norm = clip_grad_norm(self._params(), self.max_grad_norm if self.max_grad_norm > 0 else math.inf,
                                    across=across)
         self.lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used (a Python float)
@@ -199,6 +207,8 @@ def run_loop(step_fn: StepRunner, batches, max_steps: int, log_every: int, on_st
                 record.update(step_fn.router.log_values(across=getattr(step_fn, "pp_group", None)))
             if skipped:
                 record["skipped"] = skipped
+            if getattr(step_fn, "loss_scale", None) is not None:
+                record["loss_scale"] = step_fn.loss_scale.value
             if val_due:
                 record["val_loss"] = validate()  # collective: every rank evaluates
             records.append(record)

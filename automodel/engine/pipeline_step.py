@@ -57,7 +57,7 @@ class PipelineStepRunner(StepRunner):
         """The summed micro-batch losses of the whole pipeline, on every rank of the pp group."""
         ids, labels = self._stack(micro_batches)
         if train and self.router is not None:
-            self.router.begin_step(len(self._rows))
+            self.router.begin_step(len(self._rows), self._loss_scale() if train else 1.0)
             for rows in self._rows:
                 self.router.add_rows(rows)
         loss_context = self.hints.loss_context() if self.hints.loss_context else contextlib.nullcontext()
@@ -72,9 +72,9 @@ class PipelineStepRunner(StepRunner):
         return total
 
     def __call__(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        self._scale = self.dp_size / self._global_count(batch.num_target_tokens).clamp(min=1.0)
+        self._scale = self.dp_size / self._global_count(batch.num_target_tokens).clamp(min=1.0) * self._loss_scale()
         loss_sum = self._run(batch.micro_batches, train=True)
-        share = loss_sum / self.dp_size
+        share = loss_sum / (self.dp_size * self._loss_scale())
         return share, self.clip_and_step(across=self.pp_group, loss_share=share)
 
     def eval_loss_sum(self, val: list[StepBatch]) -> torch.Tensor:

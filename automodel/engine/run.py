@@ -157,7 +157,8 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
         log.warning("optim.warmup_steps=%d is not shorter than train.max_steps=%d: the learning rate never reaches "
                     "optim.lr; lower optim.warmup_steps", warmup, t.max_steps)
     pp_group = mesh["pp"].get_group() if dims.pp > 1 else None  # pipeline stages: each holds part of the model
-    guard = StepGuard(t.max_bad_steps, t.spike_factor, t.spike_window)
+    loss_scale = p["precision"].loss_scale() if hasattr(p["precision"], "loss_scale") else None  # fp16
+    guard = StepGuard(t.max_bad_steps, t.spike_factor, t.spike_window, loss_scale=loss_scale)
     state = checkpointing.TrainState(model, optimizer, scheduler, fingerprint, OmegaConf.to_yaml(cfg, resolve=True),
                                      export_hf=lambda folder: export.export_to(model, tokenizer, p, folder, env,
                                                                                pp_group), extra=guard)
@@ -180,7 +181,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     step_args = (model, optimizer, scheduler, lambda: p["precision"].autocast(env.device.type), env.device,
                  t.max_grad_norm)
     step_kwargs = dict(dp_group=_group(dims.dp_mesh(mesh)), dp_size=dims.dp, hints=hints, router=router, guard=guard,
-                       loss=p["loss"], teacher=distiller)
+                       loss=p["loss"], teacher=distiller, loss_scale=loss_scale)
     if hints.pipeline:
         from automodel.engine.pipeline_step import PipelineStepRunner
 

@@ -29,13 +29,15 @@ class BadSteps(UserError):
 
 
 class StepGuard:
-    def __init__(self, max_bad_steps: int = 3, spike_factor: float | None = None, spike_window: int = 20):
+    def __init__(self, max_bad_steps: int = 3, spike_factor: float | None = None, spike_window: int = 20,
+                 loss_scale=None):
         self.max_bad_steps = max_bad_steps
         self.spike_factor = spike_factor
         self.spike_window = spike_window
         self.history: list[float] = []  # global losses of the last applied steps (spike guard only)
         self.bad_run: list[tuple[int, str]] = []  # (step, why) of the current run of consecutive skipped steps
         self.skipped: list[int] = []  # every skipped step of this run, for the record (and checkpoints)
+        self.loss_scale = loss_scale  # automodel.loss_scale.DynamicLossScale under fp16, else None
 
     def judge(self, step: int, loss_share: torch.Tensor, grad_norm: torch.Tensor, dp_group=None,
               dp_size: int = 1) -> str | None:
@@ -46,7 +48,7 @@ class StepGuard:
         if hasattr(grad_norm, "full_tensor"):  # FSDP/TP: the norm is a DTensor; its full value is the global one
             grad_norm = grad_norm.full_tensor()
         values = [grad_norm.float().reshape(())]
-        if self.spike_factor:
+        if self.spike_factor or self.loss_scale is not None:  # fp16: an overflow has a finite loss
             loss = loss_share.float().detach().clone()
             if dp_size > 1:
                 dist.all_reduce(loss, group=dp_group)
@@ -54,6 +56,9 @@ class StepGuard:
         read = torch.stack(values).tolist()
         norm, loss = read[0], (read[1] if len(read) > 1 else None)
         why = None
+        if not math.isfinite(norm) and self.loss_scale is not None and math.isfinite(loss):
+            self.skipped.append(step)  # the scale was too high for float16, not the step bad: not in bad_run
+            return self.loss_scale.overflowed()
         if not math.isfinite(norm):
             why = f"gradient norm {norm}"
         elif loss is not None and not math.isfinite(loss):
@@ -65,6 +70,8 @@ class StepGuard:
                       f"{self.spike_window} steps"
         if why is None:
             self.bad_run = []
+            if self.loss_scale is not None:
+                self.loss_scale.applied()
             if loss is not None:
                 self.history = (self.history + [loss])[-self.spike_window:]
             return None
@@ -81,9 +88,14 @@ class StepGuard:
                            f"data of those steps, or raise train.max_bad_steps")
 
     def state_dict(self) -> dict:
-        return {"history": self.history, "bad_run": [list(b) for b in self.bad_run], "skipped": self.skipped}
+        state = {"history": self.history, "bad_run": [list(b) for b in self.bad_run], "skipped": self.skipped}
+        if self.loss_scale is not None:
+            state["loss_scale"] = self.loss_scale.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.history = [float(x) for x in state.get("history", [])]
         self.bad_run = [(int(s), str(w)) for s, w in state.get("bad_run", [])]
         self.skipped = [int(s) for s in state.get("skipped", [])]
+        if self.loss_scale is not None and "loss_scale" in state:  # (a bf16/fp32 checkpoint resumed in fp16: fresh)
+            self.loss_scale.load_state_dict(state["loss_scale"])

@@ -147,11 +147,12 @@ class RouterLosses:
         self.group, self.group_size = group, size
 
     # ---- the step's side
-    def begin_step(self, micro_batches: int) -> None:
+    def begin_step(self, micro_batches: int, loss_scale: float = 1.0) -> None:
         """A training step of `micro_batches` forward passes begins; `add_rows` then gives each one's real
-        rows ([batch, seq] bool, laid out for this rank), in the order the layers will see them."""
+        rows ([batch, seq] bool, laid out for this rank), in the order the layers will see them. `loss_scale`:
+        the fp16 loss scale the token loss's backward runs at (the gradients are divided by it later)."""
         self._masks = []
-        self._scale = self.group_size / max(micro_batches, 1) / self.num_layers
+        self._scale = self.group_size / max(micro_batches, 1) / self.num_layers * loss_scale
         self._micro = max(micro_batches, 1)
         self._calls.clear()
         self._recomputes.clear()
