@@ -107,7 +107,9 @@ class DataPlugin(Protocol):
 class PeftPlugin(Protocol):
     """Optional: `init_module(name, module) -> bool`, initialize the module the plugin added (a full-size,
     unsharded copy of it, `name` as the plain model names it) and return True; False leaves it to the model's
-    own `_init_weights`."""
+    own `_init_weights`. `after_materialize(model)`: once every rank holds its shards, set what depends on the
+    base weights (DoRA's magnitudes: from the rows a rank holds). `check_layout(dims)`: refuse (UserError) a
+    layout the adapters cannot serve, before anything is built."""
 
     def apply(self, model: "nn.Module") -> "nn.Module":
         """Adapt the (meta-device) model: freeze the base, add adapters; identity for full fine-tuning.
@@ -121,7 +123,10 @@ class PeftPlugin(Protocol):
 @runtime_checkable
 class PrecisionPlugin(Protocol):
     """Optional: `loss_scale()`, a fresh `automodel.loss_scale.DynamicLossScale` (fp16): backward then runs on the
-    loss times its value, gradients are unscaled before clipping, and overflowing steps are skipped."""
+    loss times its value, gradients are unscaled before clipping, and overflowing steps are skipped.
+    `check_device(device_type, dims)`: refuse (UserError) where it cannot run, before any model is built.
+    `prepare(model)`: adapt the meta-device model before the layout, keeping every parameter name (fp8: torchao's
+    Float8Linear in the decoder blocks)."""
 
     def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
         """The context every forward pass and its loss run under; device_type is "cpu" or "cuda"."""

@@ -75,6 +75,9 @@ TWO = [
     # the teacher laid out like the student: FSDP2-sharded, split by heads under TP (vocab-sharded logits), and
     # fed each rank's part of the sequence under CP
     ("fsdp2_kd", ["parallel=fsdp2", *KD, *STEPS, "train.micro_batch_size=4"]),
+    # float8 linear layers (torchao, emulated on CPU) with FSDP2 all-gathering their weights in float8
+    ("fsdp2_fp8", ["parallel=fsdp2", "precision=fp8", "precision.emulate=true", "precision.fsdp_float8_all_gather=true",
+                   *STEPS, "train.micro_batch_size=4"]),
     # DoRA's magnitudes start as the row norms of the FSDP2-sharded base weights, each rank its own rows
     ("fsdp2_dora", ["parallel=fsdp2", *DORA, *STEPS, "train.micro_batch_size=4"]),
     ("tp_kd", ["parallel=tp", "parallel.loss_parallel=true", *KD, *STEPS, "train.micro_batch_size=8"]),
@@ -273,6 +276,12 @@ def test_lora_under_tensor_parallel_exports_a_whole_peft_adapter_that_reloads_on
 def test_hsdp_with_bf16_params_and_fp32_reduce_trains_close_to_fp32(four, reference):
     d = _diff(four["hsdp_bf16"]["losses"], reference["llama"]["losses"])
     print(f"4 ranks hsdp bf16: max loss diff vs fp32 {d:.2e}")
+    assert 0 < d < 0.05
+
+
+def test_fsdp2_with_float8_all_gather_trains_close_to_fp32(two, reference):
+    d = _diff(two["fsdp2_fp8"]["losses"], reference["llama"]["losses"])
+    print(f"2 ranks fsdp2 fp8 (emulated, float8 all-gather): max loss diff vs fp32 {d:.2e}")
     assert 0 < d < 0.05
 
 

@@ -1,6 +1,9 @@
 """precision=fp16: float16 compute with dynamic loss scaling. It trains like fp32; an overflowing step is skipped,
 halves the scale and is not a "bad step" (the run goes on however many there are); the scale is part of every
-checkpoint, so a resumed fp16 run ends bitwise where an uninterrupted one does."""
+checkpoint, so a resumed fp16 run ends bitwise where an uninterrupted one does.
+
+precision=fp8 (torchao): only the decoder blocks' linear layers become Float8Linear; it is refused where float8
+matmuls cannot run; in torchao's emulation (any device) it trains like fp32 and exports a plain HF model."""
 
 from __future__ import annotations
 
@@ -54,3 +57,55 @@ def test_a_resumed_fp16_run_ends_bitwise_like_an_uninterrupted_one(tmp_path):
 def test_bad_fp16_settings_are_refused_in_one_line(field, value, text):
     with pytest.raises(UserError, match=text.replace(".", r"\.").replace("[", r"\[")):
         registry.instantiate("precision", {"plugin": "fp16", field: value})
+
+
+def test_fp8_swaps_exactly_the_decoder_blocks_linear_layers():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1))
+    names = set(dict(model.named_parameters()))
+    registry.instantiate("precision", {"plugin": "fp8", "recipe": "rowwise"}).prepare(model)
+    kinds = {n: type(m).__name__ for n, m in model.named_modules()}
+    assert set(dict(model.named_parameters())) == names  # same parameters, same names: checkpoints and export
+    for i in range(2):
+        for proj in ("self_attn.q_proj", "self_attn.o_proj"):  # 32 x 32
+            assert kinds[f"model.layers.{i}.{proj}"] == "Float8Linear"
+        assert kinds[f"model.layers.{i}.self_attn.k_proj"] == "Float8Linear"  # 32 -> 16
+        assert kinds[f"model.layers.{i}.mlp.gate_proj"] == "Linear"  # 40 is not a multiple of 16: kept
+    assert kinds["lm_head"] == "Linear" and kinds["model.embed_tokens"] == "Embedding"
+
+
+def test_fp8_is_refused_where_float8_matmuls_cannot_run():
+    from automodel.distributed.parallel_dims import ParallelDims
+
+    fp8 = registry.instantiate("precision", {"plugin": "fp8"})
+    with pytest.raises(UserError, match="needs an NVIDIA GPU .* on cpu: use precision=bf16"):
+        fp8.check_device("cpu", ParallelDims.infer(1))
+    with pytest.raises(UserError, match="tensor or pipeline parallelism"):
+        fp8.check_device("cpu", ParallelDims.infer(2, tp=2))
+    registry.instantiate("precision", {"plugin": "fp8", "emulate": True}).check_device("cpu", ParallelDims.infer(1))
+    with pytest.raises(UserError, match="precision.recipe=tensorwise"):
+        registry.instantiate("precision", {"plugin": "fp8", "recipe": "rowwise", "fsdp_float8_all_gather": True})
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fp8_emulated_trains_close_to_fp32_and_exports_a_plain_hf_model(tmp_path, recipe):
+    import safetensors.torch
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    (tmp_path / "fp32").mkdir()
+    (tmp_path / "fp8").mkdir()
+    fp32 = train(str(tmp_path / "fp32"), *COMMON[:-1], "train.max_steps=5")
+    fp8 = train(str(tmp_path / "fp8"), *COMMON[:-1], "train.max_steps=5", "precision=fp8", "precision.emulate=true",
+                f"precision.recipe={recipe}")
+    assert max(abs(a - b) for a, b in zip(losses(fp32), losses(fp8))) < 0.05, (losses(fp32), losses(fp8))
+    assert losses(fp32) != losses(fp8)
+    exported = safetensors.torch.load_file(f"{fp8.final_dir}/model.safetensors")
+    assert set(exported) == set(safetensors.torch.load_file(f"{fp32.final_dir}/model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(fp8.final_dir)
+    assert {type(m).__name__ for m in model.modules()} & {"Float8Linear"} == set()
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 9]])).logits).all()

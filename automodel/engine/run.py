@@ -91,6 +91,8 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
         p["loss"].check_layout(dims, hints)
     if hasattr(p["peft"], "check_layout"):
         p["peft"].check_layout(dims)
+    if hasattr(p["precision"], "check_device"):  # e.g. float8 matmuls: the GPU generation, the package
+        p["precision"].check_device(env.device.type, dims)
 
     # 2. will it fit? (a weightless skeleton, adapted by peft so trainable counts are right)
     skeleton = p["peft"].apply(p["model"].build("meta"))
@@ -126,6 +128,8 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
         teacher.check(p["teacher"], p["loss"], hints, model, p["model"].name, dims.describe())
     if hasattr(p["loss"], "prepare"):  # e.g. the loss computed inside the output head (same parameters)
         p["loss"].prepare(model, p["model"].name)
+    if hasattr(p["precision"], "prepare"):  # e.g. float8 linear layers (same parameters), before the layout
+        p["precision"].prepare(model)
     model.train()
     router = RouterLosses.attach(model, hf_config, checked.moe)  # None for a dense model
     if router is not None:
