@@ -226,3 +226,44 @@ def test_uninstalled_plugin_is_gone(tmp_path):
     assert "lion" not in proc.stdout and "automodel-exa" not in proc.stdout
     proc = cli("optim=lion", cwd=str(tmp_path))
     assert _one_error_line(proc) == "automodel: error: optim=lion: no such option; choose one of: adamw"
+
+
+def test_a_third_party_adapter_trains_alone_and_exports_merged_into_a_plain_model(installed, tmp_path):
+    """peft=output_scales: the example package's own adapter (a learned scale per output feature, IA3-style).
+    At step 1 it is the base model; only its scales train; the export is plain transformers weights with the
+    scales merged, giving the trained model's logits, and the scales alone are written beside it."""
+    run = tmp_path / "run"
+    common = [*(o for o in MICRO), "train.max_steps=4", "train.log_every=1", "train.global_batch_size=8",
+              "optim.lr=1e-2", "optim.warmup_steps=0"]
+    proc = cli(*common, "peft=output_scales", f"hydra.run.dir={run}", cwd=str(tmp_path), env=installed)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full = tmp_path / "full"
+    proc = cli(*common, "checkpoint.export_final=false", f"hydra.run.dir={full}", cwd=str(tmp_path), env=installed)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scaled, plain = _records(run), _records(full)
+    assert abs(scaled[0]["loss"] - plain[0]["loss"]) < 1e-6  # scales start at 1: the base model
+    assert scaled[-1]["loss"] != plain[-1]["loss"]  # and then only they trained
+    # the frozen base (the seed's random init) with the saved scales applied = the merged export
+    code = f"""
+import sys, torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
+from helpers import random_init_model
+scales = load_file({str(run / 'final' / 'output_scales.safetensors')!r})
+merged = AutoModelForCausalLM.from_pretrained({str(run / 'final')!r}).eval()
+assert not any('output_scale' in n for n, _ in merged.named_parameters())
+moved = max((s - 1).abs().max().item() for s in scales.values())
+assert len(scales) == 12 and moved > 1e-4, (len(scales), moved)
+base = random_init_model().eval()
+for name, s in scales.items():
+    base.get_submodule(name).register_forward_hook(lambda m, i, o, s=s: o * s)
+ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+with torch.no_grad():
+    diff = (base(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max().item()
+assert diff < 1e-5, diff
+print('ok', diff)
+"""
+    check = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, **installed})
+    assert check.returncode == 0 and check.stdout.startswith("ok"), check.stderr[-3000:]
