@@ -71,7 +71,9 @@ class ParallelPlugin(Protocol):
         to train: under a pipeline, this rank's part of it (its parameters under the model's own names).
         `mesh` is the DeviceMesh `dims.build_mesh` made; `mp_policy` the precision plugin's
         `mixed_precision_policy()` (for `fully_shard`). Modules it creates must hold no tensors of their own:
-        the engine fills the tensors of the modules it named before the layout."""
+        the engine fills the tensors of the modules it named before the layout. Called a second time, after the
+        student's, for a distillation teacher (frozen): its forward must see the same per-step state (the CP
+        split of the sequence)."""
 
 
 @runtime_checkable

@@ -43,11 +43,18 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--kd-ratio", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--keep-teacher", default=None, help="a run dir: train the teacher there once, reuse it after")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_distill_") as tmp:
-        teacher_dir = os.path.join(tmp, "teacher")
-        print(f"training the teacher ({args.teacher_steps} steps) ...", flush=True)
-        teacher = run(teacher_dir, f"train.max_steps={args.teacher_steps}", f"train.val_every={args.teacher_steps}")
+        teacher_dir = args.keep_teacher or os.path.join(tmp, "teacher")
+        if os.path.isdir(os.path.join(teacher_dir, "final")):
+            print(f"reusing the teacher in {teacher_dir}", flush=True)
+            with open(os.path.join(teacher_dir, "metrics.jsonl")) as f:
+                last = [json.loads(line) for line in f][-1]
+            teacher = {"val_loss": last["val_loss"], "loss": last["loss"]}
+        else:
+            print(f"training the teacher ({args.teacher_steps} steps) ...", flush=True)
+            teacher = run(teacher_dir, f"train.max_steps={args.teacher_steps}", f"train.val_every={args.teacher_steps}")
         common = [*STUDENT, f"train.max_steps={args.steps}", f"train.val_every={args.steps}",
                   "checkpoint.export_final=false"]
         print(f"training the student on CE alone ({args.steps} steps) ...", flush=True)

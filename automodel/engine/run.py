@@ -145,10 +145,8 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     if hasattr(p["peft"], "after_materialize"):  # adapters whose start depends on the base weights (DoRA)
         p["peft"].after_materialize(model)
     distiller = None
-    if p["teacher"].enabled:  # its own instance of the parallel plugin: a layout keeps state per model it lays out
-        from automodel import registry
-
-        distiller = teacher.build(p["teacher"], registry.instantiate("parallel", cfg.parallel), mesh, dims,
+    if p["teacher"].enabled:  # the same parallel plugin: the teacher sees each step's inputs split as the student's
+        distiller = teacher.build(p["teacher"], p["parallel"], mesh, dims,
                                   p["precision"].mixed_precision_policy(), env.device, t.seed,
                                   lambda: p["precision"].autocast(env.device.type))
     memory.log_setup(model, env.device)

@@ -1,5 +1,6 @@
-"""The distillation teacher on the run's mesh: built on the meta device, laid out by (a fresh instance of) the
-run's parallel plugin, each rank loading only its shards of the teacher's weights, frozen in eval mode.
+"""The distillation teacher on the run's mesh: built on the meta device, laid out by the run's parallel plugin
+(after the student: per-step layout state, such as context parallel's split of the sequence, is shared), each
+rank loading only its shards of the teacher's weights, frozen in eval mode.
 
 The step asks it for logits of the very inputs the student saw (already padded, position-numbered and, under
 CP, sequence-split for the layout), so both distributions cover the same tokens on every rank.
@@ -58,8 +59,8 @@ def _vocab(model) -> int:
 
 
 def build(plugin, parallel, mesh, dims, mp_policy, device, seed: int, autocast) -> Teacher:
-    """The teacher laid out on `mesh` by `parallel` (a fresh plugin instance: layouts keep per-model state),
-    with its pretrained weights in each rank's shards."""
+    """The teacher laid out on `mesh` by `parallel` (the student's plugin, applied a second time), with its
+    pretrained weights in each rank's shards."""
     from automodel.engine.materialize import canonical_names, hf_init, materialize
 
     model = plugin.model.build("meta")

@@ -139,7 +139,7 @@ class SPMDParallel:
         return torch.arange(n, device=device).unsqueeze(0)
 
     def apply(self, model, mesh, dims: ParallelDims, mp_policy):
-        if dims.cp > 1:
+        if dims.cp > 1 and self._cp is None:  # one per run: a distillation teacher shares the step's split
             from automodel.parallel.context_parallel import ContextParallel
 
             self._cp = ContextParallel(mesh["cp"])
