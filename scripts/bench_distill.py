@@ -4,7 +4,8 @@ larger trained teacher, at equal steps, compared on the held-out loss (CE on the
     .venv/bin/python scripts/bench_distill.py                    # teacher: the default model, 600 steps
     .venv/bin/python scripts/bench_distill.py --steps 200 --kd-ratio 0.5 --temperature 2.0
 
-1. the teacher: the default tiny model (hidden 256) trained for --teacher-steps, exported;
+1. the teacher: the default tiny model (hidden --teacher-hidden, --teacher-layers layers) trained for
+   --teacher-steps, exported (or reused from --keep-teacher);
 2. the student (hidden 128, MLP 128, 2 layers), --steps steps, CE on the labels only;
 3. the same student, same seed and batches, distilled: teacher=hf teacher.model.path=<1.>.
 Each is a fresh `automodel` process, one after the other. Printed: each run's held-out loss (val_loss at the
@@ -43,6 +44,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--kd-ratio", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--teacher-hidden", type=int, default=256)
+    ap.add_argument("--teacher-layers", type=int, default=4)
     ap.add_argument("--keep-teacher", default=None, help="a run dir: train the teacher there once, reuse it after")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_distill_") as tmp:
@@ -54,7 +57,10 @@ def main() -> int:
             teacher = {"val_loss": last["val_loss"], "loss": last["loss"]}
         else:
             print(f"training the teacher ({args.teacher_steps} steps) ...", flush=True)
-            teacher = run(teacher_dir, f"train.max_steps={args.teacher_steps}", f"train.val_every={args.teacher_steps}")
+            teacher = run(teacher_dir, f"train.max_steps={args.teacher_steps}", f"train.val_every={args.teacher_steps}",
+                          f"model.config.hidden_size={args.teacher_hidden}",
+                          f"model.config.intermediate_size={args.teacher_hidden}",
+                          f"model.config.num_hidden_layers={args.teacher_layers}")
         common = [*STUDENT, f"train.max_steps={args.steps}", f"train.val_every={args.steps}",
                   "checkpoint.export_final=false"]
         print(f"training the student on CE alone ({args.steps} steps) ...", flush=True)
@@ -63,7 +69,7 @@ def main() -> int:
         kd = run(os.path.join(tmp, "kd"), *common, "teacher=hf", f"teacher.model.path={teacher_dir}/final",
                  f"teacher.kd_ratio={args.kd_ratio}", f"teacher.temperature={args.temperature}")
     print(f"\n| run | steps | held-out loss | final training loss |\n|---|---|---|---|")
-    print(f"| teacher (hidden 256, 4 layers) | {args.teacher_steps} | {teacher['val_loss']:.4f} | {teacher['loss']:.4f} |")
+    print(f"| teacher (hidden {args.teacher_hidden}, {args.teacher_layers} layers) | {args.teacher_steps} | {teacher['val_loss']:.4f} | {teacher['loss']:.4f} |")
     print(f"| student (hidden 128, 2 layers), CE alone | {args.steps} | {alone['val_loss']:.4f} | {alone['loss']:.4f} |")
     print(f"| same student, distilled (kd_ratio {args.kd_ratio}, T {args.temperature}) | {args.steps} | "
           f"{kd['val_loss']:.4f} | {kd['loss']:.4f} (CE {kd['ce_loss']:.4f}, KL {kd['kd_loss']:.4f}) |")

@@ -63,7 +63,7 @@ class StepGuard:
             why = f"gradient norm {norm}"
         elif loss is not None and not math.isfinite(loss):
             why = f"loss {loss}"
-        elif loss is not None and len(self.history) >= self.spike_window:
+        elif self.spike_factor and len(self.history) >= self.spike_window:
             median = statistics.median(self.history)
             if loss > self.spike_factor * median:
                 why = f"loss spike {loss:.4g} > {self.spike_factor:g} x median {median:.4g} of the last " \
@@ -72,7 +72,7 @@ class StepGuard:
             self.bad_run = []
             if self.loss_scale is not None:
                 self.loss_scale.applied()
-            if loss is not None:
+            if self.spike_factor:  # (fp16 reads the loss too, for overflows: the spike guard may still be off)
                 self.history = (self.history + [loss])[-self.spike_window:]
             return None
         self.bad_run.append((step, why))
