@@ -52,6 +52,7 @@ class FP32:
 
 class BF16:
     Config = BF16Config
+    dtype = "bfloat16"  # of the forward's matmuls and of FSDP2's gathered parameters
 
     def __init__(self, config: BF16Config):
         if config.reduce_dtype not in REDUCE_DTYPES:
@@ -62,38 +63,26 @@ class BF16:
     def autocast(self, device_type: str):
         import torch
 
-        return torch.autocast(device_type, dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=getattr(torch, self.dtype))
 
     def mixed_precision_policy(self):
         import torch
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=getattr(torch, self.cfg.reduce_dtype))
+        return MixedPrecisionPolicy(param_dtype=getattr(torch, self.dtype),
+                                    reduce_dtype=getattr(torch, self.cfg.reduce_dtype))
 
 
-class FP16:
+class FP16(BF16):
     Config = FP16Config
+    dtype = "float16"
 
     def __init__(self, config: FP16Config):
-        if config.reduce_dtype not in REDUCE_DTYPES:
-            raise UserError(f"precision.reduce_dtype={config.reduce_dtype!r}: choose one of {', '.join(REDUCE_DTYPES)} "
-                            "(the dtype gradients are reduced in under FSDP2)")
+        super().__init__(config)
         if not config.init_scale >= 1:
             raise UserError(f"precision.init_scale={config.init_scale} must be >= 1 (e.g. 65536)")
         if config.growth_interval < 1:
             raise UserError(f"precision.growth_interval={config.growth_interval} must be >= 1 (e.g. 2000)")
-        self.cfg = config
-
-    def autocast(self, device_type: str):
-        import torch
-
-        return torch.autocast(device_type, dtype=torch.float16)
-
-    def mixed_precision_policy(self):
-        import torch
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
-        return MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=getattr(torch, self.cfg.reduce_dtype))
 
     def loss_scale(self):
         """A fresh dynamic loss scale for the run (the step guard checkpoints it)."""
