@@ -73,6 +73,16 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except BrokenPipeError:  # `automodel ... --cfg job | head`: the reader left; nothing more to say, no traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
+        sys.exit(1)
+
+
+def _main(argv: list[str] | None) -> None:
     from automodel.launch import lifetime
 
     lifetime.die_with_parent()  # a rank started by torch's elastic agent ends with it, however it ends

@@ -111,3 +111,18 @@ def test_list_shows_every_builtin_option_with_its_package(tmp_path):
     rows = [ln for ln in proc.stdout.splitlines() if "│" in ln]
     assert any("parallel" in r and "fsdp2" in r and "spmd" in r and "automodel" in r for r in rows), proc.stdout
     assert any("model" in r and "llama3_70b" in r for r in rows)
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
+    """`automodel -m ... --cfg job | head -1`: the pipe closes under the printing process (40 configs: more than
+    a pipe holds, so the printer is still writing when the reader leaves)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "automodel", "-m", "train.seed=range(0,40)", "--cfg", "job"],
+                            cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"# sweep job #0")
+    proc.stdout.close()  # as `head -1` does
+    stderr = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr[-2000:]
