@@ -42,7 +42,7 @@ CASES = [
     case("unknown_flag", ["--nosuchflag"], "--nosuchflag"),
     case("unknown_group", ["optimizer=adam"], "optimizer", "valid"),
     case("unknown_option", ["optim=sgd"], "optim=sgd: no such option", "adamw"),
-    case("unknown_option_precision", ["precision=fp16"], "precision=fp16: no such option", "bf16, fp32"),
+    case("unknown_option_precision", ["precision=int4"], "precision=int4: no such option", "bf16, fp16, fp32, fp8"),
     case("deleted_group", ["~optim"], "optim", "optim=<option>"),
     case("unknown_optim_key", ["optim.momentum=0.9"], "optim.momentum: unknown key", "beta1"),
     case("append_existing_key", ["+train.seed=1"], "+train.seed", "drop the '+'"),
