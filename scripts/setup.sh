@@ -22,4 +22,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 echo "automodel setup: installing automodel and its dependencies"
 .venv/bin/pip install --quiet -e ".[test]"
+# torchao (precision=fp8) goes in a folder of its own that only the fp8 tests put on the path: transformers
+# imports torchao in every run once it is installed (~0.6 s each, and log noise), so it stays an opt-in extra
+# (`pip install 'automodel[fp8]'`) for users and out of the tests' other hundreds of runs
+.venv/bin/pip install --quiet --no-deps --target .venv/extras "torchao>=0.10"
 .venv/bin/python -c "import torch, transformers, peft, hydra; print(f'automodel setup: done (torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__})')"

@@ -78,3 +78,15 @@ def random_init_model(*overrides: str, seed: int = 42):
     model = plugins["model"].build("meta")
     materialize(model, canonical_names(model), "cpu", seed=seed, inits=[hf_init(model)])
     return model
+
+
+EXTRAS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv", "extras")
+
+
+def with_extras() -> None:
+    """Put the optional packages scripts/setup.sh installs off the default path (torchao, for precision=fp8) on
+    this process's path (spawned ranks inherit it). Missing: a failure, not a skip: CI must test fp8."""
+    if not os.path.isdir(os.path.join(EXTRAS, "torchao")):
+        raise AssertionError(f"torchao is not in {EXTRAS}: run scripts/setup.sh (it installs the fp8 test extras)")
+    if EXTRAS not in sys.path:
+        sys.path.append(EXTRAS)  # last: its wheel also ships a top-level `test` package

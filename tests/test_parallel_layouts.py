@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch.multiprocessing as mp
-from helpers import GRANITE, compose, losses, save_micro_hf_model, train
+from helpers import GRANITE, compose, losses, save_micro_hf_model, train, with_extras
 
 from automodel import registry
 from automodel.config import validate
@@ -145,6 +145,7 @@ def reference(tmp_path_factory, teacher):
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory, reference, teacher):
+    with_extras()  # torchao, for fsdp2_fp8 (the spawned ranks inherit the path)
     return _spawn(tmp_path_factory, 2, TWO, teacher)
 
 

@@ -8,7 +8,7 @@ matmuls cannot run; in torchao's emulation (any device) it trains like fp32 and 
 from __future__ import annotations
 
 import pytest
-from helpers import losses, train
+from helpers import losses, train, with_extras
 
 from automodel import registry
 from automodel.errors import UserError
@@ -16,8 +16,13 @@ from automodel.errors import UserError
 COMMON = ["train.log_every=1", "train.global_batch_size=8", "train.micro_batch_size=8", "checkpoint.export_final=false"]
 
 
-def test_fp16_trains_close_to_fp32_and_logs_its_loss_scale(tmp_path):
-    fp32 = train(str(tmp_path), *COMMON, "train.max_steps=5")
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory):
+    """The reference: 5 fp32 steps, exported."""
+    return train(str(tmp_path_factory.mktemp("fp32")), *COMMON[:-1], "train.max_steps=5")
+
+
+def test_fp16_trains_close_to_fp32_and_logs_its_loss_scale(tmp_path, fp32):
     # (a spike window shorter than the run: fp16 reads each step's loss, the spike guard is still off)
     fp16 = train(str(tmp_path), *COMMON, "train.max_steps=5", "precision=fp16", "train.spike_window=2")
     assert max(abs(a - b) for a, b in zip(losses(fp32), losses(fp16))) < 0.05, (losses(fp32), losses(fp16))
@@ -61,6 +66,7 @@ def test_bad_fp16_settings_are_refused_in_one_line(field, value, text):
 
 
 def test_fp8_swaps_exactly_the_decoder_blocks_linear_layers():
+    with_extras()
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -80,6 +86,7 @@ def test_fp8_swaps_exactly_the_decoder_blocks_linear_layers():
 
 
 def test_fp8_is_refused_where_float8_matmuls_cannot_run():
+    with_extras()
     from automodel.distributed.parallel_dims import ParallelDims
 
     fp8 = registry.instantiate("precision", {"plugin": "fp8"})
@@ -93,15 +100,13 @@ def test_fp8_is_refused_where_float8_matmuls_cannot_run():
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
-def test_fp8_emulated_trains_close_to_fp32_and_exports_a_plain_hf_model(tmp_path, recipe):
+def test_fp8_emulated_trains_close_to_fp32_and_exports_a_plain_hf_model(tmp_path, recipe, fp32):
+    with_extras()
     import safetensors.torch
     import torch
     from transformers import AutoModelForCausalLM
 
-    (tmp_path / "fp32").mkdir()
-    (tmp_path / "fp8").mkdir()
-    fp32 = train(str(tmp_path / "fp32"), *COMMON[:-1], "train.max_steps=5")
-    fp8 = train(str(tmp_path / "fp8"), *COMMON[:-1], "train.max_steps=5", "precision=fp8", "precision.emulate=true",
+    fp8 = train(str(tmp_path), *COMMON[:-1], "train.max_steps=5", "precision=fp8", "precision.emulate=true",
                 f"precision.recipe={recipe}")
     assert max(abs(a - b) for a, b in zip(losses(fp32), losses(fp8))) < 0.05, (losses(fp32), losses(fp8))
     assert losses(fp32) != losses(fp8)
