@@ -22,6 +22,7 @@ def export(checkpoint: str, out: str) -> str:
     from automodel.checkpoint.dcp import find_checkpoint, load_model_state, read_meta
     from automodel.config import register_resolvers
     from automodel.engine.export import write_hf_folder
+    from automodel.engine.materialize import finished
 
     path = find_checkpoint(checkpoint)
     meta = read_meta(path)
@@ -30,7 +31,7 @@ def export(checkpoint: str, out: str) -> str:
     register_resolvers()
     cfg = OmegaConf.create(meta["config_yaml"])
     plugins = {g: registry.instantiate(g, cfg.get(g)) for g in ("model", "peft", "checkpoint")}
-    skeleton = plugins["peft"].apply(plugins["model"].build("meta"))
+    skeleton = finished(plugins["peft"].apply(plugins["model"].build("meta")), plugins["peft"])  # as checkpointed
     template = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in get_model_state_dict(skeleton).items()}
     full = load_model_state(path, template)
     out = os.path.abspath(os.path.expanduser(out))

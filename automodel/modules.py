@@ -41,6 +41,12 @@ def parent_of(root: nn.Module, child: nn.Module) -> tuple[nn.Module, str]:
     raise RuntimeError(f"{type(child).__name__} is not inside {type(root).__name__}")
 
 
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (shared ones once), at the dtypes they have (meta ones too)."""
+    seen = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(all parameters, trainable parameters), counting each shared tensor once."""
     seen: set[int] = set()

@@ -110,8 +110,11 @@ class PeftPlugin(Protocol):
     """Optional: `init_module(name, module) -> bool`, initialize the module the plugin added (a full-size,
     unsharded copy of it, `name` as the plain model names it) and return True; False leaves it to the model's
     own `_init_weights`. `after_materialize(model)`: once every rank holds its shards, set what depends on the
-    base weights (DoRA's magnitudes: from the rows a rank holds). `check_layout(dims)`: refuse (UserError) a
-    layout the adapters cannot serve, before anything is built."""
+    base weights (DoRA's magnitudes: from the rows a rank holds). `finish_module(name, module)`: called on each
+    module as soon as its own tensors hold their values (QLoRA: quantize a base layer to 4 bits), and on the meta
+    skeletons used for sizing and checkpoint templates (then it must only change shapes); with it, an unsharded
+    model is allocated one module at a time. `check_layout(dims)`: refuse (UserError) a layout the adapters cannot
+    serve, before anything is built."""
 
     def apply(self, model: "nn.Module") -> "nn.Module":
         """Adapt the (meta-device) model: freeze the base, add adapters; identity for full fine-tuning.

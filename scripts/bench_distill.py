@@ -4,6 +4,8 @@ larger trained teacher, at equal steps, compared on the held-out loss (CE on the
     .venv/bin/python scripts/bench_distill.py                    # teacher: the default model, 600 steps
     .venv/bin/python scripts/bench_distill.py --steps 200 --kd-ratio 0.5 --temperature 2.0
 
+    .venv/bin/python scripts/bench_distill.py --student-examples 500   # students see 500 examples, the teacher all
+
 1. the teacher: the default tiny model (hidden --teacher-hidden, --teacher-layers layers) trained for
    --teacher-steps, exported (or reused from --keep-teacher);
 2. the student (hidden 128, MLP 128, 2 layers), --steps steps, CE on the labels only;
@@ -47,6 +49,9 @@ def main() -> int:
     ap.add_argument("--teacher-hidden", type=int, default=256)
     ap.add_argument("--teacher-layers", type=int, default=4)
     ap.add_argument("--keep-teacher", default=None, help="a run dir: train the teacher there once, reuse it after")
+    ap.add_argument("--student-examples", type=int, default=0,
+                    help="train both students on only the first N bundled training examples (0: all 20,000); the "
+                         "teacher always sees all of them")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_distill_") as tmp:
         teacher_dir = args.keep_teacher or os.path.join(tmp, "teacher")
@@ -63,6 +68,12 @@ def main() -> int:
                           f"model.config.num_hidden_layers={args.teacher_layers}")
         common = [*STUDENT, f"train.max_steps={args.steps}", f"train.val_every={args.steps}",
                   "checkpoint.export_final=false"]
+        if args.student_examples:  # the regime distillation is for: a teacher that saw more than the student
+            subset = os.path.join(tmp, "subset.jsonl")
+            with open(os.path.join(ROOT, "automodel", "resources", "tiny_tasks", "train.jsonl")) as f, \
+                    open(subset, "w") as out:
+                out.writelines(line for _, line in zip(range(args.student_examples), f))
+            common.append(f"data.path={subset}")
         print(f"training the student on CE alone ({args.steps} steps) ...", flush=True)
         alone = run(os.path.join(tmp, "alone"), *common)
         print("training the same student distilled ...", flush=True)
@@ -70,7 +81,8 @@ def main() -> int:
                  f"teacher.kd_ratio={args.kd_ratio}", f"teacher.temperature={args.temperature}")
     print(f"\n| run | steps | held-out loss | final training loss |\n|---|---|---|---|")
     print(f"| teacher (hidden {args.teacher_hidden}, {args.teacher_layers} layers) | {args.teacher_steps} | {teacher['val_loss']:.4f} | {teacher['loss']:.4f} |")
-    print(f"| student (hidden 128, 2 layers), CE alone | {args.steps} | {alone['val_loss']:.4f} | {alone['loss']:.4f} |")
+    seen = f", {args.student_examples} examples" if args.student_examples else ""
+    print(f"| student (hidden 128, 2 layers{seen}), CE alone | {args.steps} | {alone['val_loss']:.4f} | {alone['loss']:.4f} |")
     print(f"| same student, distilled (kd_ratio {args.kd_ratio}, T {args.temperature}) | {args.steps} | "
           f"{kd['val_loss']:.4f} | {kd['loss']:.4f} (CE {kd['ce_loss']:.4f}, KL {kd['kd_loss']:.4f}) |")
     print(f"\nheld-out loss, distilled / alone: {kd['val_loss'] / alone['val_loss']:.3f}")

@@ -22,8 +22,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 echo "automodel setup: installing automodel and its dependencies"
 .venv/bin/pip install --quiet -e ".[test]"
-# torchao (precision=fp8) goes in a folder of its own that only the fp8 tests put on the path: transformers
-# imports torchao in every run once it is installed (~0.6 s each, and log noise), so it stays an opt-in extra
-# (`pip install 'automodel[fp8]'`) for users and out of the tests' other hundreds of runs
-.venv/bin/pip install --quiet --no-deps --target .venv/extras "torchao>=0.10"
+# torchao (precision=fp8) and bitsandbytes (peft=qlora) go in a folder of their own that only their tests put
+# on the path: transformers and peft import them in every run once they are installed (~0.6 s each, and log
+# noise), so they stay opt-in extras (`pip install 'automodel[fp8]'`, `'automodel[qlora]'`) for users and
+# out of the tests' other hundreds of runs
+.venv/bin/pip install --quiet --no-deps --target .venv/extras "torchao>=0.10" "bitsandbytes>=0.45"
 .venv/bin/python -c "import torch, transformers, peft, hydra; print(f'automodel setup: done (torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__})')"

@@ -84,6 +84,10 @@ CASES = [
          "q_proj"),
     case("lora_target_empty", ["peft=lora", "peft.target_modules=[]"], "peft.target_modules", "all-linear"),
     case("lora_init_unknown", ["peft=lora", "peft.init=pissa"], "peft.init='pissa'", "gaussian"),
+    case("qlora_without_bitsandbytes", ["peft=qlora"], "peft=qlora needs bitsandbytes", "pip install 'automodel[qlora]'"),
+    case("qlora_quantization_unknown", ["peft=lora", "peft.quantize_base=int3"], "peft.quantize_base='int3'", "nf4"),
+    case("qlora_with_dora", ["peft=qlora", "peft.use_dora=true"], "peft.use_dora=true with a 4-bit base",
+         "peft=qlora or peft=dora"),
     # ---- loss.*
     case("loss_unknown", ["loss=focal"], "loss=focal", "chunked_ce"),
     case("chunked_loss_chunk_zero", ["loss=chunked_ce", "loss.chunk_tokens=0"], "loss.chunk_tokens=0", "positive"),

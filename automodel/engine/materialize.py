@@ -83,26 +83,34 @@ class _Stats:
 
 
 def materialize(model: nn.Module, names: dict[int, str], device, *, seed: int, inits: Iterable[ModuleInit],
-                source=None, base_keys: set[str] | None = None) -> None:
+                source=None, base_keys: set[str] | None = None,
+                finish: Callable[[str, nn.Module], None] | None = None) -> None:
     """Allocate this rank's shards of `model` (laid out on meta) on `device` and fill them.
 
     `inits`: module initializers tried in order (the first that returns True wins). `source`: an object
     with `keys()` (the canonical tensor names it holds) and `get(name)` (that full tensor), read into
     every tensor it holds. `base_keys`: canonical names the source must provide (the plain model's
-    parameters); anything else (adapters) keeps its random init."""
+    parameters); anything else (adapters) keeps its random init. `finish(name, module)`: called once a module's
+    own tensors hold their values, e.g. to quantize a frozen layer (QLoRA). With it, an unsharded model is
+    allocated one module at a time, so a layer that shrinks once finished is never held whole beside the rest."""
     t0 = time.perf_counter()
     inits = list(inits)
     provided = set(source.keys()) if source is not None else set()
     if source is not None and base_keys:
         _check_complete(model, names, provided, base_keys, source)
-    model.to_empty(device=device)
+    lazy = finish is not None and not any(hasattr(t, "device_mesh") for t in model.parameters())
+    owners = _owners(model) if lazy else None
+    if not lazy:
+        model.to_empty(device=device)
     stats, done = _Stats(), set()
     with torch.no_grad():
-        for module in model.modules():
+        for module in list(model.modules()):
             name = names.get(id(module))
             own = _own_tensors(module, done)
             if not own:
                 continue
+            if lazy:
+                own = _allocate(module, own, owners, device)
             if name is None:
                 raise RuntimeError(f"materialize: {type(module).__name__} holds tensors but was not named before the "
                                    "layout (a module created by the layout?)")
@@ -115,10 +123,48 @@ def materialize(model: nn.Module, names: dict[int, str], device, *, seed: int, i
                     _load(tensor, full_names[k], source, device, stats)
                 stats.tensors += 1
             done.update(id(t) for t, _ in own.values())
+            if finish is not None:
+                finish(name, module)
     _retie(model)
     log.info("materialized %d tensors on %s in %.1fs (%d initialized, %d from pretrained weights; largest tensor "
              "held whole: %.1f MiB)", stats.tensors, device, time.perf_counter() - t0, stats.initialized,
              stats.loaded, stats.largest / 2**20)
+
+
+def finished(skeleton: nn.Module, peft) -> nn.Module:
+    """A meta skeleton in the form materialize leaves it: the peft plugin's `finish_module` (if any) applied to
+    each module, e.g. QLoRA's base layers in their 4-bit shapes (for sizing and checkpoint templates)."""
+    finish = getattr(peft, "finish_module", None)
+    for name, module in list(skeleton.named_modules()) if finish else ():
+        finish(name, module)
+    return skeleton
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
+    """{id(tensor): every (module, key, is_parameter) holding it}: a tied tensor has several holders."""
+    owners: dict[int, list] = {}
+    for module in model.modules():
+        for k, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((module, k, True))
+        for k, b in module._buffers.items():
+            if b is not None:
+                owners.setdefault(id(b), []).append((module, k, False))
+    return owners
+
+
+def _allocate(module: nn.Module, own: dict, owners: dict, device) -> dict:
+    """Storage on `device` for this module's own meta tensors (every holder of a tied one gets the same)."""
+    fresh = {}
+    for k, (t, persistent) in own.items():
+        new = torch.empty_like(t, device=device)
+        if isinstance(t, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=t.requires_grad)
+            new.__dict__.update(t.__dict__)
+        for holder, key, is_param in owners.get(id(t), [(module, k, isinstance(t, nn.Parameter))]):
+            (holder._parameters if is_param else holder._buffers)[key] = new
+        fresh[k] = (new, persistent)
+    return fresh
 
 
 def _load(tensor: torch.Tensor, name: str, source, device, stats: _Stats) -> None:

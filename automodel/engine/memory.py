@@ -26,16 +26,18 @@ def available_host_bytes() -> int:
     return 0
 
 
-def per_rank_bytes(total: int, trainable: int, shard: int) -> int:
-    """fp32 weights + (grads + 2 AdamW moments) of the trainable part, over `shard` ways."""
-    return (total * 4 + trainable * 12) // max(shard, 1)
+def per_rank_bytes(total: int, trainable: int, shard: int, weight_bytes: int | None = None) -> int:
+    """Weights (fp32 unless `weight_bytes` says otherwise: a 4-bit base) + (grads + 2 AdamW moments) of the
+    trainable part, over `shard` ways."""
+    weights = total * 4 if weight_bytes is None else weight_bytes
+    return (weights + trainable * 12) // max(shard, 1)
 
 
 def check_fits(total: int, trainable: int, dims, *, device_type: str, model_name: str,
-               largest_tensor: int = 0) -> None:
+               largest_tensor: int = 0, weight_bytes: int | None = None) -> None:
     shard = dims.dp_shard * dims.cp * dims.tp * dims.pp  # every way FSDP, TP and PP split the weights
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    train = per_rank_bytes(total, trainable, shard)
+    train = per_rank_bytes(total, trainable, shard, weight_bytes)
     setup = largest_tensor * 4 + SETUP_OVERHEAD
     need_host = local_ranks * ((train if device_type == "cpu" else 0) + setup)
     host = available_host_bytes()

@@ -66,10 +66,10 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
 
     from automodel.engine import checkpointing, export, metrics, run_dir, teacher, validate
     from automodel.engine.loop import StepRunner, run_loop
-    from automodel.engine.materialize import canonical_names, hf_init, materialize, zero_init
+    from automodel.engine.materialize import canonical_names, finished, hf_init, materialize, zero_init
     from automodel.engine import memory
     from automodel.engine.memory import check_fits
-    from automodel.modules import count_params
+    from automodel.modules import count_params, tensor_bytes
     from automodel.moe.router import RouterLosses
 
     t, p = checked.train, checked.plugins
@@ -98,11 +98,12 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     skeleton = p["peft"].apply(p["model"].build("meta"))
     total, trainable = count_params(skeleton)
     largest = max((q.numel() for q in skeleton.parameters()), default=0)
+    weight_bytes = tensor_bytes(finished(skeleton, p["peft"]))  # as materialized: e.g. QLoRA's 4-bit base layers
     del skeleton
     # a teacher's frozen weights count like the student's, without grads or optimizer state
     frozen_teacher = count_params(p["teacher"].model.build("meta"))[0] if p["teacher"].enabled else 0
     check_fits(total + frozen_teacher, trainable, dims, device_type=env.device.type, model_name=p["model"].name,
-               largest_tensor=largest)
+               largest_tensor=largest, weight_bytes=weight_bytes + 4 * frozen_teacher)
     tokenizer = p["model"].tokenizer()
     mesh = dims.build_mesh(env.device.type)
     dp_rank, dp_size = dims.dp_coordinate(mesh)
@@ -139,7 +140,8 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     model = p["parallel"].apply(model, mesh, dims, p["precision"].mixed_precision_policy())
     inits = [p["peft"].init_module] if hasattr(p["peft"], "init_module") else []
     inits = [zero_init] if rehearsal else [*inits, hf_init(model)]  # a rehearsal's values mean nothing: skip the RNG
-    materialize(model, names, env.device, seed=t.seed, inits=inits, source=source, base_keys=base_keys)
+    materialize(model, names, env.device, seed=t.seed, inits=inits, source=source, base_keys=base_keys,
+                finish=getattr(p["peft"], "finish_module", None))  # e.g. QLoRA: quantize each base layer once filled
     if source is not None:
         source.close()
     if hasattr(p["peft"], "after_materialize"):  # adapters whose start depends on the base weights (DoRA)

@@ -38,6 +38,8 @@ class LoRAConfig:
     init: str = "gaussian"  # peft `init_lora_weights`: gaussian | true (kaiming-uniform A) | false (A, B as peft leaves them)
     target_experts: bool = False  # MoE models: also adapt the routed experts and routers (peft's parameter targets)
     use_dora: bool = False  # DoRA: a learned magnitude per output row times the direction of W + BA
+    quantize_base: Optional[str] = None  # nf4: QLoRA, the adapted base layers stored in 4 bits (bitsandbytes)
+    double_quant: bool = True  # QLoRA: quantize the 4-bit blocks' scales too (~0.37 bits per parameter less)
     base_model_name_or_path: Optional[str] = None  # recorded in adapter_config.json (default: model.path)
 
 
@@ -50,6 +52,8 @@ class LoRA:
             raise UserError(f"peft.init={config.init!r}: choose one of {', '.join(INITS)} (inits computed from the base "
                             "weights, such as pissa or olora, need each whole base matrix and are not supported)")
         _check(config)
+        if config.quantize_base:
+            _require_bitsandbytes()
 
     def _init(self):
         return {"true": True, "default": True, "false": False}.get(str(self.cfg.init).lower(), "gaussian")
@@ -96,12 +100,22 @@ class LoRA:
 
         _check_targets(self.cfg.target_modules, model)
         try:
-            return get_peft_model(model, self._peft_config(model))
+            model = get_peft_model(model, self._peft_config(model))
         except ValueError as e:  # peft's words for targets (a pattern) that match nothing, or a layer it cannot adapt
             if "target" not in str(e).lower():
                 raise
             raise UserError(f"peft.target_modules={self.cfg.target_modules!r}: {' '.join(str(e).split())[:300]}; "
                             f"the model's linear layers are: {', '.join(_linear_names(model))}") from None
+        if self.cfg.quantize_base:
+            from automodel.peft.nf4 import quantize_bases
+
+            quantize_bases(model, self.cfg.double_quant)
+        return model
+
+    def finish_module(self, name: str, module) -> None:
+        """QLoRA: a base layer is quantized as soon as it holds its values (also on meta, for sizing)."""
+        if self.cfg.quantize_base and hasattr(module, "quantize_"):
+            module.quantize_()
 
     def init_module(self, name: str, module) -> bool:
         """Initialize one adapter matrix (a full-size copy of it) as peft would; False for anything else."""
@@ -130,6 +144,10 @@ class LoRA:
         return True
 
     def check_layout(self, dims) -> None:
+        if self.cfg.quantize_base and dims.world_size > 1:
+            raise UserError(f"peft=qlora trains on one process only ({dims.describe()} asked for {dims.world_size} "
+                            "ranks): FSDP2, TP and PP cannot shard bitsandbytes' 4-bit weights; use peft=lora for "
+                            "multi-rank layouts, or one GPU for QLoRA")
         if self.cfg.use_dora and (dims.tp > 1 or dims.pp > 1):
             raise UserError(f"peft.use_dora=true under {'tensor' if dims.tp > 1 else 'pipeline'} parallelism is not "
                             "supported (DoRA's weight norm needs whole rows of each adapted weight); use fsdp2/hsdp or "
@@ -156,13 +174,17 @@ class LoRA:
                     magnitude.copy_(torch.linalg.vector_norm(weight.float(), dim=1).to(magnitude.dtype))
 
     def export(self, model, full_state_dict, out_dir):
+        if self.cfg.quantize_base:  # adapters merge into the weights the base computed with: its NF4 values
+            from automodel.peft.nf4 import dequantize_bases
+
+            dequantize_bases(model)
         adapter_dir = os.path.join(out_dir, "adapter")
         base = self.cfg.base_model_name_or_path or model.peft_config["default"].base_model_name_or_path
         model.peft_config["default"].base_model_name_or_path = base
         model.save_pretrained(adapter_dir, state_dict=full_state_dict, safe_serialization=True)
         if not base:
-            log.info("LoRA base weights were randomly initialised: the adapter in %s needs the merged model "
-                     "(or the same seed) to be meaningful", adapter_dir)
+            log.info("LoRA base weights were randomly initialised: the adapter (adapter/) needs the merged model "
+                     "(or the same seed) to be meaningful")
         return model.merge_and_unload()
 
 
@@ -175,6 +197,12 @@ def _check(c: LoRAConfig) -> None:
     if c.use_dora and str(c.init).lower() == "false":
         raise UserError("peft.use_dora=true needs B = 0 at the start (peft.init=gaussian or true): DoRA's magnitude "
                         "starts as the norm of the base weight")
+    if c.quantize_base not in (None, "nf4"):
+        raise UserError(f"peft.quantize_base={c.quantize_base!r}: choose nf4 (QLoRA's 4-bit NormalFloat) or null")
+    if c.quantize_base and c.use_dora:
+        raise UserError("peft.use_dora=true with a 4-bit base (peft=qlora) is not supported; use peft=qlora or peft=dora")
+    if c.quantize_base and c.target_experts:
+        raise UserError("peft=qlora quantizes linear layers only; set peft.target_experts=false")
     if c.use_dora and c.target_experts:
         raise UserError("peft.use_dora=true adapts linear modules only; set peft.target_experts=false")
     if c.r < 1:
@@ -207,3 +235,11 @@ def _check_targets(targets, model) -> None:
         raise UserError(f"peft.target_modules: {', '.join(repr(t) for t in missing)} names no module of "
                         f"{type(model).__name__}; its linear layers are: {', '.join(_linear_names(model))} "
                         "(or use all-linear)")
+
+
+def _require_bitsandbytes() -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("peft=qlora needs bitsandbytes, which is not installed: pip install 'automodel[qlora]' "
+                        "(or pip install bitsandbytes)") from None
