@@ -22,6 +22,7 @@ chunk's logits `[chunk, vocab]` in fp32 and freed before the next. Its gradients
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,51 @@ def _compute_dtype(device_type: str, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+@dataclasses.dataclass
+class TeacherChunks:
+    """What the head needs to distill as it goes: the frozen teacher's last hidden states (the same tokens as the
+    student's), its whole head weight and bias, and the blend (automodel/distill.py defines the KL term)."""
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    kd_ratio: float
+    temperature: float
+
+    def rows(self, start: int, n: int, dtype) -> torch.Tensor:
+        h = self.hidden.reshape(-1, self.hidden.shape[-1])
+        return h[start:start + n].to(dtype)
+
+
+def _distill_chunk(h, y, w, b, teacher: TeacherChunks, start: int, want_grad: bool):
+    """One chunk of (1 - r) CE + r T^2 KL(teacher || student): the two token sums, and the blend's gradient
+    w.r.t. the chunk's student logits when `want_grad`. The teacher's logits of the chunk exist only here."""
+    dtype = w.dtype
+    r, temp = teacher.kd_ratio, teacher.temperature
+    z = F.linear(h, w, b).float()
+    zt = F.linear(teacher.rows(start, h.shape[0], dtype), teacher.weight.to(dtype),
+                  teacher.bias.to(dtype) if teacher.bias is not None else None).float()
+    valid = (y != IGNORE_INDEX).float()
+    target = y.clamp(min=0).unsqueeze(1)
+    log_p = torch.log_softmax(z, dim=-1)
+    ce = -(log_p.gather(1, target).squeeze(1) * valid).sum()
+    log_pt = torch.log_softmax(zt.div_(temp), dim=-1)
+    del zt
+    log_ps = torch.log_softmax(z.div_(temp), dim=-1)
+    del z
+    pt = log_pt.exp()
+    kl = log_pt.sub_(log_ps).mul_(pt).sum(-1)  # in place: log_pt is not needed after this
+    del log_pt
+    kd = (kl * valid).sum() * (temp * temp)
+    if not want_grad:
+        return ce, kd, None
+    # d/dz [(1 - r) CE + r T^2 KL] = (1 - r)(softmax(z) - onehot) + r T (softmax(z / T) - teacher's)
+    g = log_p.exp_().mul_(1 - r)
+    g.scatter_add_(1, target, torch.full_like(target, -(1 - r), dtype=g.dtype))
+    g.add_(log_ps.exp_().sub_(pt), alpha=r * temp)
+    g.mul_(valid.unsqueeze(1))
+    return ce, kd, g.to(dtype)
+
+
 def _chunk(h, y, w, b, want_grad: bool):
     """Token-sum CE of one chunk, and (softmax - one-hot) over its real targets when `want_grad`
     (in the matmul dtype, ready for the two gradient matmuls)."""
@@ -68,51 +114,60 @@ def _chunk(h, y, w, b, want_grad: bool):
     return loss, z.to(w.dtype)
 
 
+def _chunks(h, y, w, b, chunk: int, teacher, grads):
+    """The token sums (loss, CE, KD) over every chunk; each chunk's gradients go into `grads` (or nowhere)."""
+    sums = torch.zeros(3, dtype=torch.float32, device=h.device)
+    for start in range(0, h.shape[0], chunk):
+        hc, yc = h[start:start + chunk].to(w.dtype), y[start:start + chunk]
+        if teacher is None:
+            ce, p = _chunk(hc, yc, w, b, want_grad=grads is not None)
+            sums += torch.stack([ce, ce, torch.zeros_like(ce)])
+        else:
+            ce, kd, p = _distill_chunk(hc, yc, w, b, teacher, start, want_grad=grads is not None)
+            sums += torch.stack([(1 - teacher.kd_ratio) * ce + teacher.kd_ratio * kd, ce, kd])
+        if grads is not None:
+            grads.add(start, hc, p, w)
+        del p  # before the next chunk's logits exist
+    return sums
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
+    """-> (loss, CE, KD) token sums; only the loss (the CE, or the blend with a teacher) has a gradient."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk: int, recompute: bool):
+    def forward(ctx, hidden, weight, bias, labels, chunk: int, recompute: bool, teacher):
         device_type = hidden.device.type
         dtype = _compute_dtype(device_type, weight)
         want_grad = any(ctx.needs_input_grad[:3])  # (grad mode is off inside forward itself)
         with torch.autocast(device_type, enabled=False):
             h = hidden.reshape(-1, hidden.shape[-1])
-            y = labels.reshape(-1)
             w, b = weight.to(dtype), bias.to(dtype) if bias is not None else None
-            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grads = _Grads(h, weight, bias) if want_grad and not recompute else None
-            for start in range(0, h.shape[0], chunk):
-                hc, yc = h[start:start + chunk].to(dtype), y[start:start + chunk]
-                part, p = _chunk(hc, yc, w, b, want_grad=grads is not None)
-                loss += part
-                if grads is not None:
-                    grads.add(start, hc, p, w)
-                del p  # before the next chunk's logits exist
-        ctx.chunk, ctx.recompute, ctx.dtype = chunk, recompute, dtype
+            sums = _chunks(h, labels.reshape(-1), w, b, chunk, teacher, grads)
+        ctx.chunk, ctx.recompute, ctx.dtype, ctx.teacher = chunk, recompute, dtype, teacher if recompute else None
         ctx.shape, ctx.has_bias = hidden.shape, bias is not None
         if recompute:
             ctx.save_for_backward(hidden, weight, bias, labels)
         else:
             ctx.grads = grads
-        return loss
+        loss, ce, kd = sums.unbind()
+        ctx.mark_non_differentiable(ce, kd)
+        return loss, ce, kd
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
         if ctx.recompute:
             hidden, weight, bias, labels = ctx.saved_tensors
             with torch.autocast(hidden.device.type, enabled=False):
                 h = hidden.reshape(-1, hidden.shape[-1])
-                y = labels.reshape(-1)
                 w, b = weight.to(ctx.dtype), bias.to(ctx.dtype) if bias is not None else None
                 grads = _Grads(h, weight, bias)
-                for start in range(0, h.shape[0], ctx.chunk):
-                    hc = h[start:start + ctx.chunk].to(ctx.dtype)
-                    _, p = _chunk(hc, y[start:start + ctx.chunk], w, b, want_grad=True)
-                    grads.add(start, hc, p, w)
-                    del p
+                _chunks(h, labels.reshape(-1), w, b, ctx.chunk, ctx.teacher, grads)
+            ctx.teacher = None
         else:
             grads, ctx.grads = ctx.grads, None
         d_hidden, d_weight, d_bias = grads.scaled(grad_loss)
-        return d_hidden.reshape(ctx.shape), d_weight, d_bias, None, None, None
+        return d_hidden.reshape(ctx.shape), d_weight, d_bias, None, None, None, None
 
 
 class _Grads:
@@ -141,10 +196,17 @@ class _Grads:
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         labels: torch.Tensor, chunk: int, recompute: bool = False) -> torch.Tensor:
+                         labels: torch.Tensor, chunk: int, recompute: bool = False,
+                         teacher: TeacherChunks | None = None) -> torch.Tensor:
     """sum over real targets of CE(hidden @ weight.T + bias, labels), never holding more than `chunk` rows of
-    logits; labels of IGNORE_INDEX count for nothing."""
-    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, recompute)
+    logits; labels of IGNORE_INDEX count for nothing. With a teacher: the sum of (1 - r) CE + r T^2 KL instead."""
+    return linear_loss_parts(hidden, weight, bias, labels, chunk, recompute, teacher)[0]
+
+
+def linear_loss_parts(hidden, weight, bias, labels, chunk: int, recompute: bool = False,
+                      teacher: TeacherChunks | None = None):
+    """(loss, CE, KD) token sums as linear_cross_entropy computes them; CE and KD carry no gradient."""
+    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, recompute, teacher)
 
 
 class LossHead(nn.Linear):
@@ -158,15 +220,17 @@ class LossHead(nn.Linear):
         self.recompute = recompute
         self.fused = fused  # (hidden, weight, bias, labels) -> token-sum loss; None: linear_cross_entropy
         self._labels = None
+        self._teacher = None
         self._returned = None
+        self.parts = None  # (CE, KD) token sums of the last forward with a teacher
 
     @contextlib.contextmanager
-    def targets(self, labels: torch.Tensor):
-        self._labels = labels
+    def targets(self, labels: torch.Tensor, teacher: TeacherChunks | None = None):
+        self._labels, self._teacher = labels, teacher
         try:
             yield
         finally:
-            self._labels = None
+            self._labels = self._teacher = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._labels is None:
@@ -174,7 +238,9 @@ class LossHead(nn.Linear):
         if self.fused is not None:
             loss = self.fused(hidden, self.weight, self.bias, self._labels)
         else:
-            loss = linear_cross_entropy(hidden, self.weight, self.bias, self._labels, self.chunk, self.recompute)
+            loss, ce, kd = linear_loss_parts(hidden, self.weight, self.bias, self._labels, self.chunk,
+                                             self.recompute, self._teacher)
+            self.parts = (ce, kd) if self._teacher is not None else None
         self._returned = (loss.data_ptr(), loss.shape)
         return loss
 
@@ -187,6 +253,45 @@ class LossHead(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, loss chunk={self.chunk} tokens, recompute={self.recompute}"
+
+
+class HiddenHead(nn.Linear):
+    """A distillation teacher's output head when the student's loss is computed in its head: the forward hands
+    back the last hidden states untouched (no `[tokens, vocab]` logits), and `chunks` gives the student's head
+    what it needs to form the teacher's logits a chunk at a time."""
+
+    def __init__(self, head: nn.Linear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = head.in_features, head.out_features
+        self.weight, self.bias = head.weight, head.bias
+        self._returned = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self._returned = (hidden.data_ptr(), hidden.shape)
+        return hidden
+
+    def chunks(self, output: torch.Tensor, model_name: str, kd_ratio: float, temperature: float) -> TeacherChunks:
+        """Collective under a sharded layout (the head's weight is gathered whole: the teacher is frozen)."""
+        if (output.data_ptr(), output.shape) != self._returned:
+            raise UserError(f"the forward of the teacher {model_name} changes its output head's result (e.g. logit "
+                            "soft-capping or scaling), so its logits cannot be formed inside the student's head; use "
+                            "loss=ce with this teacher")
+        whole = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in (self.weight, self.bias)
+                 if t is not None]
+        return TeacherChunks(output, whole[0], whole[1] if len(whole) > 1 else None, kd_ratio, temperature)
+
+
+def install_hidden(model: nn.Module, model_name: str) -> HiddenHead:
+    """Swap the (meta-device) teacher's output head for a HiddenHead sharing its parameters."""
+    base = hf_base(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:
+        raise UserError(f"the teacher {model_name}'s output head is {type(head).__name__}, not a plain Linear layer, "
+                        "so its logits cannot be formed inside the student's head; use loss=ce with this teacher")
+    owner, name = parent_of(base, head)
+    swapped = HiddenHead(head)
+    setattr(owner, name, swapped)
+    return swapped
 
 
 def install(model: nn.Module, chunk: int | None, recompute: bool, fused=None, option: str = "") -> LossHead:

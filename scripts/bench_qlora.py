@@ -23,7 +23,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RUNNER = """
-import json, resource, sys, time
+import json, logging, resource, sys, time
+logging.basicConfig(level=logging.INFO, format="%(message)s")  # the engine's set-up line names its peak
 from automodel.compose import compose
 from automodel.engine.run import train
 t0 = time.perf_counter()

@@ -74,6 +74,44 @@ def test_no_full_logits_at_llama_3_8b_head_size():
     assert extra["chunked"] <= 1.25 * chunk and extra["recompute"] <= 1.25 * chunk, (extra, chunk)
 
 
+def test_distilling_inside_the_head_holds_chunks_not_logits_at_llama_3_8b_head_size():
+    """The same under fake tensors with a teacher of the same head size, 16,384 tokens: the KL from full logits
+    holds the student's and the teacher's [tokens, vocab] logits (8.4 GB each); in the head, a few chunks."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from automodel.distill import token_sum_kl
+    from automodel.head_loss import TeacherChunks
+
+    tokens, hidden, vocab = 16384, 4096, 128_256
+    logits = tokens * vocab * 4
+    chunk = chunk_tokens(vocab, None) * vocab * 4
+    extra = {}
+    for name in ("full", "in_head"):
+        with FakeTensorMode():
+            h = torch.randn(1, tokens, hidden, requires_grad=True)
+            w = torch.randn(vocab, hidden, requires_grad=True)
+            ht, wt = torch.randn(1, tokens, hidden), torch.randn(vocab, hidden)
+            y = torch.randint(0, vocab, (1, tokens))
+            tracker = MemTracker()
+            with tracker:
+                if name == "full":
+                    z = F.linear(h, w)
+                    with torch.no_grad():
+                        zt = F.linear(ht, wt)
+                    loss = 0.5 * token_sum_cross_entropy(z, y) + 0.5 * token_sum_kl(z, zt, y, 2.0)
+                else:
+                    loss = linear_cross_entropy(h, w, None, y, chunk_tokens(vocab, None),
+                                                teacher=TeacherChunks(ht, wt, None, 0.5, 2.0))
+                loss.backward()
+            peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+        # aside: the student's weight, hidden states and their gradients; the teacher's weight and hidden states
+        extra[name] = peak - 3 * vocab * hidden * 4 - 3 * h.numel() * 4
+    assert extra["full"] >= 2 * logits, extra
+    assert extra["in_head"] <= 6 * chunk, (extra, chunk)  # ~5 chunk-sized fp32 tensors at once: 1.5 GB
+    print({k: f"{v / 2**30:.2f} GiB" for k, v in extra.items()})
+
+
 # families whose forward changes the head's output: the loss cannot be computed inside their head
 POST_PROCESSED = {"gemma2": "final_logit_softcapping", "granite": "logits_scaling", "cohere": "logit_scale"}
 

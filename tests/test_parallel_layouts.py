@@ -80,6 +80,8 @@ TWO = [
                    *STEPS, "train.micro_batch_size=4"]),
     # DoRA's magnitudes start as the row norms of the FSDP2-sharded base weights, each rank its own rows
     ("fsdp2_dora", ["parallel=fsdp2", *DORA, *STEPS, "train.micro_batch_size=4"]),
+    # the teacher's logits formed chunk by chunk inside the student's head: its FSDP2-sharded head gathered whole
+    ("fsdp2_kd_chunked", ["parallel=fsdp2", *KD, *CHUNKED, *STEPS, "train.micro_batch_size=4"]),
     ("tp_kd", ["parallel=tp", "parallel.loss_parallel=true", *KD, *STEPS, "train.micro_batch_size=8"]),
     ("cp_kd", ["parallel=cp", *KD, *STEPS, "train.micro_batch_size=8"]),
 ]
@@ -192,7 +194,7 @@ def test_dora_under_fsdp2_matches_one_process(two, reference):
     assert reference["dora"]["losses"] != reference["lora"]["losses"]  # the magnitudes made it DoRA
 
 
-@pytest.mark.parametrize("name", ["fsdp2_kd", "tp_kd", "cp_kd"])
+@pytest.mark.parametrize("name", ["fsdp2_kd", "fsdp2_kd_chunked", "tp_kd", "cp_kd"])
 def test_distillation_on_two_ranks_matches_one_process(two, reference, name):
     d, g = _report(f"2 ranks {name}", two[name], reference["kd"])
     assert d < TOL and g < 1e-4

@@ -71,15 +71,18 @@ class StepRunner:
             inputs, labels, rows = _for_layout(inputs, labels, self.hints)
             if self.router is not None:
                 self.router.add_rows(rows)
-            with self.autocast(), self._targets(labels):
-                logits = self.model(**inputs).logits
             taught = self.teacher.logits(inputs) if self.teacher is not None else None
+            with self.autocast(), self._targets(labels, taught):
+                logits = self.model(**inputs).logits
             with self.hints.loss_context() if self.hints.loss_context else contextlib.nullcontext():
                 loss = self.token_loss(logits, labels)
                 if taught is not None:  # the objective trained: the blend; its parts are logged beside it
-                    kd = self._reduce(self.teacher.token_loss(logits, taught, labels))
-                    ce_sum, kd_sum = ce_sum + _full(loss.detach()), kd_sum + _full(kd.detach())
-                    loss = (1 - self.teacher.kd_ratio) * loss + self.teacher.kd_ratio * kd
+                    if self.teacher.in_head:  # the loss plugin blended them chunk by chunk
+                        ce, kd = (self._reduce(part) for part in self.loss.distill_parts())
+                    else:
+                        ce, kd = loss, self._reduce(self.teacher.token_loss(logits, taught, labels))
+                        loss = (1 - self.teacher.kd_ratio) * loss + self.teacher.kd_ratio * kd
+                    ce_sum, kd_sum = ce_sum + _full(ce.detach()), kd_sum + _full(kd.detach())
                 (loss * backward_scale).backward()
             loss_sum += _full(loss.detach())
         share = loss_sum * (scale / self.dp_size)
@@ -108,9 +111,14 @@ class StepRunner:
         """The fp16 loss scale backward runs at (1 without one); clip_and_step divides the gradients by it."""
         return self.loss_scale.value if self.loss_scale is not None else 1.0
 
-    def _targets(self, labels: torch.Tensor):
-        """The loss plugin's context for a forward pass (its head may compute the loss of `labels`)."""
-        return self.loss.targets(labels) if self.loss is not None else contextlib.nullcontext()
+    def _targets(self, labels: torch.Tensor, taught: torch.Tensor | None = None):
+        """The loss plugin's context for a forward pass (its head may compute the loss of `labels`, and distill
+        from the teacher's output `taught` there)."""
+        if self.loss is None:
+            return contextlib.nullcontext()
+        if taught is not None and self.teacher.in_head:
+            return self.loss.targets(labels, self.teacher.chunks(taught))
+        return self.loss.targets(labels)
 
     def clip_and_step(self, across=None, loss_share=None) -> torch.Tensor:
         """Clip (the norm over `across` too: pipeline stages), then step optimizer and schedule unless the

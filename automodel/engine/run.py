@@ -150,7 +150,8 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     if p["teacher"].enabled:  # the same parallel plugin: the teacher sees each step's inputs split as the student's
         distiller = teacher.build(p["teacher"], p["parallel"], mesh, dims,
                                   p["precision"].mixed_precision_policy(), env.device, t.seed,
-                                  lambda: p["precision"].autocast(env.device.type))
+                                  lambda: p["precision"].autocast(env.device.type),
+                                  in_head=getattr(p["loss"], "distills_in_head", False))
     memory.log_setup(model, env.device)
 
     # 5. optimizer

@@ -18,16 +18,27 @@ log = logging.getLogger("automodel")
 
 
 class Teacher:
-    def __init__(self, plugin, model: torch.nn.Module, autocast):
+    def __init__(self, plugin, model: torch.nn.Module, autocast, hidden_head=None):
         self.plugin = plugin
         self.model = model
         self.kd_ratio = float(plugin.kd_ratio)
         self._autocast = autocast
+        self.hidden_head = hidden_head  # set when the student's loss forms the teacher's logits in its own head
+
+    @property
+    def in_head(self) -> bool:
+        return self.hidden_head is not None
 
     @torch.no_grad()
     def logits(self, inputs: dict) -> torch.Tensor:
+        """The teacher's logits of the inputs, or its last hidden states when `in_head`."""
         with self._autocast():
             return self.model(**inputs).logits
+
+    def chunks(self, output: torch.Tensor):
+        """What the student's head needs to distill from `output` (collective under a sharded layout)."""
+        return self.hidden_head.chunks(output, self.plugin.model.name, self.kd_ratio,
+                                       float(self.plugin.cfg.temperature))
 
     def token_loss(self, student_logits, teacher_logits, labels):
         return self.plugin.token_loss(student_logits, teacher_logits, labels)
@@ -39,9 +50,9 @@ def check(plugin, loss, hints, student_model, student_name: str, layout_name: st
     if hints.pipeline:
         raise UserError(f"teacher={plugin.model.name!r} under pipeline parallelism ({layout_name}) is not supported: "
                         "the student's logits exist only on the last stage; use a layout without pp")
-    if not getattr(loss, "returns_logits", True):
+    if not getattr(loss, "returns_logits", True) and not getattr(loss, "distills_in_head", False):
         raise UserError(f"distillation needs the student's logits, which loss={getattr(loss, 'option', '?')} never forms; "
-                        "use loss=ce with a teacher")
+                        "use loss=ce or loss=chunked_ce with a teacher")
     skeleton = plugin.model.build("meta")
     student_vocab = _vocab(student_model)
     teacher_vocab = _vocab(skeleton)
@@ -58,12 +69,15 @@ def _vocab(model) -> int:
     return head.out_features if head is not None else hf_base(model).config.vocab_size
 
 
-def build(plugin, parallel, mesh, dims, mp_policy, device, seed: int, autocast) -> Teacher:
+def build(plugin, parallel, mesh, dims, mp_policy, device, seed: int, autocast, in_head: bool = False) -> Teacher:
     """The teacher laid out on `mesh` by `parallel` (the student's plugin, applied a second time), with its
-    pretrained weights in each rank's shards."""
+    pretrained weights in each rank's shards. `in_head`: its head hands back hidden states (the student's
+    loss forms the teacher's logits chunk by chunk)."""
+    from automodel import head_loss
     from automodel.engine.materialize import canonical_names, hf_init, materialize
 
     model = plugin.model.build("meta")
+    hidden_head = head_loss.install_hidden(model, plugin.model.name) if in_head else None
     base_keys = set(model.state_dict())
     source = plugin.model.weights(model) if hasattr(plugin.model, "weights") else None
     if source is None:
@@ -81,5 +95,5 @@ def build(plugin, parallel, mesh, dims, mp_policy, device, seed: int, autocast) 
     model.eval()
     log.info("teacher %s: %.2fM parameters, frozen; kd_ratio %.3g", plugin.model.name,
              sum(p.numel() for p in model.parameters()) / 1e6, plugin.kd_ratio)
-    return Teacher(plugin, model, autocast)
+    return Teacher(plugin, model, autocast, hidden_head)
 

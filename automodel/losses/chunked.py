@@ -2,6 +2,9 @@
 full `[tokens, vocab]` logits never exist (automodel/head_loss.py). Same loss and gradients as `ce` (fp32:
 within 1e-5), with a step's peak memory no longer growing with vocab x tokens.
 
+With a distillation teacher the KL term is computed in the same chunks (the teacher's head hands back its hidden
+states, and its logits are formed here a chunk at a time): neither model's logits exist whole.
+
 Not with pipeline parallelism (its last stage takes logits from a schedule) nor tensor parallelism (the head's
 vocabulary is split over ranks: `ce` with `parallel.loss_parallel=true` keeps the logits sharded there).
 """
@@ -24,7 +27,8 @@ class ChunkedCrossEntropyConfig:
 class ChunkedCrossEntropy:
     Config = ChunkedCrossEntropyConfig
     option = "chunked_ce"
-    returns_logits = False  # the model hands back the loss: a teacher has no student logits to compare with
+    returns_logits = False  # the model hands back the loss
+    distills_in_head = True  # with a teacher: the KL term too, chunk by chunk (targets(labels, teacher))
 
     def __init__(self, config: ChunkedCrossEntropyConfig):
         if config.chunk_tokens is not None and config.chunk_tokens < 1:
@@ -47,8 +51,12 @@ class ChunkedCrossEntropy:
         self.model_name = model_name
         self.head = head_loss.install(model, self.cfg.chunk_tokens, self.cfg.recompute, option=self.option)
 
-    def targets(self, labels):
-        return self.head.targets(labels)
+    def targets(self, labels, teacher=None):
+        return self.head.targets(labels, teacher)
+
+    def distill_parts(self):
+        """(CE, KD) token sums of the last forward with a teacher (no gradient)."""
+        return self.head.parts
 
     def token_loss(self, logits, labels):
         return self.head.loss_of(logits, self.model_name)
