@@ -46,6 +46,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     sample_prompts: int = 3  # greedy generations shown at the end of a run (0: none)
     val_every: int = 0  # steps between validations on the data's held-out part (0: off); val_loss in metrics
+    peak_tflops: Optional[float] = None  # a device's dense peak for MFU; null: the known GPUs' table (none on a CPU)
 
 
 TOP_LEVEL = ("train", "launcher", "moe", *registry.GROUPS)
@@ -150,6 +151,9 @@ def _check_train(t: TrainConfig) -> None:
                         "(off)")
     if t.spike_window < 1:
         raise UserError(f"train.spike_window={t.spike_window} must be at least 1")
+    if t.peak_tflops is not None and not (t.peak_tflops > 0 and math.isfinite(t.peak_tflops)):
+        raise UserError(f"train.peak_tflops={t.peak_tflops} must be a positive number (a device's dense TFLOP/s, "
+                        "e.g. 989 for an H100 in bf16), or null (the table of known GPUs)")
     if t.micro_batch_size is not None and t.micro_batch_size > t.global_batch_size:
         raise UserError(
             f"train.micro_batch_size={t.micro_batch_size} is larger than train.global_batch_size="

@@ -80,6 +80,9 @@ def test_grad_norm_and_throughput_are_global(two_ranks, reference):
     # start reading + one per logged step), so tokens/s must be the global count itself, not a rank's share of it
     assert two_ranks["fsdp2_micro4"]["clock_reads"] == 1 + len(records)
     assert [r["tokens_per_s"] for r in records] == [float(r["tokens"]) for r in records], records
+    # per device: the world's tokens/s over its two ranks; memory: the peak of the rank that holds the most
+    assert [r["tokens_per_s_per_device"] for r in records] == [r["tokens"] / 2 for r in records], records
+    assert all(0.2 < r["mem_host_gib"] < 8 for r in records)
 
 
 def test_lora_under_fsdp2_matches_one_process_and_exports_the_trained_model(two_ranks, reference):

@@ -81,7 +81,15 @@ class Progress:
 
 def _extra(record: dict) -> str:
     return "  ".join(part for part in (f"val_loss {record['val_loss']:.4f}" if "val_loss" in record else "",
+                                       f"MFU {record['mfu']:.1f}%" if "mfu" in record else "", _memory(record),
                                        _moe(record)) if part)
+
+
+def _memory(record: dict) -> str:
+    """The peak of the rank that holds the most: on the GPU when there is one, else on the host."""
+    if "mem_device_gib" in record:
+        return f"mem {record['mem_device_gib']:.1f} GiB"
+    return f"mem {record['mem_host_gib']:.2f} GiB" if "mem_host_gib" in record else ""
 
 
 def _moe(record: dict) -> str:

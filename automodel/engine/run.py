@@ -69,6 +69,8 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     from automodel.engine.materialize import canonical_names, finished, hf_init, materialize, zero_init
     from automodel.engine import memory
     from automodel.engine.memory import check_fits
+    from automodel.engine.throughput import Throughput
+    from automodel.flops import flops_per_token, peak_tflops
     from automodel.modules import count_params, tensor_bytes
     from automodel.moe.router import RouterLosses
 
@@ -98,6 +100,8 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     skeleton = p["peft"].apply(p["model"].build("meta"))
     total, trainable = count_params(skeleton)
     largest = max((q.numel() for q in skeleton.parameters()), default=0)
+    throughput = Throughput(flops_per_token(skeleton, hf_config, t.seq_len), env.world_size, env.device,
+                            peak_tflops(env.device, str(cfg.precision.plugin), t.peak_tflops))
     weight_bytes = tensor_bytes(finished(skeleton, p["peft"]))  # as materialized: e.g. QLoRA's 4-bit base layers
     del skeleton
     # a teacher's frozen weights count like the student's, without grads or optimizer state
@@ -213,7 +217,8 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
         records = run_loop(step, _chain(first, batches), t.max_steps, t.log_every, start_step=start,
                            val_every=t.val_every, validate=validate.evaluator(step, val),
                            on_step=lambda s: (progress.advance(s), ckpt.after_step(s, state, out_dir)),
-                           on_log=lambda r: (sink and sink.write(r), progress.logged(r)), stop=stop)
+                           on_log=lambda r: (throughput.add(r), sink and sink.write(r), progress.logged(r)),
+                           stop=stop)
     except BadSteps:
         ckpt.finish(state, out_dir)  # collective (every rank stops at the same step): commit a save in flight
         raise
