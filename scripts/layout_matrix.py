@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LINE = re.compile(r"^(\d|two|four) ranks? (.+?): max loss diff (\S+), max grad-norm diff (\S+)")
+LINE = re.compile(r"(\d|two|four) ranks? (.+?): max loss diff (\S+), max grad-norm diff (\S+)")
 
 
 def main() -> int:
@@ -28,7 +28,7 @@ def main() -> int:
         cmd += ["-k", args.k]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "AUTOMODEL_LAYOUTS": "full"}, capture_output=True,
                           text=True)
-    rows = [m.groups() for m in map(LINE.match, proc.stdout.splitlines()) if m]
+    rows = [m.groups() for m in map(LINE.search, proc.stdout.splitlines()) if m]
     print("| ranks | layout | max loss diff | max grad-norm diff |\n|---|---|---|---|")
     for ranks, name, loss, grad in rows:
         print(f"| {ranks} | {name} | {loss} | {grad} |")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -84,9 +85,24 @@ EXTRAS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def with_extras() -> None:
-    """Put the optional packages scripts/setup.sh installs off the default path (torchao, for precision=fp8) on
-    this process's path (spawned ranks inherit it). Missing: a failure, not a skip: CI must test fp8."""
-    if not os.path.isdir(os.path.join(EXTRAS, "torchao")):
-        raise AssertionError(f"torchao is not in {EXTRAS}: run scripts/setup.sh (it installs the fp8 test extras)")
+    """Put the optional packages scripts/setup.sh installs off the default path (torchao for precision=fp8,
+    bitsandbytes for peft=qlora) on this process's path (spawned ranks inherit it). Missing: a failure, not a
+    skip: CI must test them."""
+    for package in ("torchao", "bitsandbytes"):
+        if not os.path.isdir(os.path.join(EXTRAS, package)):
+            raise AssertionError(f"{package} is not in {EXTRAS}: run scripts/setup.sh (it installs the test extras)")
     if EXTRAS not in sys.path:
         sys.path.append(EXTRAS)  # last: its wheel also ships a top-level `test` package
+
+
+@contextlib.contextmanager
+def extras_on_path():
+    """with_extras() for a block only: later tests in this process keep the default path (transformers imports
+    torchao in every run once it can find it)."""
+    added = EXTRAS not in sys.path
+    with_extras()
+    try:
+        yield
+    finally:
+        if added and EXTRAS in sys.path:
+            sys.path.remove(EXTRAS)

@@ -28,7 +28,13 @@ def test_every_shipped_option_composes_validates_and_lists_all_its_plugin_fields
         elif option in ("instruction", "text", "chat", "alpaca", "sharegpt"):  # options that need a data path
             overrides.append(f"{group}.path=/some/where")
         cfg = compose(*overrides)
-        validate(cfg)
+        if option == "qlora":  # refused as the config is read where bitsandbytes is not installed
+            from helpers import extras_on_path
+
+            with extras_on_path():
+                validate(cfg)
+        else:
+            validate(cfg)
         node = dict(cfg[group])
         cls = registry.load(group, node.pop("plugin"))
         fields = {f.name for f in dataclasses.fields(cls.Config)}
