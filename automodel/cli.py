@@ -4,6 +4,7 @@
     automodel list                  installed plugins and config options, with the package providing each
     automodel generate DIR PROMPT   greedy generation from an exported HF folder
     automodel export CKPT OUT       a DCP checkpoint -> an HF folder, offline, on one process
+    automodel plot RUN_OR_SWEEP...  loss, val_loss, lr and tokens/s against step, as a PNG
     automodel help | --version
 """
 
@@ -18,6 +19,7 @@ SUBCOMMANDS = {
     "list": "automodel.cli_list:main",
     "generate": "automodel.generate:main",
     "export": "automodel.cli_export:main",
+    "plot": "automodel.cli_plot:main",
 }
 
 

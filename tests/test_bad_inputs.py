@@ -195,6 +195,9 @@ CASES = [
     case("generate_no_prompt", ["generate", "{fx}/adapter"], "PROMPT", "usage: automodel generate"),
     case("generate_missing_folder", ["generate", "/nonexistent/final", "hi"], "/nonexistent/final", "final"),
     case("list_with_arguments", ["list", "models"], "takes no arguments"),
+    case("plot_missing_path", ["plot", "/nonexistent/run"], "/nonexistent/run", "does not exist", "metrics.jsonl"),
+    case("plot_folder_without_metrics", ["plot", "{fx}/empty_dir"], "holds no metrics.jsonl", "sweep directory"),
+    case("plot_without_path", ["plot"], "RUN_OR_SWEEP", "usage: automodel plot"),
     case("generate_zero_tokens", ["generate", "{fx}/adapter", "hi", "--max-new-tokens", "0"],
          "--max-new-tokens", "at least 1"),
     # ---- plugins
@@ -283,7 +286,7 @@ def _fixtures(fx: str) -> None:
 # A case the product wrongly accepts would train the default model for 500 steps: every training command line
 # gets these (unless it sets the key itself), so such a case costs seconds and still fails.
 SHORT = ("train.max_steps=2", "train.global_batch_size=4", "train.sample_prompts=0", "checkpoint.export_final=false")
-SUBCOMMANDS = ("list", "generate", "export")
+SUBCOMMANDS = ("list", "generate", "export", "plot")
 
 
 def _expand(args, fx: str) -> list[str]:
