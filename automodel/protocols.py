@@ -181,7 +181,11 @@ class CheckpointPlugin(Protocol):
 class LossPlugin(Protocol):
     """How a micro-batch's token-sum loss comes out of the model. Optional: `check_layout(dims, hints)`, refuse
     (UserError) a layout it cannot work under, before anything is built; `prepare(model, model_name)`, adapt the
-    meta-device model after peft and before the layout (e.g. swap its output head: automodel/head_loss.py)."""
+    meta-device model after peft and before the layout (e.g. swap its output head: automodel/head_loss.py).
+    `returns_logits = False`: the model hands back the loss, not logits (a distillation teacher is then refused
+    unless `distills_in_head = True`: `targets(labels, teacher)` takes the teacher's
+    `automodel.head_loss.TeacherChunks`, `token_loss` returns the blended objective, and `distill_parts()` its
+    (CE, KD) token sums)."""
 
     def targets(self, labels: "torch.Tensor") -> contextlib.AbstractContextManager:
         """The context the model's forward runs under (the labels handed to a head that computes the loss)."""
