@@ -21,7 +21,8 @@ PANELS = [("loss", "training loss"), ("val_loss", "validation loss"), ("lr", "le
 
 
 def find_runs(paths: list[str]) -> list[tuple[str, str]]:
-    """(label, run dir) of every run the paths name, in order; a path with no run is refused."""
+    """(label, run dir) of every run the paths name, in order, labelled by the overrides that differ between
+    them (or by path); a path with no run is refused."""
     from automodel.launch.sweep_summary import _overrides
 
     runs = []
@@ -38,11 +39,12 @@ def find_runs(paths: list[str]) -> list[tuple[str, str]]:
         if not found:
             raise UserError(f"'{path}' holds no metrics.jsonl, nor do its subfolders; give a run directory or a "
                             "sweep directory")
-        for run in found:
-            swept = _overrides(run)
-            label = " ".join(f"{k}={v}" for k, v in swept.items() if not k.startswith("hydra")) if swept else ""
-            runs.append((label or os.path.normpath(run), run))
-    return runs
+        runs += found
+    overrides = {run: {k: v for k, v in _overrides(run).items() if not k.startswith("hydra")} for run in runs}
+    keys = {k for o in overrides.values() for k in o}
+    varying = [k for k in sorted(keys) if len({o.get(k) for o in overrides.values()}) > 1]  # what tells runs apart
+    labels = [" ".join(f"{k}={overrides[run][k]}" for k in varying if k in overrides[run]) for run in runs]
+    return [(label or os.path.normpath(run), run) for label, run in zip(labels, runs)]
 
 
 def read_metrics(run: str) -> list[dict]:
