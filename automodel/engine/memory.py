@@ -38,6 +38,7 @@ def check_fits(total: int, trainable: int, dims, *, device_type: str, model_name
     shard = dims.dp_shard * dims.cp * dims.tp * dims.pp  # every way FSDP, TP and PP split the weights
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     train = per_rank_bytes(total, trainable, shard, weight_bytes)
+    quantized = weight_bytes is not None and weight_bytes < 3 * total  # e.g. QLoRA's 4-bit base
     setup = largest_tensor * 4 + SETUP_OVERHEAD
     need_host = local_ranks * ((train if device_type == "cpu" else 0) + setup)
     host = available_host_bytes()
@@ -46,7 +47,7 @@ def check_fits(total: int, trainable: int, dims, *, device_type: str, model_name
             f"model '{model_name}' ({total / 1e9:.2f}B parameters, {trainable / 1e9:.2f}B trainable) needs about "
             f"{need_host / GiB:.1f} GiB of host memory here ({local_ranks} local rank(s) x {train / GiB:.1f} GiB of "
             f"weights, grads and AdamW state over {shard}-way sharding{' on the CPU' if device_type == 'cpu' else ''} "
-            f"+ set-up); {host / GiB:.1f} GiB is available. {_advice(total, trainable, shard, dims.world_size, local_ranks)}"
+            f"+ set-up); {host / GiB:.1f} GiB is available. {_advice(total, trainable, shard, dims.world_size, local_ranks, quantized)}"
         )
     if device_type == "cuda":
         import torch
@@ -55,12 +56,14 @@ def check_fits(total: int, trainable: int, dims, *, device_type: str, model_name
         if train > free:
             raise UserError(
                 f"model '{model_name}' needs about {train / GiB:.1f} GiB per GPU for weights, grads and AdamW state "
-                f"over {shard}-way sharding; {free / GiB:.1f} GiB is free. {_advice(total, trainable, shard, 0, 0)}"
+                f"over {shard}-way sharding; {free / GiB:.1f} GiB is free. {_advice(total, trainable, shard, 0, 0, quantized)}"
             )
 
 
-def _advice(total: int, trainable: int, shard: int, world: int, local_ranks: int) -> str:
+def _advice(total: int, trainable: int, shard: int, world: int, local_ranks: int, quantized: bool = False) -> str:
     lora = "" if trainable < total else ", train adapters only (peft=lora)"
+    if trainable < total and shard == 1 and not quantized:  # adapters on one process: the base can be 4-bit
+        lora = ", store the base in 4 bits (peft=qlora)"
     if world and local_ranks >= world:  # every shard is on this host: more local ranks only add set-up copies
         return f"This host holds every rank's shard: add hosts or GPUs{lora}, or use a smaller model"
     return (f"Shard over more ranks (e.g. parallel=fsdp2 on {2 * shard} ranks halves the share){lora}, "
