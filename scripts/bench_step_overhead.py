@@ -84,10 +84,12 @@ def hand_written(args, data) -> float:
 def engine(args, data) -> float:
     from automodel.batch import StepBatch
     from automodel.engine.loop import StepRunner, run_loop
+    from automodel.losses.ce import CrossEntropy
 
     model = make_model(args)
     opt, sched = optimizer(model, len(data))
-    step = StepRunner(model, opt, sched, lambda: autocast(args), args.device, max_grad_norm=1.0)
+    step = StepRunner(model, opt, sched, lambda: autocast(args), args.device, max_grad_norm=1.0,
+                      loss=CrossEntropy(CrossEntropy.Config()))
     stream = iter([StepBatch([{"input_ids": x, "labels": y}], y.numel(), x.numel()) for x, y in data])
     _sync(args)
     t0 = time.perf_counter()

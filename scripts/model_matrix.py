@@ -32,9 +32,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
+import matrix_runs as mr  # noqa: E402
 import model_zoo as mz  # noqa: E402
 
-COLUMNS = ["1proc", *mz.LAYOUTS, "hf_loss", "adamw"]
+COLUMNS = ["1proc", *mr.LAYOUTS, "hf_loss", "adamw"]
 
 
 def cell_text(outcome: dict | None, column: str) -> str:
@@ -98,30 +99,30 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown families/layouts: {', '.join(unknown)}")
     columns = [c for c in COLUMNS if c in columns]
-    layouts = [c for c in columns if c in mz.LAYOUTS]
+    layouts = [c for c in columns if c in mr.LAYOUTS]
     out = args.out or tempfile.mkdtemp(prefix="model_matrix_")
     t0 = time.time()
-    zoo, tasks = mz.start_matrix(args.zoo, families, out)
+    zoo, tasks = mr.start_matrix(args.zoo, families, out)
 
     cells: dict = {}
     # one process: the references every layout is compared with (always the full run: it is the 1proc column)
     refs: dict = {}
-    needed = {"full"} | {mz.REFERENCE_OF[lay] for lay in layouts}
+    needed = {"full"} | {mr.REFERENCE_OF[lay] for lay in layouts}
     for fam in families:
         for kind in sorted(needed):
-            refs[fam, kind] = mz.attempt(mz.run_train, os.path.join(out, "ref", kind, fam),
-                                         mz.overrides(zoo[fam], tasks, *mz.REFERENCES[kind]))
+            refs[fam, kind] = mr.attempt(mr.run_train, os.path.join(out, "ref", kind, fam),
+                                         mr.overrides(zoo[fam], tasks, *mr.REFERENCES[kind]))
         cells[fam, "1proc"] = ref = dict(refs[fam, "full"])
         if ref["status"] == "ok":  # the export must hold the trained weights, not the initial ones
             try:
-                ref["export_moved"] = mz.export_moved(ref, zoo[fam])
-                if not ref["export_moved"] > mz.MIN_EXPORT_MOVE:
+                ref["export_moved"] = mr.export_moved(ref, zoo[fam])
+                if not ref["export_moved"] > mr.MIN_EXPORT_MOVE:
                     ref.update(status="error", error=f"final/ logits equal the initial checkpoint's "
                                                      f"({ref['export_moved']:.1e}): the export lost the training")
             except Exception as e:
-                ref.update(status="error", error="exported final/ folder: " + mz.short_error(e))
+                ref.update(status="error", error="exported final/ folder: " + mr.short_error(e))
         if "hf_loss" in columns or "adamw" in columns:
-            a = mz.anchors(zoo[fam], tasks, os.path.join(out, "anchor", fam))
+            a = mr.anchors(zoo[fam], tasks, os.path.join(out, "anchor", fam))
             for col in ("hf_loss", "adamw"):
                 if col in columns:
                     cells[fam, col] = a[col]
@@ -129,14 +130,14 @@ def main(argv=None) -> int:
               flush=True)
 
     if layouts:
-        checks = mz.two_rank_checks(zoo, tasks, [(f, lay) for f in families for lay in layouts])
+        checks = mr.two_rank_checks(zoo, tasks, [(f, lay) for f in families for lay in layouts])
         print(f"2 ranks: {len(checks)} checks in one spawned group ...", flush=True)
-        spawned = mz.run_spawned(checks, os.path.join(out, "ranks2"), pg_timeout_s=args.pg_timeout,
+        spawned = mr.run_spawned(checks, os.path.join(out, "ranks2"), pg_timeout_s=args.pg_timeout,
                                  deadline_s=args.deadline)
         logits: dict = {}
         for fam in families:
             for lay in layouts:
-                cells[fam, lay] = mz.compare(spawned[f"{fam}/{lay}"], refs[fam, mz.REFERENCE_OF[lay]], logits)
+                cells[fam, lay] = mr.compare(spawned[f"{fam}/{lay}"], refs[fam, mr.REFERENCE_OF[lay]], logits)
         print(f"2 ranks done ({time.time() - t0:.0f}s)", flush=True)
 
     with open(os.path.join(out, "tracebacks.txt"), "w") as f:

@@ -1,5 +1,5 @@
 """The mixture-of-experts matrix (issue 10): every MoE family of tests/model_zoo.py x every expert-parallel
-layout of model_zoo.MOE_LAYOUTS, fp32, 6 steps, router balancing loss ON (moe.aux_loss_coef=0.05 in every
+layout of matrix_runs.MOE_LAYOUTS, fp32, 6 steps, router balancing loss ON (moe.aux_loss_coef=0.05 in every
 run; DeepSeek-V3's bias balancing too), each against one process on the same global micro-batches.
 tests/test_moe.py is the cheap CI tier (five families at ep=2, one family for the rest); this is all of it.
 Prints a table, exits 1 unless every cell is ok (a refusal is a failure unless listed in EXPECTED_REFUSALS).
@@ -30,10 +30,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-import model_zoo as mz  # noqa: E402
+import matrix_runs as mr  # noqa: E402
 
 FAMILIES = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "olmoe", "qwen2_moe"]
-# the router's training signals, which model_zoo.STEPS turns off for its anchors (as tests/test_moe.py's ON): the
+# the router's training signals, which matrix_runs.STEPS turns off for its anchors (as tests/test_moe.py's ON): the
 # balancing loss (the tiny configs' own coefficients differ) and DeepSeek-V3's correction-bias balancing
 ON = ["moe.aux_loss_coef=0.05", "moe.bias_update_rate=0.001"]
 # (family, layout) -> a substring of the refusal's line. transformers' tp plan of GptOss covers only the embedding
@@ -48,14 +48,14 @@ def check_reference(world: int, over: list, ref: list) -> str | None:
     from automodel.config import validate
 
     def rows(extra, world_size):
-        c = validate(compose([*mz.STEPS, *extra]))
+        c = validate(compose([*mr.STEPS, *extra]))
         dp = c.plugins["parallel"].dims(world_size).dp
         return (c.train.micro_batch_size or c.train.global_batch_size // dp) * dp
 
     try:
         want, got = rows(over, world), rows(ref, 1)
     except Exception as e:
-        return "checking the reference's grouping: " + mz.short_error(e)
+        return "checking the reference's grouping: " + mr.short_error(e)
     return None if want == got else f"the reference groups {got} rows a micro-batch, the layout {want}"
 
 
@@ -101,7 +101,7 @@ def print_table(families: list, columns: list, cells: dict, width: int = 30) -> 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", default="", help=f"comma-separated (default: all): {','.join(FAMILIES)}")
-    ap.add_argument("--layouts", default="", help=f"comma-separated (default: all): {','.join(mz.MOE_LAYOUTS)}")
+    ap.add_argument("--layouts", default="", help=f"comma-separated (default: all): {','.join(mr.MOE_LAYOUTS)}")
     ap.add_argument("--quick", action="store_true", help="smoke: the first family only, ep2 only")
     ap.add_argument("--zoo", default=os.path.join(tempfile.gettempdir(), "automodel_model_zoo"),
                     help="where the tiny checkpoints are built (kept and reused)")
@@ -112,25 +112,25 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     families = [f for f in args.families.split(",") if f] or list(FAMILIES)
-    layouts = [c for c in args.layouts.split(",") if c] or list(mz.MOE_LAYOUTS)
+    layouts = [c for c in args.layouts.split(",") if c] or list(mr.MOE_LAYOUTS)
     if args.quick:
         families, layouts = families[:1], ["ep2"]
-    unknown = [f for f in families if f not in FAMILIES] + [c for c in layouts if c not in mz.MOE_LAYOUTS]
+    unknown = [f for f in families if f not in FAMILIES] + [c for c in layouts if c not in mr.MOE_LAYOUTS]
     if unknown:
         ap.error(f"unknown families/layouts: {', '.join(unknown)}")
-    layouts = [c for c in mz.MOE_LAYOUTS if c in layouts]
+    layouts = [c for c in mr.MOE_LAYOUTS if c in layouts]
     out = args.workdir or tempfile.mkdtemp(prefix="moe_matrix_")
     t0 = time.time()
-    zoo, tasks = mz.start_matrix(args.zoo, families, out)
-    bad_ref = {lay: check_reference(*mz.MOE_LAYOUTS[lay]) for lay in layouts}
+    zoo, tasks = mr.start_matrix(args.zoo, families, out)
+    bad_ref = {lay: check_reference(*mr.MOE_LAYOUTS[lay]) for lay in layouts}
 
     cells, refs, logits = {}, {}, {}
     main_ref = ("train.micro_batch_size=8",)
-    kinds = sorted({main_ref} | {tuple(mz.MOE_LAYOUTS[lay][2]) for lay in layouts})
+    kinds = sorted({main_ref} | {tuple(mr.MOE_LAYOUTS[lay][2]) for lay in layouts})
     for fam in families:  # one process: the references (ref_<overrides>)
         for kind in kinds:
             run_dir = os.path.join(out, "ref", "_".join(k.split("=")[-1] for k in kind), fam)
-            refs[fam, kind] = r = mz.attempt(mz.run_train, run_dir, mz.overrides(zoo[fam], tasks, *ON, *kind))
+            refs[fam, kind] = r = mr.attempt(mr.run_train, run_dir, mr.overrides(zoo[fam], tasks, *ON, *kind))
             if r["status"] == "ok":  # the balancing loss must be on: logged, and > 0
                 with open(os.path.join(run_dir, "metrics.jsonl")) as f:
                     r["aux"] = json.loads(f.readline()).get("aux_loss", 0.0)
@@ -139,22 +139,22 @@ def main(argv=None) -> int:
         cells[fam, "1proc"] = ref = refs[fam, main_ref]
         if ref["status"] == "ok":
             try:
-                if not mz.export_moved(ref, zoo[fam], logits) > mz.MIN_EXPORT_MOVE:
+                if not mr.export_moved(ref, zoo[fam], logits) > mr.MIN_EXPORT_MOVE:
                     ref.update(status="error", error="final/ logits equal the initial checkpoint's")
             except Exception as e:
-                ref.update(status="error", error="exported final/ folder: " + mz.short_error(e))
+                ref.update(status="error", error="exported final/ folder: " + mr.short_error(e))
         print(f"  {fam}: one process done ({time.time() - t0:.0f}s)", flush=True)
 
-    for world in sorted({mz.MOE_LAYOUTS[lay][0] for lay in layouts}):
-        mine = [lay for lay in layouts if mz.MOE_LAYOUTS[lay][0] == world]
-        checks = [(f"{fam}/{lay}", mz.overrides(zoo[fam], tasks, *ON, *mz.MOE_LAYOUTS[lay][1]))
+    for world in sorted({mr.MOE_LAYOUTS[lay][0] for lay in layouts}):
+        mine = [lay for lay in layouts if mr.MOE_LAYOUTS[lay][0] == world]
+        checks = [(f"{fam}/{lay}", mr.overrides(zoo[fam], tasks, *ON, *mr.MOE_LAYOUTS[lay][1]))
                   for fam in families for lay in mine]
         print(f"{world} ranks: {len(checks)} checks in one spawned group ...", flush=True)
-        got = mz.run_spawned(checks, os.path.join(out, f"ranks{world}"), world=world, pg_timeout_s=args.pg_timeout,
+        got = mr.run_spawned(checks, os.path.join(out, f"ranks{world}"), world=world, pg_timeout_s=args.pg_timeout,
                              deadline_s=args.deadline)
         for fam in families:
             for lay in mine:
-                o = mz.compare(got[f"{fam}/{lay}"], refs[fam, tuple(mz.MOE_LAYOUTS[lay][2])], logits)
+                o = mr.compare(got[f"{fam}/{lay}"], refs[fam, tuple(mr.MOE_LAYOUTS[lay][2])], logits)
                 if bad_ref[lay] and o["status"] == "ok":
                     o = {**o, "status": "error", "error": bad_ref[lay]}
                 cells[fam, lay] = o

@@ -22,9 +22,10 @@ def run_dir(tmp_path):
 def zoo(pytestconfig, tmp_path_factory):
     """(family -> tiny HF checkpoint folder, the tasks file): tests/model_zoo.py, built under $AUTOMODEL_MODEL_ZOO,
     else pytest's cache directory, else (no cache plugin) a temporary one; rebuilt per family only on a change."""
+    import matrix_runs as mr
     import model_zoo as mz
 
     cache = getattr(pytestconfig, "cache", None)
     root = os.environ.get("AUTOMODEL_MODEL_ZOO") or (str(cache.mkdir("model_zoo")) if cache is not None
                                                      else str(tmp_path_factory.mktemp("model_zoo")))
-    return mz.build_zoo(root), mz.write_tasks(root)
+    return mz.build_zoo(root), mr.write_tasks(root)

@@ -22,6 +22,7 @@ import os
 
 import pytest
 
+import matrix_runs as mr
 import model_zoo as mz
 
 # one 2-rank layout per family; pp only for untied families (tied embeddings refuse pp, checked below)
@@ -51,7 +52,7 @@ MOE = {"mixtral": 4, "qwen3_moe": 4, "deepseek_v3": 4, "gpt_oss": 4, "qwen2_moe"
 
 def test_the_rotation_covers_every_family_and_every_layout_several_times():
     assert set(CI_LAYOUT) == set(mz.FAMILIES) and len(mz.FAMILIES) >= 16
-    for layout in mz.LAYOUTS:
+    for layout in mr.LAYOUTS:
         assert sum(v == layout for v in CI_LAYOUT.values()) >= 4, layout
     for fam, layout in CI_LAYOUT.items():
         if layout == "pp":
@@ -63,8 +64,8 @@ def references(zoo, tmp_path_factory):
     """{family: the one-process run its 2-rank layout is compared with}"""
     folders, tasks = zoo
     out = tmp_path_factory.mktemp("ref")
-    return {fam: mz.attempt(mz.run_train, str(out / fam),
-                            mz.overrides(folders[fam], tasks, *mz.REFERENCES[mz.REFERENCE_OF[layout]]))
+    return {fam: mr.attempt(mr.run_train, str(out / fam),
+                            mr.overrides(folders[fam], tasks, *mr.REFERENCES[mr.REFERENCE_OF[layout]]))
             for fam, layout in CI_LAYOUT.items()}
 
 
@@ -72,7 +73,7 @@ def references(zoo, tmp_path_factory):
 def anchors(zoo, tmp_path_factory):
     folders, tasks = zoo
     out = tmp_path_factory.mktemp("anchor")
-    return {fam: mz.anchors(folders[fam], tasks, str(out / fam)) for fam in mz.FAMILIES}
+    return {fam: mr.anchors(folders[fam], tasks, str(out / fam)) for fam in mz.FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +81,8 @@ def two(zoo, references, anchors, tmp_path_factory):
     """Every 2-rank check of this tier, in one spawned group of 2 ranks."""
     folders, tasks = zoo
     cells = [*CI_LAYOUT.items(), *[(fam, layout) for fam, layout, _ in REFUSALS], *REFUSED_OR_MATCHING]
-    checks = mz.two_rank_checks(folders, tasks, cells)
-    return mz.run_spawned(checks, str(tmp_path_factory.mktemp("ranks2")), pg_timeout_s=60, deadline_s=900)
+    checks = mr.two_rank_checks(folders, tasks, cells)
+    return mr.run_spawned(checks, str(tmp_path_factory.mktemp("ranks2")), pg_timeout_s=60, deadline_s=900)
 
 
 def _fail_text(outcome: dict) -> str:
@@ -138,7 +139,7 @@ def test_step_one_loss_is_the_hf_models_own_labels_loss(anchors, family):
     assert a["status"] == "ok", _fail_text(a)
     print(f"{family}: automodel {a['automodel']:.7f}, HF labels= {a['hf']:.7f} over {a['targets']} targets, "
           f"diff {a['diff']:.1e}")
-    assert a["diff"] <= mz.TOL_HF_LOSS
+    assert a["diff"] <= mr.TOL_HF_LOSS
     assert a["targets"] > 8
     assert abs(a["hf"] - math.log(mz.VOCAB)) < 0.5  # a random model: about uniform over the vocabulary
 
@@ -149,7 +150,7 @@ def test_parameters_after_step_one_equal_a_hand_written_adamw_step(anchors, fami
     assert a["status"] == "ok", _fail_text(a)
     lr1 = 2e-3 / 20  # conf/optim/adamw.yaml: lr 2e-3, 20 warmup steps: step 1 runs at lr / 20
     print(f"{family}: max param diff {a['diff']:.1e}; the step moved weights by up to {a['moved']:.2e}")
-    assert a["diff"] <= mz.TOL_PARAM
+    assert a["diff"] <= mr.TOL_PARAM
     assert 0.9 * lr1 < a["moved"] < 1.1 * lr1  # Adam's first step moves each weight by about lr
     assert a["grad_norm"] > 0  # the step's gradient norm, the engine's against the hand-written step's
     assert abs(a["automodel_grad_norm"] - a["grad_norm"]) <= 1e-4 * a["grad_norm"], a
@@ -161,13 +162,13 @@ def test_two_ranks_match_one_process(zoo, two, references, family):
     layout = CI_LAYOUT[family]
     ref = references[family]
     assert ref["status"] == "ok", f"{family}, one process: {_fail_text(ref)}"
-    got = mz.compare(two[f"{family}/{layout}"], ref)
+    got = mr.compare(two[f"{family}/{layout}"], ref)
     assert got["status"] == "ok", f"{family} under {layout}: {_fail_text(got)}"
-    moved = mz.export_moved(ref, zoo[0][family])
+    moved = mr.export_moved(ref, zoo[0][family])
     print(f"{family} {layout}: max loss diff {got['loss_diff']:.1e}, grad-norm rel {got['grad_rel']:.1e}, "
           f"logits {got['logits_diff']:.1e} (training moved them by {moved:.1e})")
-    assert got["loss_diff"] <= mz.TOL_LOSS and got["grad_rel"] <= mz.TOL_GRAD_REL
-    assert got["logits_diff"] <= mz.TOL_LOGITS and moved > mz.MIN_EXPORT_MOVE  # the exports agree, and are trained
+    assert got["loss_diff"] <= mr.TOL_LOSS and got["grad_rel"] <= mr.TOL_GRAD_REL
+    assert got["logits_diff"] <= mr.TOL_LOGITS and moved > mr.MIN_EXPORT_MOVE  # the exports agree, and are trained
     assert len(ref["losses"]) == 6 and min(ref["losses"][1:]) < ref["losses"][0]  # it trains
 
 
@@ -186,5 +187,5 @@ def test_layouts_either_match_one_process_or_are_refused_in_one_line(two, refere
         assert got["reason"].startswith("parallel.tp>1:") and "\n" not in got["reason"]
         return
     assert got["status"] == "ok", f"{family} under {layout}: neither refused nor trained: {_fail_text(got)}"
-    got = mz.compare(got, references[family])
+    got = mr.compare(got, references[family])
     assert got["status"] == "ok", f"{family} under {layout}: {_fail_text(got)}"

@@ -24,13 +24,14 @@ import torch
 import torch.multiprocessing as mp
 from helpers import compose
 
+import matrix_runs as mr
 import model_zoo as mz
 from automodel.config import validate
 from automodel.errors import UserError
 
 FAMILIES = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "olmoe"]
 # one micro-batch of 4 per rank, dp 2: the global micro-batch is the one process's micro-batch of 8
-# the router's training signals on (model_zoo.STEPS turns them off for its anchors): balancing loss (the five tiny
+# the router's training signals on (matrix_runs.STEPS turns them off for its anchors): balancing loss (the five tiny
 # configs' own coefficients differ, DeepSeek-V3 has none) and DeepSeek-V3's correction-bias balancing
 ON = ["moe.aux_loss_coef=0.05", "moe.bias_update_rate=0.001"]
 EP2 = ["parallel=fsdp2_ep", "train.micro_batch_size=4", *ON]
@@ -175,7 +176,7 @@ def zoo(pytestconfig, tmp_path_factory):
     cache = getattr(pytestconfig, "cache", None)
     root = os.environ.get("AUTOMODEL_MODEL_ZOO") or (str(cache.mkdir("model_zoo")) if cache is not None
                                                      else str(tmp_path_factory.mktemp("model_zoo")))
-    return mz.build_zoo(root, FAMILIES), mz.write_tasks(root)
+    return mz.build_zoo(root, FAMILIES), mr.write_tasks(root)
 
 
 def _spawn(out: str, world: int, plan: list) -> dict:
@@ -195,7 +196,7 @@ def _entry(rank, world, store, out, plan):
 def _one(zoo, out, *extra) -> dict:
     folders, tasks = zoo
     fam = extra[0]
-    result = mz.attempt(mz.run_train, out, mz.overrides(folders[fam], tasks, *extra[1:]))
+    result = mr.attempt(mr.run_train, out, mr.overrides(folders[fam], tasks, *extra[1:]))
     assert result["status"] == "ok", result
     return result
 
@@ -215,10 +216,10 @@ def references(zoo, tmp_path_factory):
 def two(zoo, tmp_path_factory):
     folders, tasks = zoo
     out = str(tmp_path_factory.mktemp("moe2"))
-    q = lambda *extra: mz.overrides(folders["qwen3_moe"], tasks, *extra)  # noqa: E731
-    plan = [(fam, fam, None, mz.overrides(folders[fam], tasks, *EP2)) for fam in FAMILIES]
+    q = lambda *extra: mr.overrides(folders["qwen3_moe"], tasks, *extra)  # noqa: E731
+    plan = [(fam, fam, None, mr.overrides(folders[fam], tasks, *EP2)) for fam in FAMILIES]
     plan += [("tp", "tp", None, q(*ON, "parallel=tp")),  # MoE blocks whole on each tp rank, attention split
-             ("lora_ep2", "lora_ep2", None, mz.overrides(folders["olmoe"], tasks, *EP2, "peft=lora")),
+             ("lora_ep2", "lora_ep2", None, mr.overrides(folders["olmoe"], tasks, *EP2, "peft=lora")),
              ("ckpt_ref", "ckpt_ref", None, q(*EP2, *CKPT, "checkpoint.keep_last=0")),
              ("crash", "resumed", 4, q(*EP2, *CKPT)),
              ("resumed", "resumed", None, q(*EP2, *CKPT, "checkpoint.resume=auto"))]
@@ -230,7 +231,7 @@ def four(zoo, two, tmp_path_factory):
     folders, tasks = zoo
     out = str(tmp_path_factory.mktemp("moe4"))
     ckpt = os.path.join(two[0], "ckpt_ref", "checkpoints", "step_00000004")
-    q = lambda *extra: mz.overrides(folders["qwen3_moe"], tasks, *extra)  # noqa: E731
+    q = lambda *extra: mr.overrides(folders["qwen3_moe"], tasks, *extra)  # noqa: E731
     plan = [("ep4", "ep4", None, q(*ON, "parallel=fsdp2_ep", "parallel.ep=4", "train.micro_batch_size=2")),
             ("ep2_pp2", "ep2_pp2", None, q(*ON, "parallel=fsdp2_ep_pp", "train.micro_batch_size=2")),
             ("ep2_tp2", "ep2_tp2", None, q(*EP2, "parallel.tp=2")),
@@ -241,7 +242,7 @@ def four(zoo, two, tmp_path_factory):
 
 
 def _assert_matches(got: dict, ref: dict) -> None:
-    outcome = mz.compare(got, ref)
+    outcome = mr.compare(got, ref)
     assert outcome["status"] == "ok", outcome
 
 
@@ -321,7 +322,7 @@ def test_moe_under_tp_and_lora_under_ep_equal_one_process(two, references, zoo):
     base = AutoModelForCausalLM.from_pretrained(folders["olmoe"])
     adapted = PeftModel.from_pretrained(base, os.path.join(final, "adapter"))
     assert not any("experts" in n or ".gate." in n for n, _ in adapted.named_parameters() if "lora_" in n)
-    probe = mz.probe_batch()
+    probe = mr.probe_batch()
     with torch.no_grad():
         merged = AutoModelForCausalLM.from_pretrained(final)(probe).logits
         assert (adapted(probe).logits - merged).abs().max() < 1e-5

@@ -1,4 +1,4 @@
-"""The pipeline set-up self-check (automodel.parallel.pipeline.check_split), in this process, no ranks.
+"""The pipeline set-up self-check (automodel.parallel.pipeline_selfcheck.check_split), in this process, no ranks.
 
 A small twin of the model is cut into stages by the same code the run uses; its stages must compute the
 whole model's logits, or the layout is refused in one line. The 2-rank training parity of a Granite-like
@@ -15,7 +15,7 @@ from helpers import GRANITE, MICRO, compose
 from automodel.config import validate
 from automodel.errors import UserError
 from automodel.modules import hf_base
-from automodel.parallel import pipeline
+from automodel.parallel import pipeline, pipeline_selfcheck
 
 GEMMA2 = ["model.config.model_type=gemma2", "+model.config.head_dim=16", "model.config.tie_word_embeddings=false",
           "+model.config.sliding_window=8"]
@@ -61,7 +61,7 @@ def test_the_twins_of_llama_gemma2_and_granite_pass_quickly(name, overrides, cap
     _check(*overrides)  # the first call imports the modeling code
     check = _setup(*overrides, "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2")
     t0 = time.perf_counter()
-    with caplog.at_level(logging.INFO, logger="automodel.parallel.pipeline"):
+    with caplog.at_level(logging.INFO, logger="automodel.parallel.pipeline_selfcheck"):
         check()
     seconds = time.perf_counter() - t0
     print(f"{name}: self-check of 4 stages in {seconds:.3f}s")
@@ -71,15 +71,15 @@ def test_the_twins_of_llama_gemma2_and_granite_pass_quickly(name, overrides, cap
 
 def test_the_twin_of_a_70b_model_is_small_and_keeps_the_architecture():
     cfg = validate(compose("model=llama3_70b", "parallel=pp")).plugins["model"].hf_config()
-    twin = pipeline._twin_config(cfg, 4)
+    twin = pipeline_selfcheck._twin_config(cfg, 4)
     assert (twin.num_hidden_layers, twin.num_attention_heads, twin.num_key_value_heads, twin.head_dim) == (4, 8, 1, 128)
     assert twin.hidden_size == 1024 and twin.vocab_size <= 256 and twin.intermediate_size <= 64
     assert (cfg.num_hidden_layers, cfg.hidden_size) == (80, 8192)  # the real config is untouched
     gemma = validate(compose(*MICRO, *GEMMA2)).plugins["model"].hf_config()
-    assert pipeline._twin_config(gemma, 2).layer_types == gemma.layer_types[:2]
+    assert pipeline_selfcheck._twin_config(gemma, 2).layer_types == gemma.layer_types[:2]
     state = torch.random.get_rng_state()
     t0 = time.perf_counter()
-    pipeline.check_split(cfg, 2, 2)
+    pipeline_selfcheck.check_split(cfg, 2, 2)
     print(f"llama3_70b twin: self-check in {time.perf_counter() - t0:.3f}s")
     assert torch.equal(torch.random.get_rng_state(), state)  # the run's RNG is left as it was
 
@@ -91,7 +91,7 @@ def test_a_twin_that_cannot_be_built_skips_the_check_with_a_warning(monkeypatch,
         raise ValueError("no causal LM for this config")
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_config", fail)
-    with caplog.at_level(logging.WARNING, logger="automodel.parallel.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="automodel.parallel.pipeline_selfcheck"):
         _check()
     assert "pipeline self-check skipped for llama under parallel.pp=2 x pp_virtual_stages=1" in caplog.text
     assert "ValueError: no causal LM for this config" in caplog.text

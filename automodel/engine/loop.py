@@ -42,13 +42,17 @@ class StepRunner:
     hints: ParallelHints = dataclasses.field(default_factory=ParallelHints)  # what the layout needs of the step
     router: object = None  # automodel.moe.router.RouterLosses of an MoE model, else None
     guard: object = None  # automodel.engine.step_guard.StepGuard: which steps may reach the weights
-    loss: object = None  # the loss plugin (protocols.LossPlugin); None: cross-entropy over the logits
+    loss: object = None  # the loss plugin (protocols.LossPlugin): required
     teacher: object = None  # automodel.engine.teacher.Teacher when distilling, else None
     loss_scale: object = None  # automodel.loss_scale.DynamicLossScale under fp16 (the guard owns its decisions)
     parts: dict = dataclasses.field(default_factory=dict)  # the last step's loss components (local shares), logged
     lr: float = 0.0
     step: int = 0  # the step being run (the loop sets it; the guard names it)
     skipped: str | None = None  # why the last step was not applied, or None
+
+    def __post_init__(self):
+        if self.loss is None:
+            raise TypeError("StepRunner needs loss=<a loss plugin>, e.g. automodel.losses.ce.CrossEntropy")
 
     def _global_count(self, local: int) -> torch.Tensor:
         count = torch.tensor(float(local), device=self.device)
@@ -95,13 +99,7 @@ class StepRunner:
 
     def token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The token-sum loss of one micro-batch, summed over the ranks that split its sequence (CP)."""
-        if self.loss is not None:
-            loss = self.loss.token_loss(logits, labels)
-        else:
-            from automodel.loss import token_sum_cross_entropy
-
-            loss = token_sum_cross_entropy(logits, labels)
-        return self._reduce(loss)
+        return self._reduce(self.loss.token_loss(logits, labels))
 
     def _reduce(self, loss: torch.Tensor) -> torch.Tensor:
         """A token-sum summed over the ranks that split the sequence (CP), where the layout does."""
@@ -114,8 +112,6 @@ class StepRunner:
     def _targets(self, labels: torch.Tensor, taught: torch.Tensor | None = None):
         """The loss plugin's context for a forward pass (its head may compute the loss of `labels`, and distill
         from the teacher's output `taught` there)."""
-        if self.loss is None:
-            return contextlib.nullcontext()
         if taught is not None and self.teacher.in_head:
             return self.loss.targets(labels, self.teacher.chunks(taught))
         return self.loss.targets(labels)

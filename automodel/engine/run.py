@@ -105,7 +105,8 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     weight_bytes = tensor_bytes(finished(skeleton, p["peft"]))  # as materialized: e.g. QLoRA's 4-bit base layers
     del skeleton
     # a teacher's frozen weights count like the student's, without grads or optimizer state
-    frozen_teacher = count_params(p["teacher"].model.build("meta"))[0] if p["teacher"].enabled else 0
+    teacher_skeleton = p["teacher"].model.build("meta") if p["teacher"].enabled else None  # checked, then laid out
+    frozen_teacher = count_params(teacher_skeleton)[0] if teacher_skeleton is not None else 0
     check_fits(total + frozen_teacher, trainable, dims, device_type=env.device.type, model_name=p["model"].name,
                largest_tensor=largest, weight_bytes=weight_bytes + 4 * frozen_teacher)
     tokenizer = p["model"].tokenizer()
@@ -130,7 +131,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     source = p["model"].weights(model) if hasattr(p["model"], "weights") else None
     model = p["peft"].apply(model)
     if p["teacher"].enabled:
-        teacher.check(p["teacher"], p["loss"], hints, model, p["model"].name, dims.describe())
+        teacher.check(p["teacher"], p["loss"], hints, model, teacher_skeleton, p["model"].name, dims.describe())
     if hasattr(p["loss"], "prepare"):  # e.g. the loss computed inside the output head (same parameters)
         p["loss"].prepare(model, p["model"].name)
     if hasattr(p["precision"], "prepare"):  # e.g. float8 linear layers (same parameters), before the layout
@@ -152,7 +153,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
         p["peft"].after_materialize(model)
     distiller = None
     if p["teacher"].enabled:  # the same parallel plugin: the teacher sees each step's inputs split as the student's
-        distiller = teacher.build(p["teacher"], p["parallel"], mesh, dims,
+        distiller = teacher.build(p["teacher"], teacher_skeleton, p["parallel"], mesh, dims,
                                   p["precision"].mixed_precision_policy(), env.device, t.seed,
                                   lambda: p["precision"].autocast(env.device.type),
                                   in_head=getattr(p["loss"], "distills_in_head", False))

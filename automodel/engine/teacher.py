@@ -44,7 +44,7 @@ class Teacher:
         return self.plugin.token_loss(student_logits, teacher_logits, labels)
 
 
-def check(plugin, loss, hints, student_model, student_name: str, layout_name: str) -> None:
+def check(plugin, loss, hints, student_model, skeleton, student_name: str, layout_name: str) -> None:
     """Refuse, before the student is laid out, what distillation cannot do here: a pipeline, a loss that never
     forms the student's logits, a teacher whose logits cover another vocabulary."""
     if hints.pipeline:
@@ -53,7 +53,6 @@ def check(plugin, loss, hints, student_model, student_name: str, layout_name: st
     if not getattr(loss, "returns_logits", True) and not getattr(loss, "distills_in_head", False):
         raise UserError(f"distillation needs the student's logits, which loss={getattr(loss, 'option', '?')} never forms; "
                         "use loss=ce or loss=chunked_ce with a teacher")
-    skeleton = plugin.model.build("meta")
     student_vocab = _vocab(student_model)
     teacher_vocab = _vocab(skeleton)
     if student_vocab != teacher_vocab:
@@ -69,14 +68,14 @@ def _vocab(model) -> int:
     return head.out_features if head is not None else hf_base(model).config.vocab_size
 
 
-def build(plugin, parallel, mesh, dims, mp_policy, device, seed: int, autocast, in_head: bool = False) -> Teacher:
-    """The teacher laid out on `mesh` by `parallel` (the student's plugin, applied a second time), with its
-    pretrained weights in each rank's shards. `in_head`: its head hands back hidden states (the student's
-    loss forms the teacher's logits chunk by chunk)."""
+def build(plugin, model, parallel, mesh, dims, mp_policy, device, seed: int, autocast,
+          in_head: bool = False) -> Teacher:
+    """The teacher (`model`: its meta-device skeleton) laid out on `mesh` by `parallel` (the student's plugin,
+    applied a second time), with its pretrained weights in each rank's shards. `in_head`: its head hands back
+    hidden states (the student's loss forms the teacher's logits chunk by chunk)."""
     from automodel import head_loss
     from automodel.engine.materialize import canonical_names, hf_init, materialize
 
-    model = plugin.model.build("meta")
     hidden_head = head_loss.install_hidden(model, plugin.model.name) if in_head else None
     base_keys = set(model.state_dict())
     source = plugin.model.weights(model) if hasattr(plugin.model, "weights") else None

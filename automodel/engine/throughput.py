@@ -12,6 +12,9 @@ import torch
 import torch.distributed as dist
 
 GiB = 1024**3
+# fields of a logged record that are measured (clocks, memory), not computed: they differ between two runs that
+# are otherwise bitwise the same (a resumed run and an uninterrupted one)
+MEASURED = ("tokens_per_s", "tokens_per_s_per_device", "tflops_per_device", "mfu", "mem_host_gib", "mem_device_gib")
 
 
 class Throughput:

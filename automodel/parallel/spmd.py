@@ -98,7 +98,8 @@ class SPMDParallel:
 
             check_tensor_parallel(dims.tp, hf_config)
         if dims.pp > 1:
-            from automodel.parallel.pipeline import check_schedule, check_split
+            from automodel.parallel.pipeline import check_schedule
+            from automodel.parallel.pipeline_selfcheck import check_split
 
             check_schedule(self.cfg.pp_schedule, dims.pp, self.cfg.pp_virtual_stages,
                            getattr(hf_config, "num_hidden_layers", None),
