@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-GiB = 1024**3
+from automodel.engine.memory import GiB, peak_host_bytes
 # fields of a logged record that are measured (clocks, memory), not computed: they differ between two runs that
 # are otherwise bitwise the same (a resumed run and an uninterrupted one)
 MEASURED = ("tokens_per_s", "tokens_per_s_per_device", "tflops_per_device", "mfu", "mem_host_gib", "mem_device_gib")
@@ -35,8 +35,6 @@ class Throughput:
         record.update(self._memory())
 
     def _memory(self) -> dict:
-        from automodel.engine.memory import peak_host_bytes
-
         cuda = self.device.type == "cuda"
         peaks = torch.tensor([float(peak_host_bytes()), float(torch.cuda.max_memory_allocated(self.device)) if cuda
                               else 0.0], dtype=torch.float64, device=self.device)
