@@ -5,6 +5,7 @@
     automodel generate DIR PROMPT   greedy generation from an exported HF folder
     automodel export CKPT OUT       a DCP checkpoint -> an HF folder, offline, on one process
     automodel plot RUN_OR_SWEEP...  loss, val_loss, lr and tokens/s against step, as a PNG
+    automodel plan ... plan.world_size=N   per-rank memory and communication of a run at N ranks, no hardware
     automodel help | --version
 """
 
@@ -20,6 +21,7 @@ SUBCOMMANDS = {
     "generate": "automodel.generate:main",
     "export": "automodel.cli_export:main",
     "plot": "automodel.cli_plot:main",
+    "plan": "automodel.cli_plan:main",
 }
 
 
@@ -48,11 +50,13 @@ def fail(error: UserError) -> None:
     import os
 
     from automodel.launch import local
+    from automodel.secrets import redact_text
 
-    if local.report_to_launcher(str(error)):
+    line = redact_text(str(error))  # e.g. a path that ${oc.env:HF_TOKEN} filled in
+    if local.report_to_launcher(line):
         sys.exit(error.exit_code)
     if os.environ.get("RANK", "0") == "0":
-        print(f"automodel: error: {error}", file=sys.stderr, flush=True)
+        print(f"automodel: error: {line}", file=sys.stderr, flush=True)
     sys.exit(error.exit_code)
 
 
@@ -143,8 +147,14 @@ def _run_job(cfg) -> float | None:
     from automodel.engine import run_dir
     from automodel.launch import lifetime
 
+    import os
+
+    from hydra.types import RunMode
+
     hydra_cfg = HydraConfig.get()
     out = hydra_cfg.runtime.output_dir
+    if os.environ.get("RANK", "0") == "0":
+        run_dir.mask_hydra_record(out, hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None)
     try:
         from automodel.config import validate
         from automodel.engine.preflight import preflight

@@ -123,9 +123,14 @@ def _hydra_value(cfg, key: str) -> str | None:
 def _missing_option_line(e) -> str:
     missing = getattr(e, "missing_cfg_file", None) or ""
     options = getattr(e, "options", None)
-    if "/" in missing and options is not None:
+    if "/" in missing:
         group, option = missing.rsplit("/", 1)
-        return f"{group}={option}: no such option; choose one of: {', '.join(sorted(options))}"
+        if options is None:  # an option of a list selection (logger=[jsonl,x]): Hydra does not say the choices
+            from automodel.options import options as group_options
+
+            options = {o.name for o in group_options(group)}
+        if options:
+            return f"{group}={option}: no such option; choose one of: {', '.join(sorted(options))}"
     return str(e).splitlines()[0]
 
 

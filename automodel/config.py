@@ -125,12 +125,18 @@ def validate(cfg) -> Validated:
     plugins = {}
     for group in registry.GROUPS:
         try:
-            plugins[group] = registry.instantiate(group, cfg.get(group))
+            if group in registry.LIST_GROUPS:
+                plugins[group] = registry.instantiate_all(group, cfg.get(group))
+            else:
+                plugins[group] = registry.instantiate(group, cfg.get(group))
         except UserError:
             raise
         except Exception as e:  # interpolation errors and the like, still one line
             raise UserError(f"{group}: {str(e).splitlines()[0]}") from None
     _check_train(train)
+    for plugin in plugins["logger"]:  # e.g. its package is not installed: said now, not after the model is built
+        if hasattr(plugin, "check"):
+            plugin.check()
     return Validated(train, plugins, launcher, moe)
 
 

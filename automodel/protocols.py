@@ -10,6 +10,7 @@ explains each group, and plugins/automodel-example-plugin has a worked example o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -215,3 +216,31 @@ class OptimPlugin(Protocol):
         """(a torch.optim.Optimizer over `params` (the trainable ones, possibly DTensors), an LR scheduler
         stepped once per optimizer step); both need state_dict/load_state_dict for checkpoints.
         `automodel.optim.schedule.warmup_cosine_scheduler` is the shared warmup + cosine shape."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """What a logger is told when a run starts (rank 0 only)."""
+
+    run_dir: str  # the run's folder: where a logger keeps its files and the ids that let a resumed run continue
+    config: dict  # the resolved config, secrets masked (automodel.secrets): the run's config for the logger
+    start_step: int  # 0, or the checkpoint step a resumed run continues from (its earlier lines after it are redone)
+    name: str | None  # a sweep point's overrides (e.g. "optim.lr=0.001"); None for a plain run
+    group: str | None  # the sweep's folder for a sweep's runs (they belong together); None for a plain run
+
+
+@runtime_checkable
+class LoggerPlugin(Protocol):
+    """Where each logged step goes. Several run at once (`logger=[jsonl,wandb]`), on rank 0 only. A plugin with
+    `background = True` is called on a thread of its own (imports, network, files: never the training loop's
+    time); its failure after start is a warning and the run goes on without it. Optional: `check()`, refuse
+    (UserError) before anything is built, e.g. its package is not installed (name the install command)."""
+
+    def start(self, run: RunInfo) -> None:
+        """Open (or, for a resumed run, reopen) the run's record."""
+
+    def log(self, record: dict) -> None:
+        """One logged step: `step` and the metrics (floats; strings such as `skipped`; None for non-finite)."""
+
+    def finish(self, ok: bool) -> None:
+        """Close; `ok` False when the run stopped on an error."""

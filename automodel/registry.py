@@ -16,7 +16,9 @@ from typing import Any
 
 from automodel.errors import UserError
 
-GROUPS = ("model", "parallel", "data", "peft", "precision", "checkpoint", "optim", "loss", "teacher")
+GROUPS = ("model", "parallel", "data", "peft", "precision", "checkpoint", "optim", "loss", "teacher", "logger")
+# groups a run selects several options of at once (`logger=[jsonl,wandb]`): their node maps option -> its config
+LIST_GROUPS = {"logger": "jsonl"}  # group -> the option that is always on
 CONF_GROUP = "automodel.conf"  # entry points naming a package whose folder holds extra YAML options
 BUILTIN_DIST = "automodel"
 
@@ -138,3 +140,27 @@ def instantiate(group: str, node: Any) -> Any:
         raise UserError(f"{group}: the option does not name a plugin (add `plugin: <name>` to its YAML)")
     cls = load(group, name)
     return cls(validate(cls.Config, node, group))
+
+
+def instantiate_all(group: str, node: Any) -> list:
+    """The plugins of a list group's node ({option: {plugin: ..., ...}}), the always-on option first (added when
+    the selection left it out: `logger=wandb` still writes metrics.jsonl)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    node = dict(node or {})
+    if not all(isinstance(v, dict) for v in node.values()):
+        raise UserError(f"{group}: expected options selected as {group}=[option,...] (e.g. {group}="
+                        f"[{LIST_GROUPS[group]},wandb]), got keys {', '.join(map(str, node))}")
+    always = LIST_GROUPS[group]
+    node = {always: node.pop(always, {"plugin": always}), **node}
+    found = []
+    for option, sub in node.items():
+        sub = dict(sub)
+        name = sub.pop("plugin", None)
+        if not name:
+            raise UserError(f"{group}.{option}: the option does not name a plugin (add `plugin: <name>` to its YAML)")
+        cls = load(group, name)
+        found.append(cls(validate(cls.Config, sub, f"{group}.{option}")))
+    return found

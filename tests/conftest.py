@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 warnings.filterwarnings("ignore", message=r".*torchao.*")
 os.environ.setdefault("AUTOMODEL_NO_PROGRESS", "1")
+os.environ["WANDB_MODE"] = "offline"  # a test never reaches wandb's servers (test_loggers unsets it to test that)
 
 
 @pytest.fixture

@@ -44,6 +44,14 @@ CASES = [
     case("unknown_option", ["optim=sgd"], "optim=sgd: no such option", "adamw"),
     case("unknown_option_precision", ["precision=int4"], "precision=int4: no such option", "bf16, fp16, fp32, fp8"),
     case("deleted_group", ["~optim"], "optim", "optim=<option>"),
+    case("unknown_logger", ["logger=[jsonl,neptune]"], "logger=neptune: no such option",
+         "jsonl, mlflow, tensorboard, wandb"),
+    case("logger_bad_mode", ["logger=wandb", "logger.wandb.mode=cloud"], "logger.wandb.mode='cloud'",
+         "online, offline, disabled"),
+    case("plan_without_world_size", ["plan", "model=tiny"], "automodel plan needs plan.world_size=N"),
+    case("plan_unknown_gpu", ["plan", "plan.world_size=8", "plan.gpu=tpu9"], "plan.gpu='tpu9'", "h100"),
+    case("logger_unknown_key", ["logger=mlflow", "logger.mlflow.uri=x"], "logger.mlflow.uri: unknown key",
+         "tracking_uri"),
     case("unknown_optim_key", ["optim.momentum=0.9"], "optim.momentum: unknown key", "beta1"),
     case("append_existing_key", ["+train.seed=1"], "+train.seed", "drop the '+'"),
     # ---- train.*
@@ -286,7 +294,7 @@ def _fixtures(fx: str) -> None:
 # A case the product wrongly accepts would train the default model for 500 steps: every training command line
 # gets these (unless it sets the key itself), so such a case costs seconds and still fails.
 SHORT = ("train.max_steps=2", "train.global_batch_size=4", "train.sample_prompts=0", "checkpoint.export_final=false")
-SUBCOMMANDS = ("list", "generate", "export", "plot")
+SUBCOMMANDS = ("list", "generate", "export", "plot", "plan")
 
 
 def _expand(args, fx: str) -> list[str]:

@@ -28,6 +28,14 @@ def test_every_shipped_option_composes_validates_and_lists_all_its_plugin_fields
         elif option in ("instruction", "text", "chat", "alpaca", "sharegpt"):  # options that need a data path
             overrides.append(f"{group}.path=/some/where")
         cfg = compose(*overrides)
+        if group in registry.LIST_GROUPS:  # several at once: each option under its own name
+            node = dict(cfg[group][option])
+            plugins = validate(cfg).plugins[group]
+            assert type(plugins[-1] if option != registry.LIST_GROUPS[group] else plugins[0]) is registry.load(
+                group, node["plugin"])
+            fields = {f.name for f in dataclasses.fields(registry.load(group, node.pop("plugin")).Config)}
+            assert set(node) == fields, (group, option, fields ^ set(node))
+            continue
         if option == "qlora":  # refused as the config is read where bitsandbytes is not installed
             from helpers import extras_on_path
 

@@ -6,6 +6,7 @@ see on PYTHONPATH, so the test environment itself is never modified. The package
 (docs/plugins.md walks through them); one training run uses all eight together, a second resumes it.
 """
 
+import csv
 import dataclasses
 import json
 import os
@@ -24,7 +25,8 @@ PACKAGE = os.path.join(REPO, "plugins", "automodel-example-plugin")
 
 # group -> the example package's option (and plugin) for it
 EXAMPLES = {"model": "small_llama", "parallel": "checkpointed", "data": "arith", "peft": "top_layers",
-            "precision": "autocast", "checkpoint": "torch_save", "optim": "lion", "loss": "smoothed_ce"}
+            "precision": "autocast", "checkpoint": "torch_save", "optim": "lion", "loss": "smoothed_ce",
+            "logger": "csv"}
 KIT = [
     *(f"{group}={option}" for group, option in EXAMPLES.items()),
     *(o for o in MICRO if o.startswith("train.")),  # (MICRO's model keys are the hf plugin's)
@@ -91,10 +93,14 @@ def test_every_example_plugin_trains_together(kit_run):
     assert "Traceback" not in proc.stderr
     config = (run / "config.yaml").read_text()
     for group, option in EXAMPLES.items():  # each group's node names the example plugin
-        assert re.search(rf"^{group}:\n(  .*\n)*?  plugin: {option}$", config, re.M), (group, config)
+        indent = "    " if group == "logger" else "  "  # a logger's node is under its option's name
+        assert re.search(rf"^{group}:\n(  .*\n)*?{indent}plugin: {option}$", config, re.M), (group, config)
     records = _records(run)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert records[-1]["loss"] < records[0]["loss"]  # optim=lion on data=arith learns
+    # logger: metrics.jsonl (always on) and the plugin's CSV hold the same steps
+    rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
+    assert [(int(r["step"]), float(r["loss"])) for r in rows] == [(r["step"], r["loss"]) for r in records]
     # data: its val_batches ran every train.val_every steps, its sample prompts were tried on the export
     assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
     assert "/2 sample prompts answered exactly" in proc.stdout

@@ -1,33 +1,14 @@
-"""Metrics out of the loop: `metrics.jsonl` (one flushed line per logged step) and the progress display.
-
-Only rank 0 writes. The file is opened line-buffered and flushed after every record, so a crash loses
-nothing already logged.
-"""
+"""The progress display of the logged steps (rank 0); where the records themselves go is the `logger` group's
+(automodel/loggers: metrics.jsonl always)."""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import sys
 import time
 
 log = logging.getLogger("automodel")
-
-
-class MetricsFile:
-    def __init__(self, path: str):
-        self._f = open(path, "a", buffering=1, encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        # strict JSON for every reader (jq, JavaScript): a non-finite number (a skipped step's NaN) becomes null
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._f.write(json.dumps(clean, allow_nan=False) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
 
 
 class Progress:

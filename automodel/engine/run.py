@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 
 from automodel.config import validate
@@ -49,8 +48,10 @@ def train(cfg, out_dir: str) -> TrainResult:
     try:
         rehearsal = checked.launcher.fake_world_size > 0  # one real process: nothing to tell other ranks
         lifetime.acquire_for_job(out_dir, env.is_main, 1 if rehearsal else env.world_size)
-        result = _train(cfg, checked, env, out_dir)
+        result = _train(cfg, checked, env, out_dir, opened := [])
     except BaseException as e:
+        for loggers in opened:  # wandb/MLflow runs are marked failed; every line already logged is kept
+            loggers.close(ok=False)
         launch_env.shutdown()
         lifetime.release(out_dir, refused=isinstance(e, UserError))
         raise
@@ -59,12 +60,11 @@ def train(cfg, out_dir: str) -> TrainResult:
     return result
 
 
-def _train(cfg, checked, env, out_dir: str) -> TrainResult:
+def _train(cfg, checked, env, out_dir: str, opened: list) -> TrainResult:
     import torch
 
-    from omegaconf import OmegaConf
 
-    from automodel.engine import checkpointing, export, metrics, run_dir, teacher, validate
+    from automodel.engine import checkpointing, export, loggers, metrics, run_dir, teacher, validate
     from automodel.engine.loop import StepRunner, run_loop
     from automodel.engine.materialize import canonical_names, finished, hf_init, materialize, zero_init
     from automodel.engine import memory
@@ -82,6 +82,12 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
         torch.set_flush_denormal(True)  # fake collectives leave garbage in their outputs; denormals would crawl
         log.warning("rehearsal: rank 0 of %d under torch's fake process group: real shapes and memory for one rank, "
                     "losses without meaning; no checkpoint and no export are written", env.world_size)
+
+    run_loggers = None
+    if env.is_main:  # wandb/TensorBoard/MLflow: their own process imports them while this one sets up
+        chosen = p["logger"] if not rehearsal else [q for q in p["logger"] if not getattr(q, "background", False)]
+        run_loggers = loggers.RunLoggers(chosen)
+        opened.append(run_loggers)
 
     # 1. layout
     dims, micro, accum = preflight(checked, env.world_size)
@@ -123,6 +129,9 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
         raise UserError(f"{hints.packing_refused_by} does not support packed sequences; turn packing off "
                         "(data.packing=false)")
     val = validate.batches(p["data"], tokenizer, t, dp_rank, dp_size, micro)
+
+    if run_loggers is not None:  # the data is good: wandb/MLflow open their runs while the model is built
+        run_loggers.start(loggers.run_info(cfg, out_dir, start))
 
     # 3-4. model, peft, layout: all on the meta device; then each rank materializes only its own shards
     torch.manual_seed(t.seed)  # dropout and anything else random in training: the same on every layout
@@ -169,7 +178,7 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
     pp_group = mesh["pp"].get_group() if dims.pp > 1 else None  # pipeline stages: each holds part of the model
     loss_scale = p["precision"].loss_scale() if hasattr(p["precision"], "loss_scale") else None  # fp16
     guard = StepGuard(t.max_bad_steps, t.spike_factor, t.spike_window, loss_scale=loss_scale)
-    state = checkpointing.TrainState(model, optimizer, scheduler, fingerprint, OmegaConf.to_yaml(cfg, resolve=True),
+    state = checkpointing.TrainState(model, optimizer, scheduler, fingerprint, run_dir.resolved_config_yaml(cfg),
                                      export_hf=lambda folder: export.export_to(model, tokenizer, p, folder, env,
                                                                                pp_group), extra=guard)
     if resume:  # before anything is written: a failed resume leaves the run dir as it was
@@ -200,7 +209,8 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
         step.pipeline = p["parallel"].pipeline(mesh, dims, env.device, accum, step.micro_loss)
     else:
         step = StepRunner(*step_args, **step_kwargs)
-    sink = metrics.MetricsFile(os.path.join(out_dir, "metrics.jsonl")) if env.is_main else None
+    if run_loggers is not None:  # after the resume trimmed metrics.jsonl to its step
+        run_loggers.open_record()
     progress = metrics.Progress(t.max_steps, enabled=env.is_main)
     ckpt = _NoCheckpoint() if rehearsal else p["checkpoint"]
     signalled = SignalCheckpoint(SignalCheckpoint.wanted() and hasattr(ckpt, "save_now"))
@@ -218,18 +228,18 @@ def _train(cfg, checked, env, out_dir: str) -> TrainResult:
         records = run_loop(step, _chain(first, batches), t.max_steps, t.log_every, start_step=start,
                            val_every=t.val_every, validate=validate.evaluator(step, val),
                            on_step=lambda s: (progress.advance(s), ckpt.after_step(s, state, out_dir)),
-                           on_log=lambda r: (throughput.add(r), sink and sink.write(r), progress.logged(r)),
+                           on_log=lambda r: (throughput.add(r), run_loggers and run_loggers.log(r), progress.logged(r)),
                            stop=stop)
     except BadSteps:
         ckpt.finish(state, out_dir)  # collective (every rank stops at the same step): commit a save in flight
         raise
     finally:
         progress.close()
-        if sink:
-            sink.close()
         if not stopped_at:
             signalled.close()
     ckpt.finish(state, out_dir)
+    if run_loggers is not None:
+        run_loggers.close(ok=True)
     if stopped_at:
         log.warning("preemption signal: saved a checkpoint of step %d; stopping here (the job is requeued and "
                     "resumes from it)", stopped_at[0])

@@ -8,13 +8,41 @@ import shutil
 HYDRA_FILES = (".hydra", ".lock")  # what Hydra writes at start-up, and the job's lock (launch/lifetime.py)
 
 
-def write_resolved_config(cfg, out_dir: str) -> str:
+def resolved_config_yaml(cfg) -> str:
+    """The config as this run resolved it, secrets masked (a resolved ${oc.env:...} among them): what config.yaml
+    and every checkpoint keep."""
     from omegaconf import OmegaConf
 
+    from automodel.secrets import redact_config
+
+    return OmegaConf.to_yaml(OmegaConf.create(redact_config(OmegaConf.to_container(cfg, resolve=True))))
+
+
+def write_resolved_config(cfg, out_dir: str) -> str:
     path = os.path.join(out_dir, "config.yaml")
     with open(path, "w") as f:
-        f.write(OmegaConf.to_yaml(cfg, resolve=True))
+        f.write(resolved_config_yaml(cfg))
     return path
+
+
+def mask_hydra_record(out_dir: str, sweep_dir: str | None = None) -> None:
+    """Hydra records the command line as typed (.hydra/*.yaml, a sweep's multirun.yaml): mask the secrets in it
+    (a URL's password, a credential variable's value) as in everything automodel writes itself."""
+    from automodel.secrets import redact_text
+
+    folder = os.path.join(out_dir, ".hydra")
+    paths = [os.path.join(folder, f) for f in sorted(os.listdir(folder))] if os.path.isdir(folder) else []
+    if sweep_dir:
+        paths.append(os.path.join(sweep_dir, "multirun.yaml"))
+    for path in paths:
+        if not (path.endswith(".yaml") and os.path.isfile(path)):
+            continue
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        masked = redact_text(text)
+        if masked != text:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(masked)
 
 
 def discard_if_untouched(out_dir: str) -> None:
