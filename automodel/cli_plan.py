@@ -112,11 +112,11 @@ def main(argv: list[str]) -> None:
     ranks = [0] if dims.pp == 1 else [0, (dims.pp - 1) * (world // dims.pp)]  # first and last stage differ
     states = [_rank_state(checked, dims, world, r) for r in ranks]
     step = _step(cfg, checked, dims, micro, accum, hf_config, states[0].model_cls)
-    runtime = _resident_bytes() if plan["gpu"] == "cpu" else estimate.GPU_RUNTIME
+    runtime = _resident_bytes() + estimate.CPU_TRAINER_EXTRA if plan["gpu"] == "cpu" else estimate.GPU_RUNTIME
     parts = [estimate.memory(s, step, runtime, pp_stage=i * (dims.pp - 1)) for i, s in enumerate(states)]
-    worst = max(range(len(parts)), key=lambda i: sum(parts[i].values()))
+    worst = max(range(len(parts)), key=lambda i: estimate.peak(parts[i]))
     state, part = states[worst], parts[worst]
-    peak = sum(part.values())
+    peak = estimate.peak(part)
     if plan["gpu"] == "cpu":
         from automodel.engine.memory import available_host_bytes
 
@@ -174,7 +174,8 @@ def _print(name, state, part, peak, capacity, where, dims, world, gpu, micro, ac
     width = max(len(k) for k in part)
     for key, value in part.items():
         print(f"  {key:<{width}}  {value / GiB:9.2f} GiB")
-    print(f"  {'peak':<{width}}  {peak / GiB:9.2f} GiB of {capacity / GiB:.1f} GiB {where}")
+    print(f"  {'peak':<{width}}  {peak / GiB:9.2f} GiB of {capacity / GiB:.1f} GiB {where} (gradients and "
+          "activations are not held at once: the larger counts)")
     if comm:
         total = sum(comm.values())
         print(f"communication per optimizer step, this rank sends {total / GiB:.2f} GiB: " +

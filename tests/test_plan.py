@@ -30,7 +30,7 @@ def test_llama3_8b_on_8_gpus_counts_the_model_card_and_an_eighth_per_rank(tmp_pa
     assert _part(out, "parameters") == pytest.approx(8_030_261_248 * 4 / 8 / GiB, abs=0.01)
     assert _part(out, "gradients") == pytest.approx(8_030_261_248 * 4 / 8 / GiB, abs=0.01)
     assert _part(out, "optimizer state") == pytest.approx(8_030_261_248 * 8 / 8 / GiB, abs=0.01)
-    # [4096 tokens, 128,256] logits: bf16 + fp32 copy + fp32 grad + bf16 grad = 12 bytes each
+    # [4096 tokens, 128,256] logits: logits + fp32 log-softmax + its fp32 grad + the logits grad = 12 bytes each
     assert _part(out, "logits and loss") == pytest.approx(4096 * 128_256 * 12 / GiB, abs=0.01)
     assert "FSDP all-gather" in out and "FSDP reduce-scatter" in out
 

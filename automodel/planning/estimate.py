@@ -12,10 +12,12 @@ Estimated (from the model's own weights, not a table of architectures): activati
   keeps each block's input only, plus one block being recomputed;
   `selective` keeps the matmul outputs (about half); under pp the first stage holds pp micro-batches in flight
   (1f1b; gpipe: all of them); under cp a rank holds seq_len / cp tokens;
-- logits and loss: loss=ce makes [tokens, vocab] logits, their fp32 copy and fp32 gradient (vocab / tp under
-  loss_parallel); loss=chunked_ce only a chunk's;
+- logits and loss: loss=ce holds [tokens, vocab] logits, log-softmax's fp32 output, its fp32 gradient and the
+  logits' gradient, 12 bytes an element (vocab / tp under loss_parallel); loss=chunked_ce only a chunk's;
+- the peak: gradients (set to None after each step) and activations are not held at once (peak());
 - runtime: on a CPU the plan process's own resident memory once its libraries are loaded (the trainer loads the
-  same); on a GPU a CUDA context and the NCCL and allocator reserves.
+  same) plus what a trainer holds besides (CPU_TRAINER_EXTRA, measured); on a GPU a CUDA context and the NCCL
+  and allocator reserves.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ GiB = 1024**3
 GPU_MEMORY_GIB = {"h100": 80, "h200": 141, "h20": 96, "b200": 180, "gb200": 186, "a100": 80, "a100_40gb": 40,
                   "l40s": 48, "l4": 24, "a10g": 24, "rtx4090": 24, "v100": 32, "mi300x": 192, "mi325x": 256}
 GPU_RUNTIME = int(1.0 * GiB)  # CUDA context, NCCL buffers, the caching allocator's slack
+# what a training process holds on a CPU beyond the plan process's own libraries: the tokenized data, the
+# tokenizer, the process group, autograd's and OpenMP's threads. Measured: the default run (a 1.6M-parameter
+# model, so almost nothing else) peaks at 0.66 GiB where the plan process holds 0.35 GiB.
+CPU_TRAINER_EXTRA = int(0.3 * GiB)
 
 
 @dataclasses.dataclass
@@ -89,9 +95,16 @@ def memory(state, step: Step, runtime: int, pp_stage: int = 0) -> dict[str, int]
     if state.head_out_features:
         vocab = state.head_out_features // (d.tp if step.loss_parallel and d.tp > 1 else 1)
         rows = tokens if step.loss != "chunked_ce" else min(tokens, step.chunk_tokens or max(1, (256 * 2**20) // (4 * vocab)))
-        logits = rows * vocab * (2 * step.compute_bytes + 8)
+        logits = rows * vocab * 12  # logits, log-softmax's fp32 output, its fp32 gradient, the logits' gradient
     return {"parameters": weights, "gradients": grads, "optimizer state": optimizer, "activations": int(activations),
             "logits and loss": int(logits), "communication buffers": int(buffers), "runtime": runtime}
+
+
+def peak(parts: dict[str, int]) -> int:
+    """The step's peak: gradients are set to None after every optimizer step and grow in backward as the
+    activations are freed, so the two are not held at once; the larger of them counts."""
+    held_apart = min(parts["gradients"], parts["activations"] + parts["logits and loss"])
+    return sum(parts.values()) - held_apart
 
 
 def communication(state, step: Step) -> dict[str, float]:
@@ -134,7 +147,7 @@ def _has_experts(layer) -> bool:
 def suggestions(states: list, step: Step, runtime: int, capacity: int, peft: str) -> list[str]:
     """The smallest changes that would bring the most loaded rank under `capacity`, cheapest first (each re-planned
     with the same layout counts), with its new peak; a pair of them when no single one does."""
-    def peak(candidate: Step, state_scale: float = 1.0, drop_training_state: bool = False) -> int:
+    def replan(candidate: Step, state_scale: float = 1.0, drop_training_state: bool = False) -> int:
         worst = 0
         for i, state in enumerate(states):
             part = memory(state, candidate, runtime, pp_stage=i * (step.dims.pp - 1))
@@ -142,7 +155,7 @@ def suggestions(states: list, step: Step, runtime: int, capacity: int, peft: str
                 part["gradients"] = part["optimizer state"] = 0
             for key in ("parameters", "gradients", "optimizer state", "communication buffers"):
                 part[key] = int(part[key] * state_scale)
-            worst = max(worst, sum(part.values()))
+            worst = max(worst, peak(part))
         return worst
 
     ideas: list[tuple[str, Step]] = []
@@ -155,13 +168,13 @@ def suggestions(states: list, step: Step, runtime: int, capacity: int, peft: str
         ideas.append((f"train.micro_batch_size={step.micro_batch // 2}",
                       dataclasses.replace(step, micro_batch=step.micro_batch // 2,
                                           block_bytes=step.block_bytes // 2 if step.block_bytes else None)))
-    found = [(change, peak(c)) for change, c in ideas]
+    found = [(change, replan(c)) for change, c in ideas]
     if peft in ("none", ""):
         found.append(("peft=lora (adapters only: no gradients or optimizer state for the base)",
-                      peak(step, drop_training_state=True)))
+                      replan(step, drop_training_state=True)))
     fitting = [(change, p) for change, p in found if p <= capacity]
     if not fitting and len(ideas) >= 2:  # two changes together
         both = dataclasses.replace(ideas[1][1], activation_checkpointing=ideas[0][1].activation_checkpointing)
-        if peak(both) <= capacity:
-            fitting = [(f"{ideas[0][0]} and {ideas[1][0]}", peak(both))]
+        if replan(both) <= capacity:
+            fitting = [(f"{ideas[0][0]} and {ideas[1][0]}", replan(both))]
     return [f"{change} -> about {p / GiB:.1f} GiB" for change, p in fitting[:3]]
