@@ -94,7 +94,7 @@ def main(argv: list[str]) -> None:
     from automodel.compose import compose
     from automodel.config import validate
     from automodel.engine.preflight import preflight
-    from automodel.engine.run import _hints
+    from automodel.engine.run import check_layout
     from automodel.planning import estimate
 
     cfg = compose(overrides)
@@ -102,13 +102,7 @@ def main(argv: list[str]) -> None:
     world = plan["world_size"]
     dims, micro, accum = preflight(checked, world)
     p, t = checked.plugins, checked.train
-    hf_config = p["model"].hf_config()
-    p["parallel"].check_model(dims, hf_config)
-    hints = _hints(p["parallel"], dims, t.seq_len, accum)
-    if hasattr(p["loss"], "check_layout"):
-        p["loss"].check_layout(dims, hints)
-    if hasattr(p["peft"], "check_layout"):
-        p["peft"].check_layout(dims)
+    hf_config, _ = check_layout(checked, dims, accum)
     ranks = [0] if dims.pp == 1 else [0, (dims.pp - 1) * (world // dims.pp)]  # first and last stage differ
     states = [_rank_state(checked, dims, world, r) for r in ranks]
     step = _step(cfg, checked, dims, micro, accum, hf_config, states[0].model_cls)
@@ -143,22 +137,22 @@ def _step(cfg, checked, dims, micro: int, accum: int, hf_config, model_cls):
     from automodel.planning.estimate import Step
 
     p = checked.plugins
+    # the precision plugin's own policy says the dtype of compute and of FSDP's all-gathers (none: fp32)
     policy = p["precision"].mixed_precision_policy()
-    gather = getattr(policy, "param_dtype", None) or torch.float32
-    precision = str(cfg.precision.plugin)
+    compute = getattr(policy, "param_dtype", None) or torch.float32
     par = getattr(p["parallel"], "cfg", None)
     n_experts = num_routed_experts(hf_config) or 1
     top_k = next((getattr(hf_config, k) for k in _TOP_K_KEYS if isinstance(getattr(hf_config, k, None), int)), 1)
     tokens = -(-checked.train.seq_len // dims.cp)
-    compute = torch.float32 if precision == "fp32" else torch.bfloat16
     block = block_bytes(model_cls, hf_config, compute, micro, tokens, adapt=p["peft"].apply)
+    width = torch.empty((), dtype=compute).element_size()
     return Step(micro_batch=micro, seq_len=checked.train.seq_len, micro_batches=accum,
-                compute_bytes=4 if precision == "fp32" else 2, gather_bytes=torch.empty((), dtype=gather).element_size(),
+                compute_bytes=width, gather_bytes=width,
                 activation_checkpointing=getattr(par, "activation_checkpointing", "none"),
                 loss=str(cfg.loss.plugin), chunk_tokens=getattr(getattr(p["loss"], "cfg", None), "chunk_tokens", None),
                 loss_parallel=bool(getattr(par, "loss_parallel", False)), top_k=top_k, num_experts=n_experts,
                 block_bytes=block, dims=dims,
-                pp_schedule=getattr(par, "pp_schedule", "1f1b"), pp_virtual=getattr(par, "pp_virtual_stages", 1))
+                pp_schedule=getattr(par, "pp_schedule", "1f1b"))
 
 
 def _print(name, state, part, peak, capacity, where, dims, world, gpu, micro, accum, t, step, comm, seconds) -> None:

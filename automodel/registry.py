@@ -126,8 +126,9 @@ def _expected_type(dataclass_type: type, e: Exception) -> str:
     return getattr(obj, "__name__", None) or str(obj)
 
 
-def instantiate(group: str, node: Any) -> Any:
-    """Build the plugin that a group's config node names, with its validated typed config."""
+def instantiate(group: str, node: Any, where: str | None = None) -> Any:
+    """Build the plugin that a group's config node names, with its validated typed config (`where`: the node's
+    key in messages, e.g. logger.wandb; default the group)."""
     from omegaconf import DictConfig, OmegaConf
 
     if node is None:
@@ -137,9 +138,9 @@ def instantiate(group: str, node: Any) -> Any:
     node = dict(node)
     name = node.pop("plugin", None)
     if not name:
-        raise UserError(f"{group}: the option does not name a plugin (add `plugin: <name>` to its YAML)")
+        raise UserError(f"{where or group}: the option does not name a plugin (add `plugin: <name>` to its YAML)")
     cls = load(group, name)
-    return cls(validate(cls.Config, node, group))
+    return cls(validate(cls.Config, node, where or group))
 
 
 def instantiate_all(group: str, node: Any) -> list:
@@ -155,12 +156,4 @@ def instantiate_all(group: str, node: Any) -> list:
                         f"[{LIST_GROUPS[group]},wandb]), got keys {', '.join(map(str, node))}")
     always = LIST_GROUPS[group]
     node = {always: node.pop(always, {"plugin": always}), **node}
-    found = []
-    for option, sub in node.items():
-        sub = dict(sub)
-        name = sub.pop("plugin", None)
-        if not name:
-            raise UserError(f"{group}.{option}: the option does not name a plugin (add `plugin: <name>` to its YAML)")
-        cls = load(group, name)
-        found.append(cls(validate(cls.Config, sub, f"{group}.{option}")))
-    return found
+    return [instantiate(group, sub, f"{group}.{option}") for option, sub in node.items()]

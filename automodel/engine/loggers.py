@@ -3,8 +3,8 @@
 metrics.jsonl is written in the loop's own thread (its record must survive a crash line by line). The others
 (wandb, TensorBoard, MLflow: `background = True`) run in a process of their own (logger_worker.py), fed through
 a pipe: their imports (seconds of Python, done while this process sets up), files and network never hold a
-training step nor the interpreter lock, and one that fails mid-run is a warning, not a lost run. The worker outlives a crash of this process long
-enough to mark the runs failed (it sees the pipe close).
+training step nor the interpreter lock, and one that fails mid-run is a warning, not a lost run. The worker
+outlives a crash of this process long enough to mark the runs failed (it sees the pipe close).
 """
 
 from __future__ import annotations

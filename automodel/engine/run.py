@@ -63,7 +63,6 @@ def train(cfg, out_dir: str) -> TrainResult:
 def _train(cfg, checked, env, out_dir: str, opened: list) -> TrainResult:
     import torch
 
-
     from automodel.engine import checkpointing, export, loggers, metrics, run_dir, teacher, validate
     from automodel.engine.loop import StepRunner, run_loop
     from automodel.engine.materialize import canonical_names, finished, hf_init, materialize, zero_init
@@ -91,14 +90,7 @@ def _train(cfg, checked, env, out_dir: str, opened: list) -> TrainResult:
 
     # 1. layout
     dims, micro, accum = preflight(checked, env.world_size)
-    hf_config = p["model"].hf_config()
-    p["parallel"].check_model(dims, hf_config)
-    _check_seq_len(t.seq_len, hf_config, p["model"].name)
-    hints = _hints(p["parallel"], dims, t.seq_len, accum)
-    if hasattr(p["loss"], "check_layout"):  # layouts these plugins cannot serve: refused before anything is built
-        p["loss"].check_layout(dims, hints)
-    if hasattr(p["peft"], "check_layout"):
-        p["peft"].check_layout(dims)
+    hf_config, hints = check_layout(checked, dims, accum)
     if hasattr(p["precision"], "check_device"):  # e.g. float8 matmuls: the GPU generation, the package
         p["precision"].check_device(env.device.type, dims)
 
@@ -274,6 +266,21 @@ def _chain(first, rest):
     yield first
     yield from rest
 
+
+
+def check_layout(checked, dims, accum: int):
+    """(the model's config, the layout's hints), or the one-line refusal of a model or layout the plugins cannot
+    serve, before anything is built. Shared by training and `automodel plan` (which plans only what would run)."""
+    p, t = checked.plugins, checked.train
+    hf_config = p["model"].hf_config()
+    p["parallel"].check_model(dims, hf_config)
+    _check_seq_len(t.seq_len, hf_config, p["model"].name)
+    hints = _hints(p["parallel"], dims, t.seq_len, accum)
+    if hasattr(p["loss"], "check_layout"):
+        p["loss"].check_layout(dims, hints)
+    if hasattr(p["peft"], "check_layout"):
+        p["peft"].check_layout(dims)
+    return hf_config, hints
 
 
 def _hints(parallel, dims, seq_len: int, accum: int = 1):

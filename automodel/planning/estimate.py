@@ -54,7 +54,6 @@ class Step:
     block_bytes: int | None  # what one decoder block saves for a micro-batch, measured (activations.py); None: unknown
     dims: object  # ParallelDims
     pp_schedule: str
-    pp_virtual: int
     optimizer_moments: int = 2
 
 
@@ -147,14 +146,12 @@ def _has_experts(layer) -> bool:
 def suggestions(states: list, step: Step, runtime: int, capacity: int, peft: str) -> list[str]:
     """The smallest changes that would bring the most loaded rank under `capacity`, cheapest first (each re-planned
     with the same layout counts), with its new peak; a pair of them when no single one does."""
-    def replan(candidate: Step, state_scale: float = 1.0, drop_training_state: bool = False) -> int:
+    def replan(candidate: Step, drop_training_state: bool = False) -> int:
         worst = 0
         for i, state in enumerate(states):
             part = memory(state, candidate, runtime, pp_stage=i * (step.dims.pp - 1))
             if drop_training_state:
                 part["gradients"] = part["optimizer state"] = 0
-            for key in ("parameters", "gradients", "optimizer state", "communication buffers"):
-                part[key] = int(part[key] * state_scale)
             worst = max(worst, peak(part))
         return worst
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import torch
 from torch import nn
 
 _FSDP_DIMS = ("dp_shard", "dp_shard_cp", "dp_shard_mod_ep", "expert_fsdp", "dp_replicate", "dp")
@@ -56,17 +55,13 @@ def count(model: nn.Module, layers: list[nn.Module], rank: int, stage: str) -> R
     layout shards them in place; those this rank holds are kept)."""
     from torch.distributed.fsdp import FSDPModule
 
-    seen: set[int] = set()
+    held = {id(q): q for q in model.parameters()}  # a tied weight once
     params = param_bytes = trainable = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
+    for p in held.values():
         n = _local_numel(p)
         params += n
         param_bytes += n * p.element_size()
         trainable += n if p.requires_grad else 0
-    held = {id(q) for q in model.parameters()}
     layers = [layer for layer in layers if any(id(q) in held for q in layer.parameters())]
     units, root = [], 0
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -75,7 +70,7 @@ def count(model: nn.Module, layers: list[nn.Module], rank: int, stage: str) -> R
                   for q in sub.parameters()}
         own = {id(q): q for q in module.parameters() if id(q) not in nested}
         gathered = sum(_local_numel(q) * _fsdp_factor(q) for q in own.values() if _fsdp_factor(q) > 1)
-        if module is model or module is fsdp_modules[0] and not units:
+        if module is model:  # the root unit: embeddings, final norm, head (a pipeline stage's own)
             root = gathered
         units.append(gathered)
     try:  # a pipeline stage without the head has none (or a placeholder)
@@ -91,6 +86,3 @@ def count(model: nn.Module, layers: list[nn.Module], rank: int, stage: str) -> R
 def tokens_per_rank(micro_batch: int, seq_len: int, cp: int) -> int:
     return micro_batch * math.ceil(seq_len / cp)
 
-
-def dtype_bytes(dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
