@@ -6,6 +6,7 @@
     automodel export CKPT OUT       a DCP checkpoint -> an HF folder, offline, on one process
     automodel plot RUN_OR_SWEEP...  loss, val_loss, lr and tokens/s against step, as a PNG
     automodel plan ... plan.world_size=N   per-rank memory and communication of a run at N ranks, no hardware
+    automodel eval RUN_OR_FOLDER    lm-evaluation-harness tasks on a run's model (eval.KEY=VALUE overrides)
     automodel help | --version
 """
 
@@ -22,6 +23,7 @@ SUBCOMMANDS = {
     "export": "automodel.cli_export:main",
     "plot": "automodel.cli_plot:main",
     "plan": "automodel.cli_plan:main",
+    "eval": "automodel.cli_eval:main",
 }
 
 

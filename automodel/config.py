@@ -47,9 +47,10 @@ class TrainConfig:
     sample_prompts: int = 3  # greedy generations shown at the end of a run (0: none)
     val_every: int = 0  # steps between validations on the data's held-out part (0: off); val_loss in metrics
     peak_tflops: Optional[float] = None  # a device's dense peak for MFU; null: the known GPUs' table (none on a CPU)
+    eval_every: int = 0  # steps between lm-eval runs (the `eval` section) on the model as trained so far (0: off)
 
 
-TOP_LEVEL = ("train", "launcher", "moe", *registry.GROUPS)
+TOP_LEVEL = ("train", "launcher", "moe", "eval", *registry.GROUPS)
 
 
 # ---------------------------------------------------------------- resolvers
@@ -96,6 +97,7 @@ class Validated:
     plugins: dict[str, Any]  # group -> plugin instance
     launcher: Any = None  # automodel.launch.local.LauncherConfig
     moe: Any = None  # automodel.moe.config.MoEConfig
+    eval: Any = None  # automodel.evaluation.config.EvalConfig
 
 
 def validate(cfg) -> Validated:
@@ -122,6 +124,10 @@ def validate(cfg) -> Validated:
         value = getattr(moe, key)
         if value is not None and not (value >= 0 and value < float("inf")):
             raise UserError(f"moe.{key}={value} must be a finite number >= 0 (0 turns it off)")
+    from automodel.evaluation.config import EvalConfig, check as check_eval
+
+    evaluation = registry.validate(EvalConfig, OmegaConf.to_container(cfg.get("eval", {}), resolve=True), "eval")
+    check_eval(evaluation)
     plugins = {}
     for group in registry.GROUPS:
         try:
@@ -137,14 +143,19 @@ def validate(cfg) -> Validated:
     for plugin in plugins["logger"]:  # e.g. its package is not installed: said now, not after the model is built
         if hasattr(plugin, "check"):
             plugin.check()
-    return Validated(train, plugins, launcher, moe)
+    if train.eval_every:  # said now, not at the first evaluation
+        from automodel.evaluation.harness import require_lm_eval
+
+        require_lm_eval()
+    return Validated(train, plugins, launcher, moe, evaluation)
 
 
 def _check_train(t: TrainConfig) -> None:
     for key in ("max_steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every"):
         if getattr(t, key) is not None and getattr(t, key) < 1:
             raise UserError(f"train.{key}={getattr(t, key)} must be at least 1")
-    for key, off in (("val_every", "0 turns validation off"), ("sample_prompts", "0 shows none")):
+    for key, off in (("val_every", "0 turns validation off"), ("eval_every", "0 turns evaluation off"),
+                     ("sample_prompts", "0 shows none")):
         if getattr(t, key) < 0:
             raise UserError(f"train.{key}={getattr(t, key)} must be >= 0 ({off})")
     if not (t.max_grad_norm >= 0 and math.isfinite(t.max_grad_norm)):

@@ -21,7 +21,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install --quiet "$TORCH_SPEC"
 fi
 echo "automodel setup: installing automodel and its dependencies"
-.venv/bin/pip install --quiet -e ".[test,plot,loggers]"
+.venv/bin/pip install --quiet -e ".[test,plot,loggers,eval]"
 # torchao (precision=fp8) and bitsandbytes (peft=qlora) go in a folder of their own that only their tests put
 # on the path: transformers and peft import them in every run once they are installed (~0.6 s each, and log
 # noise), so they stay opt-in extras (`pip install 'automodel[fp8]'`, `'automodel[qlora]'`) for users and

@@ -58,6 +58,13 @@ CASES = [
     case("max_steps_zero", ["train.max_steps=0"], "train.max_steps=0", "at least 1"),
     case("log_every_zero", ["train.log_every=0"], "train.log_every=0", "at least 1"),
     case("val_every_negative", ["train.val_every=-1"], "train.val_every=-1", "0"),
+    case("eval_every_negative", ["train.eval_every=-1"], "train.eval_every=-1", "0 turns evaluation off"),
+    case("eval_bad_device", ["eval.device=tpu"], "eval.device='tpu'", "auto, cpu, cuda"),
+    case("eval_without_target", ["eval"], "automodel eval", "RUN_OR_FOLDER"),
+    case("eval_unknown_setting", ["eval", "{fx}/unknown_type", "train.max_steps=3"],
+         "'train.max_steps=3' is not an eval setting"),
+    case("eval_adapter", ["eval", "{fx}/adapter"], "holds a PEFT adapter, not a model"),
+    case("eval_garbled_model", ["eval", "{fx}/garbled_config"], "could not be loaded as a model"),
     case("sample_prompts_negative", ["train.sample_prompts=-1"], "train.sample_prompts=-1", "0"),
     case("global_batch_zero", ["train.global_batch_size=0"], "train.global_batch_size=0", "at least 1"),
     case("micro_above_global", ["train.micro_batch_size=64"], "train.micro_batch_size=64", "train.global_batch_size="),
@@ -294,7 +301,7 @@ def _fixtures(fx: str) -> None:
 # A case the product wrongly accepts would train the default model for 500 steps: every training command line
 # gets these (unless it sets the key itself), so such a case costs seconds and still fails.
 SHORT = ("train.max_steps=2", "train.global_batch_size=4", "train.sample_prompts=0", "checkpoint.export_final=false")
-SUBCOMMANDS = ("list", "generate", "export", "plot", "plan")
+SUBCOMMANDS = ("list", "generate", "export", "plot", "plan", "eval")
 
 
 def _expand(args, fx: str) -> list[str]:

@@ -102,7 +102,7 @@ def test_help_lists_groups_and_options(tmp_path):
                      "parallel: cp, fsdp2, fsdp2_cp, fsdp2_cp_tp_pp, fsdp2_ep, fsdp2_ep_pp, fsdp2_pp, fsdp2_tp, fsdp2_tp_pp, hsdp, none, pp, tp",
                      "peft: dora, lora, none, qlora", "precision: bf16, fp16, fp32, fp8", "loss: ce, chunked_ce, liger",
                      "teacher: hf, none", "logger: jsonl, mlflow, tensorboard, wandb", "logger=[jsonl,wandb,tensorboard,mlflow]",
-                     "automodel plan [overrides] plan.world_size=N",
+                     "automodel plan [overrides] plan.world_size=N", "automodel eval RUN_OR_FOLDER [eval.key=value ...]",
                      "checkpoint: dcp, hf_export", "optim: adamw", "data: alpaca, chat, hellaswag, instruction, sharegpt, squad, text, tiny_tasks", "automodel list"):
         assert fragment in proc.stdout, fragment
 

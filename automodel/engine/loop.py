@@ -180,10 +180,12 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def run_loop(step_fn: StepRunner, batches, max_steps: int, log_every: int, on_step, on_log,
-             start_step: int = 0, val_every: int = 0, validate=None, stop=None) -> list[dict]:
+             start_step: int = 0, periodic=(), stop=None) -> list[dict]:
     """Train steps start_step+1 .. max_steps; call on_step(step) after each and on_log(record) every
     `log_every` (and the last). A resumed run passes the checkpoint's step as start_step. `stop(step)`,
-    asked after on_step, ends the loop early when it returns True (a preemption)."""
+    asked after on_step, ends the loop early when it returns True (a preemption). `periodic`: (every, fn)
+    pairs, e.g. validation; fn(step) -> a dict merged into that step's record, called (collectively) every
+    `every` steps and at the last."""
     records = []
     tokens_since = 0
     t_last = time.perf_counter()
@@ -192,9 +194,9 @@ def run_loop(step_fn: StepRunner, batches, max_steps: int, log_every: int, on_st
         step_fn.step = step
         loss_share, grad_norm = step_fn(batch)
         tokens_since += batch.num_tokens
-        val_due = validate is not None and (step % val_every == 0 or step == max_steps)
+        due = [fn for every, fn in periodic if step % every == 0 or step == max_steps]
         skipped = getattr(step_fn, "skipped", None)
-        if step % log_every == 0 or step == max_steps or val_due or skipped:
+        if step % log_every == 0 or step == max_steps or due or skipped:
             parts = getattr(step_fn, "parts", {})  # loss components (the CE and KD of a distilled run)
             stats = torch.stack([loss_share.float(), torch.tensor(float(tokens_since), device=loss_share.device),
                                  *(v.float() for v in parts.values())])
@@ -213,11 +215,11 @@ def run_loop(step_fn: StepRunner, batches, max_steps: int, log_every: int, on_st
                 record["skipped"] = skipped
             if getattr(step_fn, "loss_scale", None) is not None:
                 record["loss_scale"] = step_fn.loss_scale.value
-            if val_due:
-                record["val_loss"] = validate()  # collective: every rank evaluates
+            for fn in due:  # collective: every rank takes part
+                record.update(fn(step))
             records.append(record)
             on_log(record)
-            tokens_since, t_last = 0, now
+            tokens_since, t_last = 0, time.perf_counter() if due else now  # evaluation time is not training time
         if step_fn.guard is not None:
             step_fn.guard.check()  # every rank at the same step: the decision was global
         on_step(step)

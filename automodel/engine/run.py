@@ -201,6 +201,11 @@ def _train(cfg, checked, env, out_dir: str, opened: list) -> TrainResult:
         step.pipeline = p["parallel"].pipeline(mesh, dims, env.device, accum, step.micro_loss)
     else:
         step = StepRunner(*step_args, **step_kwargs)
+    harness_eval = []  # lm-eval every train.eval_every steps, on an export of the model as trained so far
+    if t.eval_every and not rehearsal:
+        from automodel.engine.harness import HarnessEval
+
+        harness_eval = [(t.eval_every, HarnessEval(checked.eval, state.export_hf, env.is_main, out_dir))]
     if run_loggers is not None:  # after the resume trimmed metrics.jsonl to its step
         run_loggers.open_record()
     progress = metrics.Progress(t.max_steps, enabled=env.is_main)
@@ -218,7 +223,7 @@ def _train(cfg, checked, env, out_dir: str, opened: list) -> TrainResult:
     t0 = time.perf_counter()
     try:
         records = run_loop(step, _chain(first, batches), t.max_steps, t.log_every, start_step=start,
-                           val_every=t.val_every, validate=validate.evaluator(step, val),
+                           periodic=[*validate.periodic(step, val, t.val_every), *harness_eval],
                            on_step=lambda s: (progress.advance(s), ckpt.after_step(s, state, out_dir)),
                            on_log=lambda r: (throughput.add(r), run_loggers and run_loggers.log(r), progress.logged(r)),
                            stop=stop)

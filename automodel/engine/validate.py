@@ -43,11 +43,11 @@ def _no_validation(data, val_every: int) -> UserError:
                      f"train.val_every=0")
 
 
-def evaluator(step_runner, val):
-    """() -> val_loss (a float, the same on every rank), or None when validation is off."""
+def periodic(step_runner, val, every: int) -> list:
+    """run_loop's (every, step -> {"val_loss": the same float on every rank}) pair; none when validation is off."""
     if val is None:
-        return None
-    return lambda: evaluate(step_runner, val)
+        return []
+    return [(every, lambda step: {"val_loss": evaluate(step_runner, val)})]
 
 
 def evaluate(s, val) -> float:
