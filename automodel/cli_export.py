@@ -37,7 +37,8 @@ def export(checkpoint: str, out: str) -> str:
     out = os.path.abspath(os.path.expanduser(out))
     if os.path.abspath(path).startswith(out + os.sep) or os.path.abspath(path) == out:
         raise UserError(f"the output folder '{out}' contains the checkpoint; pick another folder")
-    write_hf_folder(full, plugins["model"].tokenizer(), plugins, out)
+    processor = plugins["model"].processor() if hasattr(plugins["model"], "processor") else None
+    write_hf_folder(full, processor or plugins["model"].tokenizer(), plugins, out)
     return out
 
 

@@ -192,11 +192,15 @@ class ExampleData:
         units = self.units(examples, seq_len, "validation")
         per_rank = -(-len(units) // dp_size)
         mine = units[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-        blank = ([(ids, [IGNORE_INDEX] * len(ids)) for ids, _ in units[0]] if self.packing
-                 else (units[0][0], [IGNORE_INDEX] * len(units[0][0])))
-        mine = mine + [blank] * (per_rank - len(mine))
+        mine = mine + [self.blank(units[0])] * (per_rank - len(mine))
         return [self.collate(mine[i : i + micro_batch_size], micro_batch_size, _pad_id(tokenizer))
                 for i in range(0, len(mine), micro_batch_size)]
+
+    def blank(self, unit):
+        """A copy of `unit` without targets: the top-up of a short last validation slice."""
+        if self.packing:
+            return [(ids, [IGNORE_INDEX] * len(ids)) for ids, _ in unit]
+        return unit[0], [IGNORE_INDEX] * len(unit[0])
 
     def sample_prompts(self, n: int) -> list[tuple[str, str]]:
         """Up to n (prompt, expected) pairs from the held-out data when there is any (val_path, val_split, or

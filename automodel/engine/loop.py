@@ -164,7 +164,9 @@ def _for_layout(inputs: dict, labels: torch.Tensor, hints: ParallelHints) -> tup
 
     pad = -labels.shape[1] % hints.seq_multiple
     if pad:
-        inputs = {k: torch.nn.functional.pad(v, (0, pad)) if v.dim() == 2 else v for k, v in inputs.items()}
+        # per-token tensors ([batch, seq], as the labels) only: an image-text model's pixel tensors keep their shape
+        inputs = {k: torch.nn.functional.pad(v, (0, pad)) if v.shape[:2] == labels.shape else v
+                  for k, v in inputs.items()}
         labels = torch.nn.functional.pad(labels, (0, pad), value=IGNORE_INDEX)
     if hints.global_position_ids and "position_ids" not in inputs:
         inputs["position_ids"] = torch.arange(labels.shape[1], device=labels.device).unsqueeze(0)

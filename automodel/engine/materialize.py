@@ -54,15 +54,22 @@ def seed_for(seed: int, name: str) -> int:
 
 
 def hf_init(model: nn.Module) -> ModuleInit:
-    """The model's own transformers initializer, applied to one module."""
-    base = hf_base(model)
-    init = getattr(base, "_init_weights", None)
+    """The model's own transformers initializer, applied to one module: that of the innermost transformers model
+    holding it, as transformers itself dispatches (an image-text model's vision tower is a model of its own, whose
+    initializer alone knows its buffers, e.g. SigLIP's position ids)."""
+    from transformers import PreTrainedModel
+
+    names = canonical_names(model)
+    owners = sorted(((names.get(id(m), n), m._init_weights) for n, m in hf_base(model).named_modules()
+                     if isinstance(m, PreTrainedModel) and hasattr(m, "_init_weights")), key=lambda o: -len(o[0]))
 
     def run(name: str, shadow: nn.Module) -> bool:
-        if init is None:
-            return False
-        init(shadow)
-        return True
+        module_name = name.split("#")[0]  # an expert's shadow: "<experts>#<e>"
+        for prefix, init in owners:
+            if not prefix or module_name == prefix or module_name.startswith(prefix + "."):
+                init(shadow)
+                return True
+        return False
 
     return run
 
@@ -269,7 +276,16 @@ def _init_shadow(module: nn.Module, name: str, own: dict, inits: list[ModuleInit
         torch.manual_seed(seed_for(seed, name))
         try:
             handled = any(init(name, shadow) for init in inits)
-        except (AttributeError, KeyError, TypeError) as e:
+        except AttributeError:  # an initializer that also reaches into children (SigLIP's embeddings, attention)
+            shadow._modules = {k: _ghost(c) for k, c in module._modules.items()}
+            torch.manual_seed(seed_for(seed, name))
+            try:
+                handled = any(init(name, shadow) for init in inits)
+            except (AttributeError, KeyError, TypeError) as e:
+                raise UserError(f"cannot initialize '{name}' ({type(module).__name__}) on the meta device: its "
+                                f"initializer failed ({e}); load pretrained weights (model.path) or report this "
+                                "model") from None
+        except (KeyError, TypeError) as e:
             raise UserError(f"cannot initialize '{name}' ({type(module).__name__}) on the meta device: its initializer "
                             f"failed ({e}); load pretrained weights (model.path) or report this model") from None
     for k, (tensor, _) in own.items():
@@ -286,6 +302,22 @@ def _init_shadow(module: nn.Module, name: str, own: dict, inits: list[ModuleInit
             continue
         _copy_shard(tensor, value.detach())
         stats.initialized += 1
+
+
+def _ghost(module: nn.Module | None) -> nn.Module | None:
+    """A weightless stand-in for a child module (its tensors on the meta device, where writes do nothing): what
+    the parent's initializer writes into its children is dropped; each child is initialized in its own turn."""
+    if module is None:
+        return None
+    ghost = object.__new__(_plain_class(module))
+    ghost.__dict__ = dict(module.__dict__)
+    ghost._parameters = {k: None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                                requires_grad=False)
+                         for k, p in module._parameters.items()}
+    ghost._buffers = {k: None if b is None else torch.empty(b.shape, dtype=b.dtype, device="meta")
+                      for k, b in module._buffers.items()}
+    ghost._modules = {k: _ghost(c) for k, c in module._modules.items()}
+    return ghost
 
 
 def _plain_class(module: nn.Module) -> type:

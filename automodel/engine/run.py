@@ -108,6 +108,10 @@ def _train(cfg, checked, env, out_dir: str, opened: list) -> TrainResult:
     check_fits(total + frozen_teacher, trainable, dims, device_type=env.device.type, model_name=p["model"].name,
                largest_tensor=largest, weight_bytes=weight_bytes + 4 * frozen_teacher)
     tokenizer = p["model"].tokenizer()
+    processor = p["model"].processor() if hasattr(p["model"], "processor") else None  # image-text models
+    if hasattr(p["data"], "use_processor"):  # e.g. data=vlm: images go through the model's own processor
+        p["data"].use_processor(processor)
+    saved_with_model = processor or tokenizer  # what the export writes next to the weights
     mesh = dims.build_mesh(env.device.type)
     dp_rank, dp_size = dims.dp_coordinate(mesh)
     fingerprint = checkpointing.fingerprint(cfg, hf_config)
@@ -171,8 +175,8 @@ def _train(cfg, checked, env, out_dir: str, opened: list) -> TrainResult:
     loss_scale = p["precision"].loss_scale() if hasattr(p["precision"], "loss_scale") else None  # fp16
     guard = StepGuard(t.max_bad_steps, t.spike_factor, t.spike_window, loss_scale=loss_scale)
     state = checkpointing.TrainState(model, optimizer, scheduler, fingerprint, run_dir.resolved_config_yaml(cfg),
-                                     export_hf=lambda folder: export.export_to(model, tokenizer, p, folder, env,
-                                                                               pp_group), extra=guard)
+                                     export_hf=lambda folder: export.export_to(model, saved_with_model, p, folder,
+                                                                               env, pp_group), extra=guard)
     if resume:  # before anything is written: a failed resume leaves the run dir as it was
         p["checkpoint"].restore(resume, state)
     if env.is_main and not rehearsal:  # the record matches the run: lines past where it starts are trained again
@@ -251,7 +255,7 @@ def _train(cfg, checked, env, out_dir: str, opened: list) -> TrainResult:
         return TrainResult(records, None, model, tokenizer)
 
     # 7. export
-    final_dir = export.export_final(model, tokenizer, p, out_dir, env, pp_group)
+    final_dir = export.export_final(model, saved_with_model, p, out_dir, env, pp_group)
     if env.is_main and final_dir and t.sample_prompts:
         export.show_samples(final_dir, p["data"].sample_prompts(t.sample_prompts))
     return TrainResult(records, final_dir, model, tokenizer)

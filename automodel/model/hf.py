@@ -1,4 +1,5 @@
-"""Model plugin `hf`: any transformers `AutoModelForCausalLM`, from a local folder, a hub id, or a config.
+"""Model plugin `hf`: any transformers `AutoModelForCausalLM` or image-text model (`AutoModelForImageTextToText`,
+see vision.py), from a local folder, a hub id, or a config.
 
 - `path` set: config, weights and (by default) tokenizer come from that folder or hub id; `config` (a
   preset's architecture) is ignored, so `model=llama3_8b model.path=<folder>` cannot clobber the folder's.
@@ -41,13 +42,13 @@ class HFModelConfig:
 def _default_attention(cfg) -> str:
     """The attention transformers would pick for this model class when asked for none: sdpa where the class
     supports it (and softcapping, which only eager computes, is off), else eager."""
-    from transformers import AutoModelForCausalLM
+    from automodel.model.vision import auto_class
 
     try:
-        cls = AutoModelForCausalLM._model_mapping[type(cfg)]
+        cls = auto_class(cfg)._model_mapping[type(cfg)]
     except Exception:
         return "sdpa"
-    softcap = getattr(cfg, "attn_logit_softcapping", None)
+    softcap = getattr(cfg.get_text_config(), "attn_logit_softcapping", None)
     if not getattr(cls, "_supports_sdpa", False) or softcap:
         return "eager"
     return "sdpa"
@@ -173,27 +174,47 @@ class HFModel:
 
         from automodel.config import RESOURCES
 
-        source = self.cfg.tokenizer or self.cfg.path or str(RESOURCES / BUNDLED_TOKENIZER)
-        try:
-            tok = AutoTokenizer.from_pretrained(
-                os.path.expanduser(source), revision=self.cfg.revision if source == self.cfg.path else None,
-                trust_remote_code=self.cfg.trust_remote_code,
-            )
-        except (OSError, ValueError) as e:
-            raise _hub_failure("model.tokenizer", source, e) from None
+        if self.processor() is not None:  # an image-text model: its processor's tokenizer
+            tok = self.processor().tokenizer
+        else:
+            source = self.cfg.tokenizer or self.cfg.path or str(RESOURCES / BUNDLED_TOKENIZER)
+            try:
+                tok = AutoTokenizer.from_pretrained(
+                    os.path.expanduser(source), revision=self.cfg.revision if source == self.cfg.path else None,
+                    trust_remote_code=self.cfg.trust_remote_code,
+                )
+            except (OSError, ValueError) as e:
+                raise _hub_failure("model.tokenizer", source, e) from None
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok
 
+    @functools.cache
+    def processor(self):
+        """An image-text model's processor (tokenizer, image processor, chat template); None for a text model."""
+        from automodel.model import vision
+
+        if not vision.is_image_text(self.hf_config()):
+            return None
+        source = self.cfg.tokenizer or self.cfg.path
+        if not source:
+            raise UserError(f"model {self.name} is an image-text model: random init needs model.tokenizer naming a "
+                            "folder with its processor (what a processor's save_pretrained writes)")
+        return vision.load_processor(source, self.cfg.revision if source == self.cfg.path else None,
+                                     self.cfg.trust_remote_code, f"model.{'tokenizer' if self.cfg.tokenizer else 'path'}"
+                                     f"='{source}'")
+
     def build(self, device="cpu"):
         import torch
-        from transformers import AutoModelForCausalLM
+
+        from automodel.model.vision import auto_class
 
         cfg = self.hf_config()
+        AutoModel = auto_class(cfg)  # AutoModelForCausalLM, or AutoModelForImageTextToText
         if str(device) == "meta" or not self.cfg.path:
             try:
                 with torch.device(device):
-                    model = AutoModelForCausalLM.from_config(
+                    model = AutoModel.from_config(
                         cfg, dtype=torch.float32, trust_remote_code=self.cfg.trust_remote_code
                     )
             except ValueError as e:
@@ -204,7 +225,7 @@ class HFModel:
                                 f"({' '.join(str(e).split())[:300]})") from None
         else:
             try:
-                model = AutoModelForCausalLM.from_pretrained(
+                model = AutoModel.from_pretrained(
                     os.path.expanduser(self.cfg.path), config=cfg, revision=self.cfg.revision,
                     dtype=torch.float32, trust_remote_code=self.cfg.trust_remote_code,
                 ).to(device)

@@ -219,7 +219,7 @@ class SPMDParallel:
         for i, end in enumerate(ends):
             fully_shard(end, reshard_after_forward=self.cfg.reshard_after_forward and i == 0, **kwargs)
         fully_shard(model, reshard_after_forward=self.cfg.reshard_after_forward, **kwargs)
-        log.info("FSDP2 over %s: %d decoder layers%s + root", "x".join(fsdp_names), len(blocks),
+        log.info("FSDP2 over %s: %d blocks%s + root", "x".join(fsdp_names), len(blocks),
                  f", {len(ends)} embedding/head" if ends else "")
 
 

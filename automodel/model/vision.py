@@ -1,0 +1,56 @@
+"""Image-text models (transformers' `AutoModelForImageTextToText`: Gemma 3, LLaVA, Qwen2.5-VL, ...): which
+configs are one, and their processors.
+
+A config is an image-text model when transformers maps its class to an image-text-to-text model and it has a
+vision sub-config; nothing else is set by the user. The processor (tokenizer + image processor + chat template)
+comes from the model's folder (or model.tokenizer); without torchvision transformers uses its PIL image
+processors, which need nothing more.
+"""
+
+from __future__ import annotations
+
+import os
+
+from automodel.errors import UserError
+
+
+def is_image_text(hf_config) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return (getattr(hf_config, "vision_config", None) is not None
+            and getattr(hf_config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
+def auto_class(hf_config):
+    """The transformers auto class that builds this config's model with its training head."""
+    if is_image_text(hf_config):
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
+
+
+def load_processor(source: str, revision, trust_remote_code: bool, label: str):
+    """The folder's (or hub id's) processor; one line when it has none or it cannot be built here."""
+    import warnings
+
+    from transformers import AutoProcessor
+
+    try:
+        with warnings.catch_warnings():  # "requires torchvision ... falling back to the PIL processor": intended
+            warnings.simplefilter("ignore")
+            processor = AutoProcessor.from_pretrained(os.path.expanduser(source), revision=revision,
+                                                      trust_remote_code=trust_remote_code)
+    except ImportError as e:  # e.g. a video processor that needs torchvision
+        raise UserError(f"{label}: its processor needs a package that is not installed ({' '.join(str(e).split())[:200]}"
+                        "); install the torchvision build that matches your torch (the same CUDA or CPU variant)") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{label}: cannot load its processor ({' '.join(str(e).split())[:200]}); an image-text model "
+                        "needs the processor files save_pretrained writes (processor_config.json or "
+                        "preprocessor_config.json, the tokenizer)") from None
+    if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+        raise UserError(f"{label}: its processor ({type(processor).__name__}) has no image processor; an image-text "
+                        "model needs one (save the model's processor with it)")
+    return processor

@@ -1,0 +1,150 @@
+"""Image-text models (tiny random Gemma 3 and LLaVA checkpoints with their processors, tests/vlm_zoo.py) trained on
+the bundled `shapes` conversations with `model=hf model.path=<folder> data=vlm`: the targets are the assistant turns
+only, the first step's loss is what a hand-written forward computes on the same batch, 2-rank FSDP2 (and LoRA)
+equal one process, and the export loads with AutoModelForImageTextToText + AutoProcessor with equal logits."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from helpers import cli
+
+from automodel.batch import IGNORE_INDEX
+from automodel.errors import UserError
+
+FAMILIES = ("gemma3", "llava")
+DATA = ["data=vlm", "data.path=${asset:shapes/train.jsonl}", "train.seq_len=64", "train.sample_prompts=0",
+        "train.global_batch_size=4", "train.log_every=1", "optim.warmup_steps=0"]
+STEPS = 6
+
+
+@pytest.fixture(scope="session")
+def vlm_folders(pytestconfig, tmp_path_factory):
+    import vlm_zoo
+
+    cache = getattr(pytestconfig, "cache", None)
+    root = str(cache.mkdir("vlm_zoo")) if cache is not None else str(tmp_path_factory.mktemp("vlm_zoo"))
+    return {family: vlm_zoo.build(root, family) for family in FAMILIES}
+
+
+def _plugins(folder, *overrides):
+    from automodel.compose import compose
+    from automodel.config import validate
+
+    checked = validate(compose(["model=hf", f"model.path={folder}", *DATA, *overrides]))
+    model, data = checked.plugins["model"], checked.plugins["data"]
+    data.use_processor(model.processor())
+    return model, data
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_targets_are_the_assistant_answer_and_its_closing_tokens_never_an_image_token(vlm_folders, family):
+    model, data = _plugins(vlm_folders[family])
+    tok, processor = model.tokenizer(), model.processor()
+    records = data.records("train")
+    examples, stats = data.encode(tok, records, 64)
+    assert len(examples) == len(records) and stats.dropped == 0
+    image_ids = data._image_token_ids()
+    assert image_ids, "the processor's image tokens were not found"
+    for example, record in list(zip(examples, records.rows))[:20]:
+        answer = record["messages"][1]["content"][0]["text"]
+        targets = tok.decode([t for t in example.labels if t != IGNORE_INDEX])
+        assert targets.startswith(answer) and len(targets) <= len(answer) + 20, (targets, answer)
+        assert not image_ids & {t for t in example.labels if t != IGNORE_INDEX}
+        expanded = processor(text=[example.text], images=[data_image(record)], return_tensors="pt",
+                             add_special_tokens=False)
+        assert expanded["input_ids"][0, :-1].tolist() == list(example.ids)  # with the image tokens the model expects
+
+
+def data_image(record):
+    from PIL import Image
+
+    from automodel.config import RESOURCES
+
+    return Image.open(os.path.join(RESOURCES, "shapes", record["images"][0])).convert("RGB")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_first_step_loss_equals_a_hand_written_forward_and_the_export_loads_with_equal_logits(vlm_folders, family,
+                                                                                               tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from automodel.compose import compose
+    from automodel.engine.run import train
+
+    folder = vlm_folders[family]
+    model_plugin, data = _plugins(folder)
+    batch = next(data.build(model_plugin.tokenizer(), seq_len=64, seed=42, dp_rank=0, dp_size=1, global_batch_size=4,
+                            micro_batch_size=4))
+    reference = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    inputs = {k: v for k, v in batch.micro_batches[0].items() if k != "labels"}
+    labels = batch.micro_batches[0]["labels"]
+    with torch.no_grad():
+        logits = reference(**inputs).logits
+    by_hand = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+    result = train(compose(["model=hf", f"model.path={folder}", *DATA, "train.max_steps=2"]), str(tmp_path))
+    assert result.records[0]["loss"] == pytest.approx(by_hand.item(), abs=1e-5)
+    assert result.records[1]["loss"] < result.records[0]["loss"] + 0.5  # it trains (no NaN, no blow-up)
+
+    final = os.path.join(str(tmp_path), "final")
+    exported = AutoModelForImageTextToText.from_pretrained(final, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(final)
+    assert type(processor).__name__ == type(model_plugin.processor()).__name__
+    trained = result.model.eval()
+    with torch.no_grad():
+        diff = (exported(**inputs).logits - trained(**inputs).logits).abs().max().item()
+    assert diff < 1e-5, diff
+
+
+@pytest.mark.parametrize("family, layout", [("gemma3", []), ("llava", ["peft=lora"])])
+def test_two_rank_fsdp2_equals_one_process(vlm_folders, family, layout, tmp_path):
+    folder = vlm_folders[family]
+    common = ["model=hf", f"model.path={folder}", *DATA, f"train.max_steps={STEPS}", "checkpoint.export_final=false",
+              *layout]
+    losses = {}
+    for name, extra in (("one", []), ("two", ["parallel=fsdp2", "launcher.nproc_per_node=2"])):
+        done = cli(*common, *extra, f"hydra.run.dir={name}", cwd=str(tmp_path))
+        assert done.returncode == 0, done.stderr[-3000:]
+        with open(tmp_path / name / "metrics.jsonl") as f:
+            losses[name] = [json.loads(line)["loss"] for line in f]
+    assert len(losses["one"]) == STEPS
+    assert losses["two"] == pytest.approx(losses["one"], abs=1e-5)
+
+
+def test_a_text_model_with_vlm_data_and_bad_records_are_one_line(vlm_folders, tmp_path):
+    from automodel.compose import compose
+    from automodel.config import validate
+
+    checked = validate(compose(["data=vlm", "data.path=${asset:shapes/train.jsonl}"]))  # the tiny text model
+    data, model = checked.plugins["data"], checked.plugins["model"]
+    data.use_processor(model.processor())
+    with pytest.raises(UserError, match=r"data=vlm needs an image-text model"):
+        data.encode(model.tokenizer(), data.records("train"), 64)
+
+    image = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]}
+    (tmp_path / "corrupt.png").write_bytes(b"not a png at all")
+    cases = {
+        "missing": ({**image, "images": ["nowhere.png"]}, r"record 2: image '.*nowhere.png' does not exist"),
+        "corrupt": ({**image, "images": ["corrupt.png"]}, r"record 2: image '.*corrupt.png' cannot be read as an image"),
+        "url": ({**image, "images": ["https://example.com/a.png"]}, r"record 2: image 'https://example.com/a.png' is a URL"),
+        "count": ({**image, "images": []}, r"record 2 has 1 image part\(s\) in its messages but 0 image\(s\)"),
+    }
+    from automodel.config import RESOURCES
+
+    good = {**image, "images": [os.path.join(RESOURCES, "shapes", "images", "train_0000.png")]}
+    for name, (bad, message) in cases.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        model, data = _plugins(vlm_folders["gemma3"], f"data.path={path}")
+        with pytest.raises(UserError, match=message):
+            data.encode(model.tokenizer(), data.records("train"), 64)
+    model, data = _plugins(vlm_folders["gemma3"], f"data.path={tmp_path / 'corrupt.jsonl'}", "data.bad_images=skip")
+    examples, stats = data.encode(model.tokenizer(), data.records("train"), 64)
+    assert len(examples) == 1 and stats.skipped == {"records with an unreadable image": 1}
+    with pytest.raises(UserError, match=r"data=vlm: packing is not supported"):
+        _plugins(vlm_folders["gemma3"], "data.packing=true")
