@@ -40,13 +40,13 @@ def draw(path: str, colour: str, shape: str, count: int, size: int, rng: random.
     image.save(path, optimize=True)
 
 
-def write(split: str, n: int, size: int, rng: random.Random) -> None:
-    os.makedirs(os.path.join(OUT, "images"), exist_ok=True)
-    with open(os.path.join(OUT, f"{split}.jsonl"), "w") as f:
+def write(split: str, n: int, size: int, rng: random.Random, out: str = OUT) -> None:
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    with open(os.path.join(out, f"{split}.jsonl"), "w") as f:
         for i in range(n):
             colour, shape, count = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(1, 3)
             name = f"images/{split}_{i:04d}.png"
-            draw(os.path.join(OUT, name), colour, shape, count, size, rng)
+            draw(os.path.join(out, name), colour, shape, count, size, rng)
             asked = rng.choice(list(QUESTIONS))
             answer = {"colour": colour, "shape": shape, "count": COUNT_WORDS[count]}[asked]
             record = {"messages": [{"role": "user", "content": [{"type": "image"},
@@ -61,11 +61,12 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=480)
     ap.add_argument("--val", type=int, default=60)
     ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--out", default=OUT)
     args = ap.parse_args()
     rng = random.Random(7)
-    write("train", args.train, args.size, rng)
-    write("val", args.val, args.size, rng)
-    print(f"wrote {args.train} + {args.val} examples to {OUT}")
+    write("train", args.train, args.size, rng, args.out)
+    write("val", args.val, args.size, rng, args.out)
+    print(f"wrote {args.train} + {args.val} examples to {args.out}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def test_every_shipped_option_composes_validates_and_lists_all_its_plugin_fields
         overrides = [f"{group}={option}"]
         if option == "hf":  # the user names a model (a hub id here: a local path must exist)
             overrides.append(f"{'teacher.model' if group == 'teacher' else 'model'}.path=some-org/some-model")
-        elif option in ("instruction", "text", "chat", "alpaca", "sharegpt"):  # options that need a data path
+        elif option in ("instruction", "text", "chat", "alpaca", "sharegpt", "vlm"):  # options that need a data path
             overrides.append(f"{group}.path=/some/where")
         cfg = compose(*overrides)
         if group in registry.LIST_GROUPS:  # several at once: each option under its own name

@@ -24,6 +24,8 @@ PUBLISHED = {
     "deepseek_v3": 671_026_404_352,  # card: 671B main model (the hub's 685B adds the 14B MTP layer 61, not built)
     "gpt_oss_20b": 20_914_757_184,  # model card (arXiv 2508.10925) table 1: 20.91B total; bf16 elements, not MXFP4
     "gpt_oss_120b": 116_829_156_672,  # model card (arXiv 2508.10925) table 1: 116.83B total; likewise
+    # image-text presets (their safetensors' totals, as the hub's model pages show them)
+    "qwen2_5_vl_3b": 3_754_622_976, "qwen2_5_vl_7b": 8_292_166_656, "gemma3_4b": 4_300_079_472,
 }
 # The published figures of the MoE presets, in billions, to the digits published: (figure, decimal digits).
 PUBLISHED_ROUNDED = {
@@ -40,7 +42,8 @@ def _model_plugin(*overrides):
 def test_preset_matches_published_parameter_count(preset):
     model = _model_plugin(f"model={preset}").build("meta")  # no memory: sizes only
     assert count_params(model)[0] == PUBLISHED[preset]
-    assert len(decoder_layers(model)) == model.config.num_hidden_layers
+    text_layers = [b for b in decoder_layers(model) if type(b).__name__.endswith("DecoderLayer")]
+    assert len(text_layers) == model.config.get_text_config().num_hidden_layers  # (an image-text model: + its vision blocks)
 
 
 @pytest.mark.parametrize("preset", sorted(PUBLISHED_ROUNDED))

@@ -69,7 +69,7 @@ def data_image(record):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_first_step_loss_equals_a_hand_written_forward_and_the_export_loads_with_equal_logits(vlm_folders, family,
-                                                                                               tmp_path):
+                                                                                               tmp_path, capsys):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from automodel.compose import compose
@@ -98,6 +98,15 @@ def test_first_step_loss_equals_a_hand_written_forward_and_the_export_loads_with
     with torch.no_grad():
         diff = (exported(**inputs).logits - trained(**inputs).logits).abs().max().item()
     assert diff < 1e-5, diff
+
+    # `automodel generate FOLDER --image PATH QUESTION` answers with the exported model's own greedy answer
+    from automodel.config import RESOURCES
+    from automodel.generate import answer, main
+
+    image = os.path.join(RESOURCES, "shapes", "images", "val_0000.png")
+    main([final, "--image", image, "What colour are the shapes?", "--max-new-tokens", "4"])
+    expected = answer(exported, processor, image, "What colour are the shapes?", 4).strip()
+    assert capsys.readouterr().out.strip() == f"What colour are the shapes? -> {expected}"
 
 
 @pytest.mark.parametrize("family, layout", [("gemma3", []), ("llava", ["peft=lora"])])
@@ -148,3 +157,33 @@ def test_a_text_model_with_vlm_data_and_bad_records_are_one_line(vlm_folders, tm
     assert len(examples) == 1 and stats.skipped == {"records with an unreadable image": 1}
     with pytest.raises(UserError, match=r"data=vlm: packing is not supported"):
         _plugins(vlm_folders["gemma3"], "data.packing=true")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_freeze_picks_what_trains_and_lora_leaves_frozen_parts_alone(vlm_folders, family):
+    from automodel.compose import compose
+    from automodel.config import validate
+    from automodel.model.vision import parts
+
+    def trainable(*overrides):
+        checked = validate(compose(["model=hf", f"model.path={vlm_folders[family]}", *DATA, *overrides]))
+        model = checked.plugins["peft"].apply(checked.plugins["model"].build("meta"))
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    plain = checked_model = validate(compose(["model=hf", f"model.path={vlm_folders[family]}", *DATA,
+                                              "model.freeze=[]"])).plugins["model"].build("meta")
+    split = {k: {n for n, _ in v} for k, v in parts(checked_model, checked_model.config).items()}
+    assert all(split.values()), {k: len(v) for k, v in split.items()}  # every part found
+    assert trainable("model.freeze=[]") == {n for n, _ in plain.named_parameters()}
+    assert trainable() == split["projector"] | split["language"]  # the default: the vision tower is frozen
+    assert trainable("model.freeze=[vision,language]") == split["projector"]
+    lora = trainable("peft=lora")
+    assert lora and all("lora_" in n for n in lora)
+    assert not any(n.split(".lora_")[0].removeprefix("base_model.model.") in {m.rsplit(".", 1)[0] for m in
+                                                                                split["vision"]} for n in lora)
+    assert any("language_model" in n for n in lora)
+    with pytest.raises(UserError, match=r"model.freeze: 'eyes' is not a part of an image-text model; choose from "
+                                        r"vision, projector, language"):
+        trainable("model.freeze=[eyes]")
+    with pytest.raises(UserError, match=r"model.freeze=\['vision'\]: random-init llama is a text model"):
+        validate(compose(["model.freeze=[vision]"])).plugins["model"].build("meta")

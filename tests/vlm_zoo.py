@@ -24,15 +24,16 @@ GEMMA3_TEMPLATE = (
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<start_of_image>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+# the generation prompt ends without a space ("ASSISTANT:"), as LLaVA's own: the answer's first token carries it
 LLAVA_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ m['role'].upper() }}: "
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
     "{% endif %}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT: {% endif %}")
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
 
-def _gemma3(folder: str):
+def _gemma3(folder: str, text: dict, vision: dict):
     from transformers import AutoConfig, Gemma3ImageProcessorPil, Gemma3Processor
 
     tok = mz.make_tokenizer(("GemmaTokenizerFast", "sentencepiece", dict(
@@ -42,23 +43,23 @@ def _gemma3(folder: str):
                               "image_token": "<image_soft_token>"})))
     boi, eoi, image = tok.convert_tokens_to_ids(["<start_of_image>", "<end_of_image>", "<image_soft_token>"])
     config = AutoConfig.for_model(
-        "gemma3", text_config=dict(TEXT, head_dim=16, query_pre_attn_scalar=16, sliding_window=16),
-        vision_config=VISION, mm_tokens_per_image=4, boi_token_index=boi, eoi_token_index=eoi,
+        "gemma3", text_config=dict(text, head_dim=16, query_pre_attn_scalar=16, sliding_window=16),
+        vision_config=vision, mm_tokens_per_image=4, boi_token_index=boi, eoi_token_index=eoi,
         image_token_index=image, tie_word_embeddings=True)
     processor = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}),
                                 tokenizer=tok, chat_template=GEMMA3_TEMPLATE, image_seq_length=4)
     return config, processor
 
 
-def _llava(folder: str):
+def _llava(folder: str, text: dict, vision: dict):
     from transformers import AutoConfig, CLIPImageProcessorPil, LlavaProcessor
 
     tok = mz.make_tokenizer(("LlamaTokenizerFast", "sentencepiece", dict(
         unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>", add_bos_token=True,
         extra_special_tokens={"image_token": "<image>"})))
     image = tok.convert_tokens_to_ids("<image>")
-    config = AutoConfig.for_model("llava", text_config=dict(TEXT, model_type="llama"),
-                                  vision_config=dict(VISION, model_type="clip_vision_model", projection_dim=32),
+    config = AutoConfig.for_model("llava", text_config=dict(text, model_type="llama"),
+                                  vision_config=dict(vision, model_type="clip_vision_model", projection_dim=32),
                                   image_token_index=image, vision_feature_layer=-1, projector_hidden_act="gelu",
                                   tie_word_embeddings=False)
     processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32},
@@ -71,17 +72,17 @@ def _llava(folder: str):
 FAMILIES = {"gemma3": _gemma3, "llava": _llava}
 
 
-def build(root: str, family: str) -> str:
-    """The folder of one family's tiny checkpoint under `root` (written once)."""
+def build(root: str, family: str, text: dict | None = None, vision: dict | None = None, name: str | None = None) -> str:
+    """The folder of one family's tiny checkpoint under `root` (written once); `text`/`vision` override sizes."""
     import torch
     from transformers import AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
-    folder = os.path.join(root, f"vlm_{family}")
+    folder = os.path.join(root, name or f"vlm_{family}")
     if os.path.isfile(os.path.join(folder, ".complete")):
         return folder
     hf_logging.disable_progress_bar()
-    config, processor = FAMILIES[family](folder)
+    config, processor = FAMILIES[family](folder, {**TEXT, **(text or {})}, {**VISION, **(vision or {})})
     torch.manual_seed(SEED)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.save_pretrained(folder)

@@ -37,6 +37,8 @@ class HFModelConfig:
     trust_remote_code: bool = False  # runs code from the model repo: only for repos you trust
     attn_implementation: Optional[str] = None  # null: transformers' choice for this model (sdpa where it supports it)
     experts_implementation: Optional[str] = None  # MoE models: grouped_mm | batched_mm | eager; null: grouped_mm
+    # image-text models: the parts that do not train (vision, projector, language); null: [vision]
+    freeze: Optional[list[str]] = None
 
 
 def _default_attention(cfg) -> str:
@@ -207,10 +209,10 @@ class HFModel:
     def build(self, device="cpu"):
         import torch
 
-        from automodel.model.vision import auto_class
+        from automodel.model import vision
 
         cfg = self.hf_config()
-        AutoModel = auto_class(cfg)  # AutoModelForCausalLM, or AutoModelForImageTextToText
+        AutoModel = vision.auto_class(cfg)  # AutoModelForCausalLM, or AutoModelForImageTextToText
         if str(device) == "meta" or not self.cfg.path:
             try:
                 with torch.device(device):
@@ -231,7 +233,13 @@ class HFModel:
                 ).to(device)
             except OSError as e:
                 raise _hub_failure("model.path", self.cfg.path, e) from None
-        self._check_vocab(model)
+        if self.cfg.tokenizer or self.cfg.path or not vision.is_image_text(cfg):  # else no processor to check
+            self._check_vocab(model)
+        image_text = vision.is_image_text(cfg)
+        which = self.cfg.freeze if self.cfg.freeze is not None else (["vision"] if image_text else [])
+        vision.check_freeze(which, self.name, image_text)
+        if which:
+            vision.freeze(model, cfg, which)
         return model
 
     def _check_vocab(self, model) -> None:

@@ -54,3 +54,50 @@ def load_processor(source: str, revision, trust_remote_code: bool, label: str):
         raise UserError(f"{label}: its processor ({type(processor).__name__}) has no image processor; an image-text "
                         "model needs one (save the model's processor with it)")
     return processor
+
+
+PARTS = ("vision", "projector", "language")
+
+
+def parts(model, hf_config) -> dict[str, list]:
+    """{part: [(name, parameter)]}: `vision`, the model built from the vision sub-config (the vision tower, with
+    whatever of the projection it holds, e.g. Qwen2.5-VL's merger); `language`, the one built from the text
+    sub-config plus the output head; `projector`, the rest (LLaVA's and Gemma 3's multi-modal projector)."""
+    from transformers import PreTrainedModel
+
+    text_config = hf_config.get_text_config()
+    vision_type, text_type = type(hf_config.vision_config), type(text_config)
+    owner = {}
+    for name, module in model.named_modules():
+        if isinstance(module, PreTrainedModel) and module is not model:
+            kind = ("vision" if type(module.config) is vision_type else
+                    "language" if type(module.config) is text_type else None)
+            if kind:
+                owner[name] = kind
+    head = model.get_output_embeddings()
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    out = {part: [] for part in PARTS}
+    for name, param in model.named_parameters():
+        kind = next((k for prefix, k in owner.items() if name.startswith(prefix + ".")), None)
+        out[kind or ("language" if id(param) in head_ids else "projector")].append((name, param))
+    return out
+
+
+def freeze(model, hf_config, which: list[str]) -> None:
+    """Stop gradients for the parts named (parameters keep requires_grad=False; peft adapts none of them)."""
+    for part, params in parts(model, hf_config).items():
+        if part in which:
+            for _, param in params:
+                param.requires_grad_(False)
+
+
+def check_freeze(which, model_name: str, image_text: bool) -> None:
+    unknown = [w for w in which if w not in PARTS]
+    if unknown:
+        raise UserError(f"model.freeze: '{unknown[0]}' is not a part of an image-text model; choose from "
+                        f"{', '.join(PARTS)}")
+    if which and not image_text:
+        raise UserError(f"model.freeze={list(which)}: {model_name} is a text model; model.freeze picks what trains "
+                        "in an image-text model (use peft for a text model)")
+    if set(PARTS) <= set(which):
+        raise UserError(f"model.freeze={list(which)} freezes every part: nothing would train")

@@ -69,6 +69,12 @@ class LoRA:
         )
         if model is not None and not self.cfg.target_experts:
             config = self._without_experts(config, model)
+        if model is not None:
+            frozen = _frozen_prefixes(model)
+            if frozen:  # what the model plugin froze (an image-text model's vision tower, by default) stays as it is
+                import re
+
+                config.exclude_modules = rf"^({'|'.join(re.escape(p) for p in frozen)})(\..*)?$"
         return config
 
     @staticmethod
@@ -243,3 +249,15 @@ def _require_bitsandbytes() -> None:
     except ImportError:
         raise UserError("peft=qlora needs bitsandbytes, which is not installed: pip install 'automodel[qlora]' "
                         "(or pip install bitsandbytes)") from None
+
+
+def _frozen_prefixes(model) -> list[str]:
+    """The outermost modules all of whose parameters the model plugin froze (requires_grad=False before peft)."""
+    out = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p + ".") for p in out):
+            continue
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            out.append(name)
+    return out
