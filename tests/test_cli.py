@@ -103,7 +103,7 @@ def test_help_lists_groups_and_options(tmp_path):
                      "peft: dora, lora, none, qlora", "precision: bf16, fp16, fp32, fp8", "loss: ce, chunked_ce, liger",
                      "teacher: hf, none", "logger: jsonl, mlflow, tensorboard, wandb", "logger=[jsonl,wandb,tensorboard,mlflow]",
                      "automodel plan [overrides] plan.world_size=N", "automodel eval RUN_OR_FOLDER [eval.key=value ...]",
-                     "checkpoint: dcp, hf_export", "optim: adamw", "data: alpaca, chat, hellaswag, instruction, sharegpt, squad, text, tiny_tasks, vlm", "automodel list"):
+                     "checkpoint: dcp, hf_export", "optim: adamw", "data: alpaca, chat, hellaswag, instruction, shapes, sharegpt, squad, text, tiny_tasks, vlm", "automodel list"):
         assert fragment in proc.stdout, fragment
 
 

@@ -45,10 +45,11 @@ def train(cfg, out_dir: str) -> TrainResult:
 
     checked = validate(cfg)
     env = launch_env.init(checked.train.device, fake_world_size=checked.launcher.fake_world_size)
+    opened = []  # the run's loggers, once started: closed as failed if anything below raises
     try:
         rehearsal = checked.launcher.fake_world_size > 0  # one real process: nothing to tell other ranks
         lifetime.acquire_for_job(out_dir, env.is_main, 1 if rehearsal else env.world_size)
-        result = _train(cfg, checked, env, out_dir, opened := [])
+        result = _train(cfg, checked, env, out_dir, opened)
     except BaseException as e:
         for loggers in opened:  # wandb/MLflow runs are marked failed; every line already logged is kept
             loggers.close(ok=False)
