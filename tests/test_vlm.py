@@ -190,3 +190,16 @@ def test_freeze_picks_what_trains_and_lora_leaves_frozen_parts_alone(vlm_folders
         trainable("model.freeze=[eyes]")
     with pytest.raises(UserError, match=r"model.freeze=\['vision'\]: random-init llama is a text model"):
         validate(compose(["model.freeze=[vision]"])).plugins["model"].build("meta")
+
+
+@pytest.mark.parametrize("layout, refused", [("parallel=tp", "tp=2"), ("parallel=pp", "pp=2"), ("parallel=cp", "cp=2")])
+def test_layouts_other_than_fsdp2_are_refused_in_one_line_for_an_image_text_model(vlm_folders, layout, refused):
+    from automodel.compose import compose
+    from automodel.config import validate
+
+    checked = validate(compose(["model=hf", f"model.path={vlm_folders['llava']}", *DATA, layout]))
+    parallel = checked.plugins["parallel"]
+    dims = parallel.dims(2)
+    with pytest.raises(UserError, match=rf"^{refused}: llava is an image-text model, which trains here under "
+                                        r"FSDP2/HSDP \(data parallelism\) only; use parallel=fsdp2 or hsdp$"):
+        parallel.check_model(dims, checked.plugins["model"].hf_config())

@@ -82,6 +82,12 @@ class SPMDParallel:
         return dims.tp > 1 and self.cfg.sequence_parallel
 
     def check_model(self, dims: ParallelDims, hf_config) -> None:
+        if getattr(hf_config, "vision_config", None) is not None:  # an image-text model: FSDP2/HSDP only, so far
+            split = [f"{d}={getattr(dims, d)}" for d in ("tp", "cp", "pp", "ep") if getattr(dims, d) > 1]
+            if split:
+                raise UserError(f"{', '.join(split)}: {getattr(hf_config, 'model_type', 'this')} is an image-text "
+                                "model, which trains here under FSDP2/HSDP (data parallelism) only; use "
+                                "parallel=fsdp2 or hsdp")
         if dims.ep > 1:
             from automodel.moe.experts import num_routed_experts
 
