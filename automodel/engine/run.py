@@ -208,7 +208,7 @@ def _train(cfg, checked, env, out_dir: str, opened: list) -> TrainResult:
         step = StepRunner(*step_args, **step_kwargs)
     harness_eval = []  # lm-eval every train.eval_every steps, on an export of the model as trained so far
     if t.eval_every and not rehearsal:
-        from automodel.engine.harness import HarnessEval
+        from automodel.engine.eval_every import HarnessEval
 
         harness_eval = [(t.eval_every, HarnessEval(checked.eval, state.export_hf, env.is_main, out_dir))]
     if run_loggers is not None:  # after the resume trimmed metrics.jsonl to its step
