@@ -113,7 +113,8 @@ class VLMData(ExampleData):
             # turn's last characters
             start = _common_prefix(self._ids(self._render(messages[:i], generation_prompt=True),
                                              _images_in(messages[:i], images)), full)
-            through = self._ids(self._render(messages[: i + 1]), _images_in(messages[: i + 1], images))
+            through = full if i == len(messages) - 1 else self._ids(self._render(messages[: i + 1]),
+                                                                    _images_in(messages[: i + 1], images))
             end = _common_prefix(through, full)
             end += end < len(through)
             if end <= start:
