@@ -21,7 +21,7 @@ def export(checkpoint: str, out: str) -> str:
     from automodel import registry
     from automodel.checkpoint.dcp import find_checkpoint, load_model_state, read_meta
     from automodel.config import register_resolvers
-    from automodel.engine.export import write_hf_folder
+    from automodel.engine.export import preprocessor, write_hf_folder
     from automodel.engine.materialize import finished
 
     path = find_checkpoint(checkpoint)
@@ -37,8 +37,7 @@ def export(checkpoint: str, out: str) -> str:
     out = os.path.abspath(os.path.expanduser(out))
     if os.path.abspath(path).startswith(out + os.sep) or os.path.abspath(path) == out:
         raise UserError(f"the output folder '{out}' contains the checkpoint; pick another folder")
-    processor = plugins["model"].processor() if hasattr(plugins["model"], "processor") else None
-    write_hf_folder(full, processor or plugins["model"].tokenizer(), plugins, out)
+    write_hf_folder(full, preprocessor(plugins["model"]), plugins, out)
     return out
 
 

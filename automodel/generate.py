@@ -35,9 +35,9 @@ def load(model_dir: str):
 
     _check_folder(model_dir)
     try:
-        image_text = vision.is_image_text(AutoConfig.from_pretrained(model_dir))
-        model = vision.auto_class(AutoConfig.from_pretrained(model_dir)).from_pretrained(model_dir).eval()
-        if image_text:
+        config = AutoConfig.from_pretrained(model_dir)
+        model = vision.auto_class(config).from_pretrained(model_dir, config=config).eval()
+        if vision.is_image_text(config):
             return model, vision.load_processor(model_dir, None, False, f"'{model_dir}'")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
@@ -74,10 +74,10 @@ def answer(model, processor, image_path: str, question: str, max_new_tokens: int
     """The greedy answer of an image-text model to a question about one image, asked in its chat template."""
     import torch
 
-    from automodel.data.vlm import _open
+    from automodel.images import open_image
 
     try:
-        image = _open(image_path)
+        image = open_image(image_path)
     except Exception as e:  # PIL raises several types for a missing, corrupt or non-image file
         raise UserError(f"--image '{image_path}' cannot be read as an image ({type(e).__name__})") from None
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]

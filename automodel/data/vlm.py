@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional
 from automodel.batch import IGNORE_INDEX, StepBatch, collate as collate_text
 from automodel.data.examples import EncodeStats, ExampleData, SourceConfig
 from automodel.errors import UserError
+from automodel.images import open_image
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class VLMData(ExampleData):
         stats = EncodeStats(rows=len(records))
         root = self._image_root(records.source)
         examples, first_bad = [], None
+        never = self._image_token_ids()  # never a target
         for row, record in enumerate(records.rows):
             messages = _messages(record.get(self.cfg.messages_column), records.source, row, self.cfg.messages_column)
             images = _references(record.get(self.cfg.images_column), records.source, row, self.cfg.images_column,
@@ -89,7 +91,7 @@ class VLMData(ExampleData):
                 first_bad = first_bad or where
                 stats.skip("records with an unreadable image")
                 continue
-            example = self._encode_one(messages, images, seq_len, stats, records.source, row)
+            example = self._encode_one(messages, images, seq_len, stats, records.source, row, never)
             if example is not None:
                 examples.append(example)
                 stats.origin.append(row)
@@ -97,7 +99,7 @@ class VLMData(ExampleData):
             log.warning("data.bad_images=skip: the first one: %s", first_bad)
         return examples, stats
 
-    def _encode_one(self, messages, images, seq_len, stats, source, row) -> VLMExample | None:
+    def _encode_one(self, messages, images, seq_len, stats, source, row, never: set) -> VLMExample | None:
         text = self._render(messages)
         full = self._ids(text, images)
         if len(full) - 1 > seq_len:
@@ -123,7 +125,6 @@ class VLMData(ExampleData):
                                 "be located")
             for k in range(start, end):
                 target[k] = True
-        never = self._image_token_ids()
         labels = [t if is_t and t not in never else IGNORE_INDEX for t, is_t in zip(full[1:], target[1:])]
         if not any(t != IGNORE_INDEX for t in labels):
             stats.dropped += 1
@@ -137,7 +138,7 @@ class VLMData(ExampleData):
         return self._process(text, images)["input_ids"][0].tolist()
 
     def _process(self, text: str, images) -> dict:
-        pictures = [_open(i) for i in images] or None
+        pictures = [open_image(i) for i in images] or None
         return dict(self.processor(text=[text], images=pictures, return_tensors="pt", add_special_tokens=False))
 
     def _image_token_ids(self) -> set:
@@ -250,18 +251,6 @@ def _references(value, source: str, row: int, column: str, root: str) -> list:
     return out
 
 
-def _open(reference):
-    """A PIL RGB image from a path, bytes, or a PIL image."""
-    import io
-
-    from PIL import Image
-
-    if isinstance(reference, (bytes, bytearray)):
-        reference = io.BytesIO(reference)
-    image = reference if isinstance(reference, Image.Image) else Image.open(reference)
-    return image.convert("RGB")
-
-
 def _first_unreadable(images: list) -> tuple[str, str] | None:
     """(the image, why) for the first image that cannot be decoded; None when all can."""
     for reference in images:
@@ -269,7 +258,7 @@ def _first_unreadable(images: list) -> tuple[str, str] | None:
         if isinstance(reference, str) and not os.path.isfile(reference):
             return label, "does not exist"
         try:
-            _open(reference).load()
+            open_image(reference).load()
         except Exception as e:  # PIL raises several types for a corrupt or non-image file
             return label, f"cannot be read as an image ({type(e).__name__})"
     return None

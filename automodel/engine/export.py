@@ -56,6 +56,12 @@ def _gather_stages(model, pp_group) -> dict:
     return {k: v for p in parts for k, v in p.items()} if parts else {}
 
 
+def preprocessor(model_plugin):
+    """What an export saves next to the weights: an image-text model's processor, else the tokenizer."""
+    processor = model_plugin.processor() if hasattr(model_plugin, "processor") else None
+    return processor or model_plugin.tokenizer()
+
+
 def write_hf_folder(full: dict, tokenizer, plugins, final_dir: str) -> None:
     """One process: a full (unsharded) state dict -> an HF folder, written atomically (+ PEFT adapter).
 

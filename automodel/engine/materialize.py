@@ -273,19 +273,15 @@ def _init_shadow(module: nn.Module, name: str, own: dict, inits: list[ModuleInit
     stats.largest = max(stats.largest, sum(v.numel() * v.element_size() for v in full.values()))
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed_for(seed, name))
         try:
-            handled = any(init(name, shadow) for init in inits)
-        except AttributeError:  # an initializer that also reaches into children (SigLIP's embeddings, attention)
-            shadow._modules = {k: _ghost(c) for k, c in module._modules.items()}
-            torch.manual_seed(seed_for(seed, name))
             try:
+                torch.manual_seed(seed_for(seed, name))
                 handled = any(init(name, shadow) for init in inits)
-            except (AttributeError, KeyError, TypeError) as e:
-                raise UserError(f"cannot initialize '{name}' ({type(module).__name__}) on the meta device: its "
-                                f"initializer failed ({e}); load pretrained weights (model.path) or report this "
-                                "model") from None
-        except (KeyError, TypeError) as e:
+            except AttributeError:  # an initializer that also reaches into children (SigLIP's embeddings, attention)
+                shadow._modules = {k: _ghost(c) for k, c in module._modules.items()}
+                torch.manual_seed(seed_for(seed, name))
+                handled = any(init(name, shadow) for init in inits)
+        except (AttributeError, KeyError, TypeError) as e:
             raise UserError(f"cannot initialize '{name}' ({type(module).__name__}) on the meta device: its initializer "
                             f"failed ({e}); load pretrained weights (model.path) or report this model") from None
     for k, (tensor, _) in own.items():

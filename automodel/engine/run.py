@@ -109,10 +109,9 @@ def _train(cfg, checked, env, out_dir: str, opened: list) -> TrainResult:
     check_fits(total + frozen_teacher, trainable, dims, device_type=env.device.type, model_name=p["model"].name,
                largest_tensor=largest, weight_bytes=weight_bytes + 4 * frozen_teacher)
     tokenizer = p["model"].tokenizer()
-    processor = p["model"].processor() if hasattr(p["model"], "processor") else None  # image-text models
     if hasattr(p["data"], "use_processor"):  # e.g. data=vlm: images go through the model's own processor
-        p["data"].use_processor(processor)
-    saved_with_model = processor or tokenizer  # what the export writes next to the weights
+        p["data"].use_processor(p["model"].processor() if hasattr(p["model"], "processor") else None)
+    saved_with_model = export.preprocessor(p["model"])  # the processor of an image-text model, else the tokenizer
     mesh = dims.build_mesh(env.device.type)
     dp_rank, dp_size = dims.dp_coordinate(mesh)
     fingerprint = checkpointing.fingerprint(cfg, hf_config)

@@ -212,6 +212,7 @@ class HFModel:
         from automodel.model import vision
 
         cfg = self.hf_config()
+        image_text = vision.is_image_text(cfg)
         AutoModel = vision.auto_class(cfg)  # AutoModelForCausalLM, or AutoModelForImageTextToText
         if str(device) == "meta" or not self.cfg.path:
             try:
@@ -233,9 +234,8 @@ class HFModel:
                 ).to(device)
             except OSError as e:
                 raise _hub_failure("model.path", self.cfg.path, e) from None
-        if self.cfg.tokenizer or self.cfg.path or not vision.is_image_text(cfg):  # else no processor to check
+        if self.cfg.tokenizer or self.cfg.path or not image_text:  # else there is no processor to check against
             self._check_vocab(model)
-        image_text = vision.is_image_text(cfg)
         which = self.cfg.freeze if self.cfg.freeze is not None else (["vision"] if image_text else [])
         vision.check_freeze(which, self.name, image_text)
         if which:
