@@ -16,7 +16,13 @@ chaos = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(chaos)
 
 
-@pytest.mark.parametrize("ranks,points", [(1, ["step 3+0.05s"]), (2, ["step 6+0.02s"])])
+# the 1-process case (~30 s) adds little to the 2-rank one, which kills a launcher and its ranks mid-save; it runs in
+# the slow tier (and scripts/chaos.py draws many points for both kinds)
+ONE_PROCESS = pytest.param(1, ["step 3+0.05s"], marks=pytest.mark.skipif(
+    not os.environ.get("AUTOMODEL_SLOW_TESTS"), reason="slow tier (set AUTOMODEL_SLOW_TESTS=1); the 2-rank kill runs"))
+
+
+@pytest.mark.parametrize("ranks,points", [ONE_PROCESS, (2, ["step 6+0.02s"])])
 def test_killed_and_resumed_job_is_bitwise_the_uninterrupted_one(tmp_path, ranks, points):
     steps = 8
     ref = chaos.reference(str(tmp_path), ranks, steps)

@@ -10,7 +10,6 @@ import os
 
 import pytest
 import torch
-from helpers import cli
 
 from automodel.batch import IGNORE_INDEX
 from automodel.errors import UserError
@@ -110,21 +109,36 @@ def test_first_step_loss_equals_a_hand_written_forward_and_the_export_loads_with
     assert capsys.readouterr().out.strip() == f"What colour are the shapes? -> {expected}".strip()
 
 
-@pytest.mark.parametrize("family, layout", [("gemma3", []), ("llava", ["peft=lora"])])
-def test_two_rank_fsdp2_equals_one_process(vlm_folders, family, layout, tmp_path):
+TWO_RANK = [(family, layout) for family in FAMILIES for layout in ("full", "lora")]
+LAYOUT = {"full": [], "lora": ["peft=lora"]}
+
+
+def _common(folder, layout):
+    return ["model=hf", f"model.path={folder}", *DATA, f"train.max_steps={STEPS}", "checkpoint.export_final=false",
+            *LAYOUT[layout]]
+
+
+@pytest.fixture(scope="module")
+def two_rank_losses(vlm_folders, tmp_path_factory):
+    """{(family, layout): outcome} of every 2-rank FSDP2 check, run by one spawned group (one start-up for all)."""
+    import matrix_runs as mr
+
+    checks = [(f"{family}/{layout}", [*_common(vlm_folders[family], layout), "parallel=fsdp2"])
+              for family, layout in TWO_RANK]
+    got = mr.run_spawned(checks, str(tmp_path_factory.mktemp("vlm_ranks2")), pg_timeout_s=60, deadline_s=600)
+    return {tuple(name.split("/")): outcome for name, outcome in got.items()}
+
+
+@pytest.mark.parametrize("family, layout", TWO_RANK)
+def test_two_rank_fsdp2_equals_one_process(vlm_folders, two_rank_losses, family, layout, tmp_path):
     from automodel.compose import compose
     from automodel.engine.run import train
 
-    common = ["model=hf", f"model.path={vlm_folders[family]}", *DATA, f"train.max_steps={STEPS}",
-              "checkpoint.export_final=false", *layout]
-    (tmp_path / "one").mkdir()
-    one = [r["loss"] for r in train(compose(common), str(tmp_path / "one")).records]
-    done = cli(*common, "parallel=fsdp2", "launcher.nproc_per_node=2", "hydra.run.dir=two", cwd=str(tmp_path))
-    assert done.returncode == 0, done.stderr[-3000:]
-    with open(tmp_path / "two" / "metrics.jsonl") as f:
-        two = [json.loads(line)["loss"] for line in f]
+    one = [r["loss"] for r in train(compose(_common(vlm_folders[family], layout)), str(tmp_path)).records]
+    two = two_rank_losses[(family, layout)]
+    assert two["status"] == "ok", two.get("traceback") or two
     assert len(one) == STEPS
-    assert two == pytest.approx(one, abs=1e-5)
+    assert two["losses"] == pytest.approx(one, abs=1e-5)
 
 
 def test_a_text_model_with_vlm_data_and_bad_records_are_one_line(vlm_folders, tmp_path):
