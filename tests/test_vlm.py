@@ -1,7 +1,8 @@
-"""Image-text models (tiny random Gemma 3 and LLaVA checkpoints with their processors, tests/vlm_zoo.py) trained on
-the bundled `shapes` conversations with `model=hf model.path=<folder> data=vlm`: the targets are the assistant turns
-only, the first step's loss is what a hand-written forward computes on the same batch, 2-rank FSDP2 (and LoRA)
-equal one process, and the export loads with AutoModelForImageTextToText + AutoProcessor with equal logits."""
+"""Image-text models (tiny random Gemma 3, LLaVA, Qwen2.5-VL and Qwen3-VL checkpoints with their processors,
+tests/vlm_zoo.py) trained on the bundled `shapes` conversations with `model=hf model.path=<folder> data=vlm`: the
+targets are the assistant turns only, the first step's loss is what a hand-written forward computes on the same
+batch, 2-rank FSDP2 (and LoRA) equal one process, and the export loads with AutoModelForImageTextToText +
+AutoProcessor with equal logits. The Qwen families need torchvision (scripts/vlm_torchvision.sh runs them)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,16 @@ import os
 
 import pytest
 import torch
+import vlm_zoo
 
 from automodel.batch import IGNORE_INDEX
 from automodel.errors import UserError
 
-FAMILIES = ("gemma3", "llava")
+FAMILIES = [pytest.param(family, marks=pytest.mark.skipif(
+    family not in vlm_zoo.FAMILIES, reason=f"{family}'s processor needs torchvision "
+    "(python -m automodel.install_torchvision; scripts/vlm_torchvision.sh runs these in a venv that has it)"))
+    for family in ("gemma3", "llava", *vlm_zoo.NEEDS_TORCHVISION)]
+BUILT = list(vlm_zoo.FAMILIES)
 # the 60 held-out conversations (local image paths) as the training data: encoding 3,000 costs the tests seconds
 DATA = ["data=shapes", "data.path=${asset:shapes/val.jsonl}", "data.val_path=null", "train.seq_len=64",
         "train.sample_prompts=0", "train.global_batch_size=4", "train.log_every=1", "optim.warmup_steps=0"]
@@ -23,11 +29,9 @@ STEPS = 6
 
 @pytest.fixture(scope="session")
 def vlm_folders(pytestconfig, tmp_path_factory):
-    import vlm_zoo
-
     cache = getattr(pytestconfig, "cache", None)
     root = str(cache.mkdir("vlm_zoo")) if cache is not None else str(tmp_path_factory.mktemp("vlm_zoo"))
-    return {family: vlm_zoo.build(root, family) for family in FAMILIES}
+    return {family: vlm_zoo.build(root, family) for family in BUILT}
 
 
 def _plugins(folder, *overrides):
@@ -109,7 +113,7 @@ def test_first_step_loss_equals_a_hand_written_forward_and_the_export_loads_with
     assert capsys.readouterr().out.strip() == f"What colour are the shapes? -> {expected}".strip()
 
 
-TWO_RANK = [(family, layout) for family in FAMILIES for layout in ("full", "lora")]
+TWO_RANK = [pytest.param(p.values[0], layout, marks=p.marks) for p in FAMILIES for layout in ("full", "lora")]
 LAYOUT = {"full": [], "lora": ["peft=lora"]}
 
 
@@ -124,7 +128,7 @@ def two_rank_losses(vlm_folders, tmp_path_factory):
     import matrix_runs as mr
 
     checks = [(f"{family}/{layout}", [*_common(vlm_folders[family], layout), "parallel=fsdp2"])
-              for family, layout in TWO_RANK]
+              for family in BUILT for layout in LAYOUT]
     got = mr.run_spawned(checks, str(tmp_path_factory.mktemp("vlm_ranks2")), pg_timeout_s=60, deadline_s=600)
     return {tuple(name.split("/")): outcome for name, outcome in got.items()}
 

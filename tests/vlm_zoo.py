@@ -1,9 +1,10 @@
-"""Tiny random image-text checkpoints (model + processor), written as their hub folders are: Gemma 3 and LLaVA.
+"""Tiny random image-text checkpoints (model + processor), written as their hub folders are: Gemma 3, LLaVA,
+Qwen2.5-VL and Qwen3-VL.
 
 Each folder holds config.json, model.safetensors (fp32, fixed seed), the tokenizer under its family's class with
-its image tokens, the image processor (the PIL one: no torchvision here) and a chat template in the family's
-style. Images are 32x32; the vision towers are 2 layers of width 32. Qwen2.5-VL / Qwen3-VL are not here: their
-processors need a video processor, which needs torchvision, and this machine has no CPU build of it for its torch.
+its image tokens, the image processor and a chat template in the family's style. Images are 32x32; the vision
+towers are 2 layers of width 32. The Qwen families' processors hold a video processor, which transformers builds
+only with torchvision (`python -m automodel.install_torchvision`): without it they are not in FAMILIES.
 """
 
 from __future__ import annotations
@@ -69,7 +70,66 @@ def _llava(folder: str, text: dict, vision: dict):
     return config, processor
 
 
+QWEN_VL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% elif c['type'] == 'text' %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+QWEN_VL_SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def _qwen_vl(model_type: str, text: dict, vision: dict):
+    """Qwen2.5-VL or Qwen3-VL: byte-level Qwen2 tokenizer, 8-pixel patches merged 2x2 (a 32x32 image is 4
+    tokens), M-RoPE over the text heads' 16 dims."""
+    from transformers import AutoConfig, Qwen2VLImageProcessor
+
+    cls, base, specials = mz.QWEN_TOK
+    specials = dict(specials, additional_special_tokens=[*specials["additional_special_tokens"], *QWEN_VL_SPECIALS])
+    tok = mz.make_tokenizer((cls, base, specials))
+    start, end, image, video = tok.convert_tokens_to_ids(QWEN_VL_SPECIALS)
+    common_vision = dict(depth=vision["num_hidden_layers"], hidden_size=vision["hidden_size"],
+                         intermediate_size=vision["intermediate_size"], num_heads=vision["num_attention_heads"],
+                         out_hidden_size=text["hidden_size"], patch_size=vision["patch_size"], spatial_merge_size=2,
+                         temporal_patch_size=2)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    if model_type == "qwen2_5_vl":
+        vision_config = dict(common_vision, window_size=32, fullatt_block_indexes=[1])
+        text_config = dict(text, rope_parameters=rope)
+    else:
+        vision_config = dict(common_vision, num_position_embeddings=16, deepstack_visual_indexes=[0])
+        text_config = dict(text, head_dim=16, rope_parameters=dict(rope, mrope_interleaved=True))
+    text_config.update(bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = AutoConfig.for_model(model_type, text_config=text_config, vision_config=vision_config,
+                                  image_token_id=image, video_token_id=video, vision_start_token_id=start,
+                                  vision_end_token_id=end, tie_word_embeddings=False)
+    import transformers
+
+    size = {"shortest_edge": 32 * 32, "longest_edge": 32 * 32}
+    image_processor = Qwen2VLImageProcessor(size=size, patch_size=vision["patch_size"], merge_size=2,
+                                            temporal_patch_size=2)
+    video_class = getattr(transformers, "Qwen2VLVideoProcessor" if model_type == "qwen2_5_vl" else
+                          "Qwen3VLVideoProcessor")
+    video_processor = video_class(size=size, patch_size=vision["patch_size"], merge_size=2, temporal_patch_size=2)
+    processor_cls = getattr(transformers, "Qwen2_5_VLProcessor" if model_type == "qwen2_5_vl" else "Qwen3VLProcessor")
+    processor = processor_cls(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
+                              chat_template=QWEN_VL_TEMPLATE)
+    return config, processor
+
+
+def torchvision_imports() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
 FAMILIES = {"gemma3": _gemma3, "llava": _llava}
+NEEDS_TORCHVISION = ("qwen2_5_vl", "qwen3_vl")
+QWEN_FAMILIES = {"qwen2_5_vl": lambda folder, text, vision: _qwen_vl("qwen2_5_vl", text, vision),
+                 "qwen3_vl": lambda folder, text, vision: _qwen_vl("qwen3_vl", text, vision)}
+FAMILIES.update(QWEN_FAMILIES if torchvision_imports() else {})
 
 
 def build(root: str, family: str, text: dict | None = None, vision: dict | None = None, name: str | None = None) -> str:

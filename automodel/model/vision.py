@@ -44,8 +44,10 @@ def load_processor(source: str, revision, trust_remote_code: bool, label: str):
             processor = AutoProcessor.from_pretrained(os.path.expanduser(source), revision=revision,
                                                       trust_remote_code=trust_remote_code)
     except ImportError as e:  # e.g. a video processor that needs torchvision
-        raise UserError(f"{label}: its processor needs a package that is not installed ({' '.join(str(e).split())[:200]}"
-                        "); install the torchvision build that matches your torch (the same CUDA or CPU variant)") from None
+        said = " ".join(str(e).split()).split(". ")[0][:160]
+        fix = ("install it with python -m automodel.install_torchvision (it takes the build that matches your torch)"
+               if "torchvision" in said.lower() else "pip install the package it names")
+        raise UserError(f"{label}: its processor needs a package that is not installed ({said}); {fix}") from None
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"{label}: cannot load its processor ({' '.join(str(e).split())[:200]}); an image-text model "
                         "needs the processor files save_pretrained writes (processor_config.json or "
@@ -60,9 +62,10 @@ PARTS = ("vision", "projector", "language")
 
 
 def parts(model, hf_config) -> dict[str, list]:
-    """{part: [(name, parameter)]}: `vision`, the model built from the vision sub-config (the vision tower, with
-    whatever of the projection it holds, e.g. Qwen2.5-VL's merger); `language`, the one built from the text
-    sub-config plus the output head; `projector`, the rest (LLaVA's and Gemma 3's multi-modal projector)."""
+    """{part: [(name, parameter)]}: `vision`, the model built from the vision sub-config; `language`, the one built
+    from the text sub-config plus the output head; `projector`, what maps vision features into the language model:
+    the modules outside both (LLaVA's and Gemma 3's multi-modal projector) and, where the vision model holds its
+    own projection (Qwen2.5-VL's and Qwen3-VL's mergers), its children that end in the language model's width."""
     from transformers import PreTrainedModel
 
     text_config = hf_config.get_text_config()
@@ -74,13 +77,33 @@ def parts(model, hf_config) -> dict[str, list]:
                     "language" if type(module.config) is text_type else None)
             if kind:
                 owner[name] = kind
+                if kind == "vision":
+                    owner.update({f"{name}.{child}": "projector" for child in _projections(module, hf_config)})
     head = model.get_output_embeddings()
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
     out = {part: [] for part in PARTS}
     for name, param in model.named_parameters():
-        kind = next((k for prefix, k in owner.items() if name.startswith(prefix + ".")), None)
+        # the longest prefix decides: a projection inside the vision model is the projector's, not the tower's
+        prefix = max((p for p in owner if name.startswith(p + ".")), key=len, default=None)
+        kind = owner[prefix] if prefix else None
         out[kind or ("language" if id(param) in head_ids else "projector")].append((name, param))
     return out
+
+
+def _projections(vision_model, hf_config) -> list[str]:
+    """The vision model's children whose last linear layer outputs the language model's width: its projection into
+    the language model. None when the two widths are equal (the tower's own layers would look the same)."""
+    import torch
+
+    width = getattr(hf_config.get_text_config(), "hidden_size", None)
+    if width is None or getattr(hf_config.vision_config, "hidden_size", None) == width:
+        return []
+    found = []
+    for child_name, child in vision_model.named_children():
+        linears = [m for m in child.modules() if isinstance(m, torch.nn.Linear)]
+        if linears and linears[-1].out_features == width:
+            found.append(child_name)
+    return found
 
 
 def freeze(model, hf_config, which: list[str]) -> None:
