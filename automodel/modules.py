@@ -32,6 +32,34 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def language_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of the language model: all of them for a text model; for an image-text model, those
+    inside the module built from its text sub-config (not the vision tower's), where tensor parallel applies."""
+    from transformers import PreTrainedModel
+
+    layers = decoder_layers(model)
+    base = hf_base(model)
+    text_config = base.config.get_text_config()
+    if text_config is base.config:
+        return layers
+    inside = {id(m) for owner in model.modules() if isinstance(owner, PreTrainedModel) and owner is not base
+              and type(owner.config) is type(text_config) for m in owner.modules()}
+    return [layer for layer in layers if id(layer) in inside]
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The module built from the text sub-config (the model itself for a text model): the part tensor parallel
+    splits, with the output head beside it."""
+    from transformers import PreTrainedModel
+
+    base = hf_base(model)
+    text_config = base.config.get_text_config()
+    if text_config is base.config:
+        return base
+    return next(m for m in base.modules() if isinstance(m, PreTrainedModel) and m is not base
+                and type(m.config) is type(text_config))
+
+
 def parent_of(root: nn.Module, child: nn.Module) -> tuple[nn.Module, str]:
     """(the module holding `child` as a direct submodule, the attribute name), to replace it in place."""
     for module in root.modules():

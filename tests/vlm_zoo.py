@@ -1,9 +1,9 @@
 """Tiny random image-text checkpoints (model + processor), written as their hub folders are: Gemma 3, LLaVA,
-Qwen2.5-VL and Qwen3-VL.
+Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision.
 
 Each folder holds config.json, model.safetensors (fp32, fixed seed), the tokenizer under its family's class with
 its image tokens, the image processor and a chat template in the family's style. Images are 32x32; the vision
-towers are 2 layers of width 32. The Qwen families' processors hold a video processor, which transformers builds
+towers are 2 layers of width 32. The Qwen and LLaVA-OneVision processors hold a video processor, which transformers builds
 only with torchvision (`python -m automodel.install_torchvision`): without it they are not in FAMILIES.
 """
 
@@ -117,6 +117,39 @@ def _qwen_vl(model_type: str, text: dict, vision: dict):
     return config, processor
 
 
+LLAVA_OV_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _llava_onevision(folder: str, text: dict, vision: dict):
+    """LLaVA-OneVision: Qwen2 language model, SigLIP tower, any-resolution tiling (a 32x32 image is its base view
+    plus one 32x32 tile, in 16-pixel patches: 4 tokens each, and a newline token per row of the tile grid)."""
+    import transformers
+    from transformers import AutoConfig
+
+    cls, base, specials = mz.QWEN_TOK
+    specials = dict(specials, additional_special_tokens=[*specials["additional_special_tokens"], "<image>", "<video>"])
+    tok = mz.make_tokenizer((cls, base, specials))
+    image, video = tok.convert_tokens_to_ids(["<image>", "<video>"])
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    config = AutoConfig.for_model(
+        "llava_onevision", text_config=dict(text, model_type="qwen2", bos_token_id=None,
+                                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(vision, patch_size=16, model_type="siglip_vision_model"), image_token_index=image,
+        video_token_index=video, image_grid_pinpoints=pinpoints, vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9", tie_word_embeddings=False)
+    size = {"height": 32, "width": 32}
+    image_processor = transformers.LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints)
+    video_processor = transformers.LlavaOnevisionVideoProcessor(size=size)
+    processor = transformers.LlavaOnevisionProcessor(
+        image_processor=image_processor, tokenizer=tok, video_processor=video_processor, chat_template=LLAVA_OV_TEMPLATE,
+        num_image_tokens=4, vision_feature_select_strategy="full")
+    return config, processor
+
+
 def torchvision_imports() -> bool:
     try:
         import torchvision  # noqa: F401
@@ -126,10 +159,11 @@ def torchvision_imports() -> bool:
 
 
 FAMILIES = {"gemma3": _gemma3, "llava": _llava}
-NEEDS_TORCHVISION = ("qwen2_5_vl", "qwen3_vl")
-QWEN_FAMILIES = {"qwen2_5_vl": lambda folder, text, vision: _qwen_vl("qwen2_5_vl", text, vision),
-                 "qwen3_vl": lambda folder, text, vision: _qwen_vl("qwen3_vl", text, vision)}
-FAMILIES.update(QWEN_FAMILIES if torchvision_imports() else {})
+NEEDS_TORCHVISION = ("qwen2_5_vl", "qwen3_vl", "llava_onevision")
+WITH_TORCHVISION = {"qwen2_5_vl": lambda folder, text, vision: _qwen_vl("qwen2_5_vl", text, vision),
+                    "qwen3_vl": lambda folder, text, vision: _qwen_vl("qwen3_vl", text, vision),
+                    "llava_onevision": _llava_onevision}
+FAMILIES.update(WITH_TORCHVISION if torchvision_imports() else {})
 
 
 def build(root: str, family: str, text: dict | None = None, vision: dict | None = None, name: str | None = None) -> str:

@@ -55,6 +55,7 @@ class SPMDParallel:
 
     def __init__(self, config: SPMDConfig):
         self.cfg = config
+        self._own_positions = False  # set by check_model
         from automodel.parallel.activation_checkpoint import AC_MODES
 
         if config.activation_checkpointing not in AC_MODES:
@@ -82,12 +83,15 @@ class SPMDParallel:
         return dims.tp > 1 and self.cfg.sequence_parallel
 
     def check_model(self, dims: ParallelDims, hf_config) -> None:
-        if getattr(hf_config, "vision_config", None) is not None:  # an image-text model: FSDP2/HSDP only, so far
-            split = [f"{d}={getattr(dims, d)}" for d in ("tp", "cp", "pp", "ep") if getattr(dims, d) > 1]
+        # an image-text model derives its own positions (e.g. Qwen-VL's M-RoPE over image rows and columns) from
+        # the whole sequence, which sequence parallel leaves replicated up to the first language block
+        self._own_positions = getattr(hf_config, "vision_config", None) is not None
+        if self._own_positions:  # tensor parallel splits its language model; the vision side is replicated
+            split = [f"{d}={getattr(dims, d)}" for d in ("cp", "pp", "ep") if getattr(dims, d) > 1]
             if split:
                 raise UserError(f"{', '.join(split)}: {getattr(hf_config, 'model_type', 'this')} is an image-text "
-                                "model, which trains here under FSDP2/HSDP (data parallelism) only; use "
-                                "parallel=fsdp2 or hsdp")
+                                "model, which trains here under FSDP2/HSDP and tensor parallel only; use "
+                                "parallel=fsdp2, hsdp or tp")
         if dims.ep > 1:
             from automodel.moe.experts import num_routed_experts
 
@@ -128,7 +132,8 @@ class SPMDParallel:
             from automodel.parallel.pipeline import min_microbatches
 
             min_micro = min_microbatches(self.cfg.pp_schedule, dims.pp)
-        return ParallelHints(global_position_ids=sp or cp, seq_multiple=(2 * dims.cp if cp else 1) * (dims.tp if sp else 1),
+        return ParallelHints(global_position_ids=(sp and not self._own_positions) or cp,
+                             seq_multiple=(2 * dims.cp if cp else 1) * (dims.tp if sp else 1),
                              seq_multiple_reason=" x ".join(parts), loss_context=loss_context,
                              shard_sequence=(lambda inputs, labels: self._cp.shard_sequence(inputs, labels)) if cp else None,
                              reduce_loss=(lambda loss: self._cp.reduce_loss(loss)) if cp else None,

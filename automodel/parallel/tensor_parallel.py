@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from automodel.errors import UserError
-from automodel.modules import decoder_layers, hf_base
+from automodel.modules import hf_base, language_layers, language_model
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def _whole_per_rank(model: nn.Module, modules: dict, laid_out: set, hidden: int)
     """Under SP: the parts of a decoder block the plan leaves alone (no planned layer inside, not a norm), e.g.
     MoE blocks, or attention where the HF plan covers only the MLPs (DeepSeek-V3's). Each runs whole on every
     tp rank, on the gathered sequence, and hands back this rank's part of its output."""
-    blocks = {id(b) for b in decoder_layers(model)}
+    blocks = {id(b) for b in language_layers(model)}
     whole = set()
     for block_name, block in modules.items():
         if id(block) not in blocks:
@@ -280,7 +280,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool,
     plan = {n: k for n, k in plan.items() if not any(n == b or n.startswith(b + ".") for b in moe_blocks)}
     out_emb, in_emb = base.get_output_embeddings(), base.get_input_embeddings()
     tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
-    hidden = base.config.hidden_size
+    hidden = base.config.get_text_config().hidden_size
 
     styles, unknown = {}, set()
 
@@ -325,8 +325,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool,
             if kind.startswith("colwise") and modules[name] is not out_emb and parent:
                 gathered.add(parent)
         whole = _whole_per_rank(model, modules, planned | gathered, hidden)
+        language = {id(m) for m in language_model(model).modules()}  # an image-text model's vision side stays whole
         for name, module in modules.items():
-            if name in planned or name in gathered or name in whole or not name:
+            if name in planned or name in gathered or name in whole or not name or id(module) not in language:
                 continue
             if any(name.startswith(p + ".") for p in gathered | planned | whole):
                 continue  # inside attention/MLP/MoE: runs on the gathered sequence
@@ -344,7 +345,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool,
     for name in whole:
         modules[name].register_forward_hook(_split_output_hook(tp_mesh))
     if sequence_parallel:
-        blocks = decoder_layers(model)
+        blocks = language_layers(model)
         blocks[0].register_forward_pre_hook(_sequence_hook(tp_mesh, gather_=False), with_kwargs=True)
         if out_emb is None:  # a pipeline stage before the last: it hands the next one the whole sequence
             blocks[-1].register_forward_hook(_gathered_output_hook(tp_mesh))
@@ -360,7 +361,7 @@ def _refuse_plans_outside_the_blocks(model: nn.Module, base: nn.Module, plan: di
     """A plan that shards nothing inside the decoder blocks (e.g. only the embedding and the head) would
     leave every block whole on every tp rank: no memory saved, and sequence parallel would feed the blocks
     a split sequence that nothing gathers again. Refused in one line."""
-    blocks = {id(b) for b in decoder_layers(model)}
+    blocks = {id(b) for b in language_layers(model)}
     inside = set()
     for name, module in modules.items():
         if id(module) in blocks:
@@ -372,9 +373,10 @@ def _refuse_plans_outside_the_blocks(model: nn.Module, base: nn.Module, plan: di
 
 
 def check_tensor_parallel(tp: int, hf_config) -> None:
-    """Refuse model/tp combinations that cannot shard evenly."""
+    """Refuse model/tp combinations that cannot shard evenly (the language model's: tp splits only that)."""
+    text_config = hf_config.get_text_config()
     for key in ("num_attention_heads", "num_key_value_heads", "vocab_size"):
-        n = getattr(hf_config, key, None)
+        n = getattr(text_config, key, None)
         if n is not None and n % tp:
             raise UserError(f"parallel.tp={tp} does not divide the model's {key}={n}; pick a tp that divides it")
 

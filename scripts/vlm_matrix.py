@@ -1,0 +1,129 @@
+"""The image-text model matrix: every family of tests/vlm_zoo.py (Gemma 3 and LLaVA; with torchvision also
+Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision) x every 2-rank layout, against one process, on the bundled shapes
+conversations. Prints a table and exits 1 if any cell fails.
+
+    .venv/bin/python scripts/vlm_matrix.py                       # Gemma 3 and LLaVA (about 2 minutes here)
+    /tmp/automodel-tv/bin/python scripts/vlm_matrix.py           # + the torchvision families (that venv comes
+                                                                 #   from scripts/vlm_torchvision.sh)
+
+Columns (each 2-rank cell: max |loss diff| over 6 fp32 steps vs the one-process run it must equal, <= 1e-5, and
+grad norms within 1e-4 relative; or REFUSED:<automodel's one line>, or FAIL:<why>):
+
+  1proc       one process: first -> last loss (the vision tower frozen, the default)
+  fsdp2       FSDP2 over 2 ranks                         lora          FSDP2 + LoRA (language model)
+  tp          tensor + sequence parallel on the language model (the vision tower replicated)
+  tp_lora     tp + LoRA                                  tp_open       tp with nothing frozen (model.freeze=[])
+  vision_lora FSDP2 + LoRA on the vision tower alone (model.freeze=[language,projector])
+  pp, cp      pipeline and context parallel: refused for image-text models, in one line
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+import matrix_runs as mr  # noqa: E402
+import vlm_zoo  # noqa: E402
+
+STEPS = 6
+DATA = ["data=shapes", "data.path=${asset:shapes/val.jsonl}", "data.val_path=null", "train.seq_len=64",
+        "train.sample_prompts=0", "train.global_batch_size=4", "train.log_every=1", "optim.warmup_steps=0",
+        f"train.max_steps={STEPS}", "checkpoint.export_final=false", "train.device=cpu"]
+# layout -> (2-rank overrides, the one-process run's overrides it must equal)
+LAYOUTS = {
+    "fsdp2": (["parallel=fsdp2"], []),
+    "lora": (["parallel=fsdp2", "peft=lora"], ["peft=lora"]),
+    "tp": (["parallel=tp"], []),
+    "tp_lora": (["parallel=tp", "peft=lora"], ["peft=lora"]),
+    "tp_open": (["parallel=tp", "model.freeze=[]"], ["model.freeze=[]"]),
+    "vision_lora": (["parallel=fsdp2", "peft=lora", "model.freeze=[language,projector]"],
+                    ["peft=lora", "model.freeze=[language,projector]"]),
+    "pp": (["parallel=pp", "train.micro_batch_size=2"], []),
+    "cp": (["parallel=cp"], []),
+}
+TOL_LOSS, TOL_GRAD_REL = 1e-5, 1e-4
+
+
+def compare(two: dict, one: dict) -> dict:
+    if two["status"] != "ok":
+        return two
+    if one["status"] != "ok":
+        return {"status": "error", "error": "the one-process reference failed: " + (one.get("error") or "")}
+    loss = max(abs(a - b) for a, b in zip(two["losses"], one["losses"]))
+    grad = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(two["grad_norms"], one["grad_norms"]))
+    ok = len(two["losses"]) == len(one["losses"]) == STEPS and loss <= TOL_LOSS and grad <= TOL_GRAD_REL
+    return {"status": "ok" if ok else "mismatch", "loss_diff": loss, "grad_rel": grad,
+            "error": None if ok else f"loss diff {loss:.1e}, grad norm rel {grad:.1e}"}
+
+
+def text(outcome: dict, column: str) -> str:
+    if outcome["status"] == "refused":
+        return "REFUSED"
+    if outcome["status"] != "ok":
+        return "FAIL"
+    if column == "1proc":
+        return f"{outcome['losses'][0]:.3f}->{outcome['losses'][-1]:.3f}"
+    return f"{outcome['loss_diff']:.1e}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", default=",".join(vlm_zoo.FAMILIES))
+    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--out", default=None, help="work folder (default: a temporary one)")
+    args = parser.parse_args()
+    families, layouts = args.families.split(","), args.layouts.split(",")
+    unknown = [f for f in families if f not in vlm_zoo.FAMILIES] + [lay for lay in layouts if lay not in LAYOUTS]
+    if unknown:
+        sys.exit(f"vlm_matrix: unknown {unknown[0]!r}; families here: {', '.join(vlm_zoo.FAMILIES)} (the Qwen and "
+                 f"OneVision ones need torchvision); layouts: {', '.join(LAYOUTS)}")
+    import logging
+
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("AUTOMODEL_NO_PROGRESS", "1")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # the spawned ranks' library deprecation notices
+    logging.getLogger("automodel").setLevel(logging.WARNING)
+    out = args.out or tempfile.mkdtemp(prefix="vlm_matrix_")
+    start = time.time()
+    folders = {f: vlm_zoo.build(os.path.join(out, "zoo"), f) for f in families}
+    base = {f: ["model=hf", f"model.path={folders[f]}", *DATA] for f in families}
+    checks = [(f"{f}/{lay}", [*base[f], *LAYOUTS[lay][0]]) for f in families for lay in layouts]
+    two = mr.run_spawned(checks, os.path.join(out, "ranks2"), pg_timeout_s=60, deadline_s=1800)
+    references = {}
+    for f in families:
+        for over in [[], *(LAYOUTS[lay][1] for lay in layouts)]:
+            key = (f, tuple(over))
+            if key not in references:
+                name = "_".join([f, *over]).replace("=", "-").replace("[", "").replace("]", "").replace(",", "+")
+                references[key] = mr.attempt(mr.run_train, os.path.join(out, "one", name), [*base[f], *over])
+    cells = {(f, "1proc"): references[(f, ())] for f in families}
+    cells.update({(f, lay): compare(two[f"{f}/{lay}"], references[(f, tuple(LAYOUTS[lay][1]))])
+                  for f in families for lay in layouts})
+    columns = ["1proc", *layouts]
+    print(f"{'family':16s}" + "".join(f"{c:>13s}" for c in columns))
+    for f in families:
+        print(f"{f:16s}" + "".join(f"{text(cells[(f, c)], c):>13s}" for c in columns))
+    counts = {"ok": 0, "refused": 0, "fail": 0}
+    notes = []
+    for (f, c), o in cells.items():
+        kind = o["status"] if o["status"] in ("ok", "refused") else "fail"
+        counts[kind] += 1
+        if kind != "ok":
+            notes.append(f"  {f}/{c}: {o.get('reason') or o.get('error')}")
+    worst = max((o["loss_diff"] for o in cells.values() if "loss_diff" in o and o["status"] == "ok"), default=0.0)
+    print(f"\n{len(cells)} cells: {counts['ok']} pass, {counts['refused']} refused, {counts['fail']} fail; largest "
+          f"loss diff {worst:.1e}; {time.time() - start:.0f}s (torch {torch.__version__})")
+    print("\n".join(notes))
+    sys.exit(1 if counts["fail"] else 0)
+
+
+if __name__ == "__main__":
+    main()
