@@ -125,7 +125,11 @@ class HFModel:
             except (ValueError, TypeError, StrictDataclassError) as e:
                 raise UserError(_strict_line(e, "model.config_overrides", self.cfg.config_overrides)) from None
         _check_sizes(cfg, self.cfg)
-        cfg.use_cache = False  # training never uses the KV cache; leaving it on also hides packed sequences
+        # training never uses the KV cache; leaving it on also hides packed sequences, and an image-text model's
+        # language model reads its own sub-config's (with it on, activation checkpointing's recompute appends to
+        # the cache the forward filled)
+        cfg.use_cache = False
+        cfg.get_text_config().use_cache = False
         cfg._attn_implementation = self.cfg.attn_implementation or _default_attention(cfg)
         if self.cfg.experts_implementation is not None:
             from automodel.moe.experts import num_routed_experts
