@@ -60,7 +60,7 @@ def _rank_state(checked, dims, world: int, rank: int):
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 
-    from automodel.modules import decoder_layers
+    from automodel.modules import language_layers, vision_layers
     from automodel.planning.layout import count
 
     p = checked.plugins
@@ -69,14 +69,15 @@ def _rank_state(checked, dims, world: int, rank: int):
         mesh = dims.build_mesh("cpu")
         model = p["peft"].apply(p["model"].build("meta"))
         totals = {id(q): q for q in model.parameters()}
-        layers, model_cls = decoder_layers(model), type(model)  # (the layout changes the class in place)
+        layers, model_cls = language_layers(model), type(model)  # (the layout changes the class in place)
+        vision = vision_layers(model)
         if hasattr(p["loss"], "prepare"):
             p["loss"].prepare(model, p["model"].name)
         laid = p["parallel"].apply(model, mesh, dims, p["precision"].mixed_precision_policy())
         stage = ""
         if dims.pp > 1:
             stage = f"pipeline stage {rank // (world // dims.pp)} of {dims.pp}"
-        state = count(laid, layers, rank, stage)
+        state = count(laid, layers, rank, stage, vision)
         state.model_cls = model_cls
         state.total = sum(q.numel() for q in totals.values())
         state.total_trainable = sum(q.numel() for q in totals.values() if q.requires_grad)
@@ -164,7 +165,19 @@ def _print(name, state, part, peak, capacity, where, dims, world, gpu, micro, ac
           f"{step.activation_checkpointing}; loss {step.loss}")
     who = f"rank {state.rank}" + (f" ({state.stage})" if state.stage else "")
     print(f"per-rank memory, {who}, the most loaded: holds {state.params / 1e6:,.1f}M parameters "
-          f"({100 * state.params / max(state.total, 1):.2f}% of the model), {len(state.layers)} decoder blocks")
+          f"({100 * state.params / max(state.total, 1):.2f}% of the model), {len(state.layers)} decoder blocks"
+          + (f" (language model; {len(state.vision_layers)} vision blocks train)" if state.vision_layers else ""))
+    if getattr(state, "vision_hidden", 0):  # an image-text model
+        from automodel.planning.estimate import vision_activations
+
+        if not state.vision_layers:
+            print("  (the vision tower is frozen: it saves no activations; the language model's are counted)")
+        elif state.vision_tokens is None:
+            print(f"  ({len(state.vision_layers)} vision blocks train, but the config gives no image size: their "
+                  "activations are not counted)")
+        else:
+            print(f"  (activations include {vision_activations(state, step) / GiB:.2f} GiB for {len(state.vision_layers)} "
+                  f"training vision blocks: one {state.vision_tokens}-patch image per sample)")
     width = max(len(k) for k in part)
     for key, value in part.items():
         print(f"  {key:<{width}}  {value / GiB:9.2f} GiB")

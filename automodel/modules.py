@@ -47,6 +47,13 @@ def language_layers(model: nn.Module) -> list[nn.Module]:
     return [layer for layer in layers if id(layer) in inside]
 
 
+def vision_layers(model: nn.Module) -> list[nn.Module]:
+    """An image-text model's repeated vision blocks (the entries of a layer list; not its embeddings or pooling
+    head, which _no_split_modules also lists); none for a text model."""
+    blocks = {id(b) for b in decoder_layers(model)} - {id(b) for b in language_layers(model)}
+    return [m for name, m in model.named_modules() if id(m) in blocks and name.rpartition(".")[2].isdigit()]
+
+
 def language_model(model: nn.Module) -> nn.Module:
     """The module built from the text sub-config (the model itself for a text model): the part tensor parallel
     splits, with the output head beside it."""

@@ -289,3 +289,26 @@ def test_pipeline_and_context_parallel_are_refused_in_one_line_for_an_image_text
     with pytest.raises(UserError, match=rf"^{refused}: llava is an image-text model, which trains here under "
                                         r"FSDP2/HSDP and tensor parallel only; use parallel=fsdp2, hsdp or tp$"):
         parallel.check_model(dims, checked.plugins["model"].hf_config())
+
+
+def test_plan_counts_language_blocks_and_vision_activations_only_when_the_tower_trains(vlm_folders, capsys):
+    """`automodel plan` of an image-text model: the activation estimate multiplies the language model's blocks (not
+    every block _no_split_modules lists), and adds the vision blocks' only when their weights train."""
+    import re
+
+    from automodel.cli_plan import main
+
+    def plan(*overrides):
+        main(["model=hf", f"model.path={vlm_folders['gemma3']}", *DATA, "plan.world_size=2", "plan.gpu=h100",
+              "parallel=fsdp2", *overrides])
+        out = capsys.readouterr().out
+        activations = float(re.search(r"activations\s+([\d.]+) GiB", out).group(1))
+        return out, activations
+
+    frozen, frozen_act = plan()
+    assert "2 decoder blocks" in frozen and "the vision tower is frozen: it saves no activations" in frozen
+    trains, trains_act = plan("model.freeze=[]")
+    assert "2 decoder blocks (language model; 2 vision blocks train)" in trains
+    vision = float(re.search(r"activations include ([\d.]+) GiB for 2 training vision blocks: one 16-patch image "
+                             r"per sample", trains).group(1))
+    assert trains_act == pytest.approx(frozen_act + vision, abs=0.011)

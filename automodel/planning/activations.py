@@ -19,12 +19,15 @@ log = logging.getLogger("automodel")
 
 
 def _twin(hf_config, layers: int):
+    """The config with `layers` language-model blocks (an image-text model's text sub-config is cut; its vision
+    tower does not run on input ids alone)."""
     twin = copy.deepcopy(hf_config)
-    total = twin.num_hidden_layers
-    for key, value in list(vars(twin).items()):  # per-layer settings (layer_types, ...) cut to match
+    text = twin.get_text_config()
+    total = text.num_hidden_layers
+    for key, value in list(vars(text).items()):  # per-layer settings (layer_types, ...) cut to match
         if isinstance(value, (list, tuple)) and len(value) == total:
-            setattr(twin, key, type(value)(value[:layers]))
-    twin.num_hidden_layers = layers
+            setattr(text, key, type(value)(value[:layers]))
+    text.num_hidden_layers = layers
     return twin
 
 

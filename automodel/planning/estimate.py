@@ -80,12 +80,7 @@ def memory(state, step: Step, runtime: int, pp_stage: int = 0) -> dict[str, int]
         block = max((weight_estimate_elements(layer, state.tp_local_hidden, step.top_k, step.num_experts)
                      for layer in state.layers), default=0) * tokens * step.compute_bytes
     block_input = tokens * state.tp_local_hidden * step.compute_bytes / (d.tp if d.tp > 1 else 1)
-    if step.activation_checkpointing == "full":  # each block's input kept; one block recomputed at a time
-        kept = layers * block_input + block
-    elif step.activation_checkpointing == "selective":  # matmul and attention outputs kept: about half
-        kept = layers * block / 2 + block / 2
-    else:
-        kept = layers * block
+    kept = _kept(layers, block, block_input, step.activation_checkpointing) + vision_activations(state, step)
     in_flight = 1
     if d.pp > 1:
         in_flight = step.micro_batches if step.pp_schedule == "gpipe" else min(step.micro_batches, d.pp - pp_stage)
@@ -97,6 +92,29 @@ def memory(state, step: Step, runtime: int, pp_stage: int = 0) -> dict[str, int]
         logits = rows * vocab * 12  # logits, log-softmax's fp32 output, its fp32 gradient, the logits' gradient
     return {"parameters": weights, "gradients": grads, "optimizer state": optimizer, "activations": int(activations),
             "logits and loss": int(logits), "communication buffers": int(buffers), "runtime": runtime}
+
+
+def _kept(layers: int, block: float, block_input: float, checkpointing: str) -> float:
+    if checkpointing == "full":  # each block's input kept; one block recomputed at a time
+        return layers * block_input + block
+    if checkpointing == "selective":  # matmul and attention outputs kept: about half
+        return layers * block / 2 + block / 2
+    return layers * block
+
+
+def vision_activations(state, step: Step) -> float:
+    """What an image-text model's vision blocks save for backward on this rank: nothing when the tower is frozen
+    (no weight of it trains and its pixels need no gradient); else, from the blocks' weights, for one image per
+    sample at the tower's own resolution (the vision side is replicated over tp and cp)."""
+    from automodel.planning.activations import weight_estimate_elements
+
+    if not state.vision_layers or not state.vision_tokens:
+        return 0.0
+    tokens = step.micro_batch * state.vision_tokens
+    block = max(weight_estimate_elements(layer, state.vision_hidden, 1, 1) for layer in state.vision_layers)
+    block_bytes = block * tokens * step.compute_bytes
+    return _kept(len(state.vision_layers), block_bytes, tokens * state.vision_hidden * step.compute_bytes,
+                 step.activation_checkpointing)
 
 
 def peak(parts: dict[str, int]) -> int:

@@ -28,6 +28,11 @@ class RankState:
     head_out_features: int  # the output head's rows (the vocabulary) when this rank holds the head, else 0
     tp_local_hidden: int
     model_cls: type | None = None  # the model's class before the layout (for the activation twin)
+    # an image-text model's vision blocks this rank holds, when any of their weights train (a frozen tower saves
+    # nothing for backward), and the vision tokens of one sample (None: not known from the config)
+    vision_layers: list = dataclasses.field(default_factory=list)
+    vision_hidden: int = 0
+    vision_tokens: int | None = None
 
 
 def _is_dtensor(p) -> bool:
@@ -50,9 +55,11 @@ def _local_numel(p) -> int:
     return p.to_local().numel() if _is_dtensor(p) else p.numel()
 
 
-def count(model: nn.Module, layers: list[nn.Module], rank: int, stage: str) -> RankState:
-    """`model`: this rank's laid-out part; `layers`: the model's decoder blocks as found before the layout (the
-    layout shards them in place; those this rank holds are kept)."""
+def count(model: nn.Module, layers: list[nn.Module], rank: int, stage: str,
+          vision_layers: list[nn.Module] = ()) -> RankState:
+    """`model`: this rank's laid-out part; `layers`: the language model's decoder blocks as found before the layout
+    (the layout shards them in place; those this rank holds are kept); `vision_layers`: an image-text model's
+    vision blocks, likewise."""
     from torch.distributed.fsdp import FSDPModule
 
     held = {id(q): q for q in model.parameters()}  # a tied weight once
@@ -63,6 +70,8 @@ def count(model: nn.Module, layers: list[nn.Module], rank: int, stage: str) -> R
         param_bytes += n * p.element_size()
         trainable += n if p.requires_grad else 0
     layers = [layer for layer in layers if any(id(q) in held for q in layer.parameters())]
+    vision_layers = [layer for layer in vision_layers if any(id(q) in held and q.requires_grad
+                                                             for q in layer.parameters())]
     units, root = [], 0
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for module in fsdp_modules:
@@ -79,8 +88,18 @@ def count(model: nn.Module, layers: list[nn.Module], rank: int, stage: str) -> R
         head = None
     weight = getattr(head, "weight", None) if isinstance(head, nn.Module) else None
     head_out = weight.shape[0] if weight is not None and weight.dim() == 2 else 0  # the whole vocabulary
-    hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
-    return RankState(rank, stage, params, param_bytes, trainable, 0, 0, units, root, layers, head_out, hidden)
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text_config, "hidden_size", 0) or 0
+    state = RankState(rank, stage, params, param_bytes, trainable, 0, 0, units, root, layers, head_out, hidden)
+    vision_config = getattr(config, "vision_config", None)
+    if vision_config is not None:
+        state.vision_layers = vision_layers
+        state.vision_hidden = getattr(vision_config, "hidden_size", 0) or 0
+        size, patch = getattr(vision_config, "image_size", None), getattr(vision_config, "patch_size", None)
+        if isinstance(size, int) and isinstance(patch, int) and patch:
+            state.vision_tokens = (size // patch) ** 2  # one image at the tower's own resolution
+    return state
 
 
 def tokens_per_rank(micro_batch: int, seq_len: int, cp: int) -> int:
