@@ -1,12 +1,12 @@
 """The image-text model matrix: every family of tests/vlm_zoo.py (Gemma 3 and LLaVA; with torchvision also
-Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision) x every 2-rank layout, against one process, on the bundled shapes
+Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision) x every 2- and 4-rank layout, against one process, on the bundled shapes
 conversations. Prints a table and exits 1 if any cell fails.
 
     .venv/bin/python scripts/vlm_matrix.py                       # Gemma 3 and LLaVA (about 2 minutes here)
     /tmp/automodel-tv/bin/python scripts/vlm_matrix.py           # + the torchvision families (that venv comes
                                                                  #   from scripts/vlm_torchvision.sh)
 
-Columns (each 2-rank cell: max |loss diff| over 6 fp32 steps vs the one-process run it must equal, <= 1e-5, and
+Columns (each multi-rank cell: max |loss diff| over 6 fp32 steps vs the one-process run it must equal, <= 1e-5, and
 grad norms within 1e-4 relative; or REFUSED:<automodel's one line>, or FAIL:<why>):
 
   1proc       one process: first -> last loss (the vision tower frozen, the default)
@@ -16,6 +16,7 @@ grad norms within 1e-4 relative; or REFUSED:<automodel's one line>, or FAIL:<why
   vision_lora FSDP2 + LoRA on the vision tower alone (model.freeze=[language,projector])
   ac          FSDP2 with full activation checkpointing (language and vision blocks)
   bf16        FSDP2 under precision=bf16 vs one process under bf16 autocast: within 2e-2 (bf16's precision)
+  fsdp2_tp    4 ranks: FSDP2 (dp_shard 2) x tp 2            hsdp    4 ranks: dp_replicate 2 x dp_shard 2
   pp, cp      pipeline and context parallel: refused for image-text models, in one line
 """
 
@@ -48,9 +49,12 @@ LAYOUTS = {
                     ["peft=lora", "model.freeze=[language,projector]"]),
     "ac": (["parallel=fsdp2", "parallel.activation_checkpointing=full"], []),
     "bf16": (["parallel=fsdp2", "precision=bf16"], ["precision=bf16"]),
+    "fsdp2_tp": (["parallel=fsdp2_tp", "parallel.tp=2"], []),  # 4 ranks: dp_shard 2 x tp 2
+    "hsdp": (["parallel=hsdp"], []),  # 4 ranks: dp_replicate 2 x dp_shard 2
     "pp": (["parallel=pp", "train.micro_batch_size=2"], []),
     "cp": (["parallel=cp"], []),
 }
+FOUR_RANKS = {"fsdp2_tp", "hsdp"}  # the others run on 2
 TOL_LOSS, TOL_GRAD_REL = 1e-5, 1e-4
 # bf16 rounds differently when FSDP2 casts the gathered weights (MixedPrecisionPolicy) than when autocast casts
 # them in one process: the two agree to bf16's precision, not fp32's
@@ -102,8 +106,13 @@ def main() -> None:
     start = time.time()
     folders = {f: vlm_zoo.build(os.path.join(out, "zoo"), f) for f in families}
     base = {f: ["model=hf", f"model.path={folders[f]}", *DATA] for f in families}
-    checks = [(f"{f}/{lay}", [*base[f], *LAYOUTS[lay][0]]) for f in families for lay in layouts]
-    two = mr.run_spawned(checks, os.path.join(out, "ranks2"), pg_timeout_s=60, deadline_s=1800)
+    two = {}
+    for world in (2, 4):
+        checks = [(f"{f}/{lay}", [*base[f], *LAYOUTS[lay][0]]) for f in families for lay in layouts
+                  if (lay in FOUR_RANKS) == (world == 4)]
+        if checks:
+            two.update(mr.run_spawned(checks, os.path.join(out, f"ranks{world}"), world=world, pg_timeout_s=60,
+                                      deadline_s=1800))
     references = {}
     for f in families:
         for over in [[], *(LAYOUTS[lay][1] for lay in layouts)]:
@@ -126,9 +135,12 @@ def main() -> None:
         counts[kind] += 1
         if kind != "ok":
             notes.append(f"  {f}/{c}: {o.get('reason') or o.get('error')}")
-    worst = max((o["loss_diff"] for o in cells.values() if "loss_diff" in o and o["status"] == "ok"), default=0.0)
+    def worst(keep):
+        return max((o["loss_diff"] for (f, c), o in cells.items() if keep(c) and o["status"] == "ok"
+                    and "loss_diff" in o), default=0.0)
     print(f"\n{len(cells)} cells: {counts['ok']} pass, {counts['refused']} refused, {counts['fail']} fail; largest "
-          f"loss diff {worst:.1e}; {time.time() - start:.0f}s (torch {torch.__version__})")
+          f"loss diff {worst(lambda c: c != 'bf16'):.1e} in fp32, {worst(lambda c: c == 'bf16'):.1e} in bf16; "
+          f"{time.time() - start:.0f}s (torch {torch.__version__})")
     print("\n".join(notes))
     sys.exit(1 if counts["fail"] else 0)
 

@@ -341,13 +341,16 @@ def worker(rank: int, world: int, workdir: str, checks: list, pg_timeout_s: floa
     for i, (name, over) in enumerate(checks):
         out = attempt(run_train, os.path.join(workdir, "runs", name), over)
         out["rank"], out["at"] = rank, time.time()
-        if out["status"] != "ok" and dist.is_initialized():
+        if out["status"] == "error" and dist.is_initialized():
             dist.destroy_process_group()  # a peer waiting on this rank in a collective gets an error at once
         store.set(f"{i}/{rank}", json.dumps(out))
         store.wait([f"{i}/{r}" for r in range(world)])
         every = [json.loads(store.get(f"{i}/{r}")) for r in range(world)]
         bad = [o for o in every if o["status"] != "ok"]
-        if bad:
+        # a refusal on every rank left the group healthy (no rank was inside a collective): it is kept, because
+        # a group made again in this process can meet torch's state of the old one (a 4-rank mesh's flattened
+        # dims then resolve to a destroyed group)
+        if bad and not (all(o["status"] == "refused" for o in every) and dist.is_initialized()):
             if dist.is_initialized():
                 dist.destroy_process_group()
             epoch += 1

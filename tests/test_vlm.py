@@ -312,3 +312,31 @@ def test_plan_counts_language_blocks_and_vision_activations_only_when_the_tower_
     vision = float(re.search(r"activations include ([\d.]+) GiB for 2 training vision blocks: one 16-patch image "
                              r"per sample", trains).group(1))
     assert trains_act == pytest.approx(frozen_act + vision, abs=0.011)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_lora_adapter_loads_with_peft_and_the_merged_export_with_transformers_both_with_the_trained_logits(
+        vlm_folders, family, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from automodel.compose import compose
+    from automodel.engine.run import train
+
+    folder = vlm_folders[family]
+    result = train(compose(["model=hf", f"model.path={folder}", *DATA, "train.max_steps=3", "peft=lora",
+                            "optim.lr=1e-2"]), str(tmp_path))
+    model_plugin, data = _plugins(folder)
+    batch = next(data.build(model_plugin.tokenizer(), seq_len=64, seed=42, dp_rank=0, dp_size=1, global_batch_size=4,
+                            micro_batch_size=4))
+    inputs = {k: v for k, v in batch.micro_batches[0].items() if k != "labels"}
+    with torch.no_grad():
+        trained = result.model.eval()(**inputs).logits
+        before = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()(**inputs).logits
+        base = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+        adapted = PeftModel.from_pretrained(base, os.path.join(str(tmp_path), "final", "adapter")).eval()
+        merged = AutoModelForImageTextToText.from_pretrained(os.path.join(str(tmp_path), "final"),
+                                                             dtype=torch.float32).eval()
+        assert (trained - before).abs().max().item() > 1e-3  # the adapter moved the model
+        assert (adapted(**inputs).logits - trained).abs().max().item() < 1e-5
+        assert (merged(**inputs).logits - trained).abs().max().item() < 1e-5
