@@ -33,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import matrix_runs as mr  # noqa: E402
+import spawned_group  # noqa: E402
 import model_zoo as mz  # noqa: E402
 
 COLUMNS = ["1proc", *mr.LAYOUTS, "hf_loss", "adamw"]
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
     if layouts:
         checks = mr.two_rank_checks(zoo, tasks, [(f, lay) for f in families for lay in layouts])
         print(f"2 ranks: {len(checks)} checks in one spawned group ...", flush=True)
-        spawned = mr.run_spawned(checks, os.path.join(out, "ranks2"), pg_timeout_s=args.pg_timeout,
+        spawned = spawned_group.run_spawned(checks, os.path.join(out, "ranks2"), pg_timeout_s=args.pg_timeout,
                                  deadline_s=args.deadline)
         logits: dict = {}
         for fam in families:

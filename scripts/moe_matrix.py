@@ -31,6 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import matrix_runs as mr  # noqa: E402
+import spawned_group  # noqa: E402
 
 FAMILIES = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "olmoe", "qwen2_moe"]
 # the router's training signals, which matrix_runs.STEPS turns off for its anchors (as tests/test_moe.py's ON): the
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
         checks = [(f"{fam}/{lay}", mr.overrides(zoo[fam], tasks, *ON, *mr.MOE_LAYOUTS[lay][1]))
                   for fam in families for lay in mine]
         print(f"{world} ranks: {len(checks)} checks in one spawned group ...", flush=True)
-        got = mr.run_spawned(checks, os.path.join(out, f"ranks{world}"), world=world, pg_timeout_s=args.pg_timeout,
+        got = spawned_group.run_spawned(checks, os.path.join(out, f"ranks{world}"), world=world, pg_timeout_s=args.pg_timeout,
                              deadline_s=args.deadline)
         for fam in families:
             for lay in mine:

@@ -32,6 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import matrix_runs as mr  # noqa: E402
+import spawned_group  # noqa: E402
 import vlm_zoo  # noqa: E402
 
 STEPS = 6
@@ -111,7 +112,7 @@ def main() -> None:
         checks = [(f"{f}/{lay}", [*base[f], *LAYOUTS[lay][0]]) for f in families for lay in layouts
                   if (lay in FOUR_RANKS) == (world == 4)]
         if checks:
-            two.update(mr.run_spawned(checks, os.path.join(out, f"ranks{world}"), world=world, pg_timeout_s=60,
+            two.update(spawned_group.run_spawned(checks, os.path.join(out, f"ranks{world}"), world=world, pg_timeout_s=60,
                                       deadline_s=1800))
     references = {}
     for f in families:

@@ -23,6 +23,7 @@ import os
 import pytest
 
 import matrix_runs as mr
+import spawned_group
 import model_zoo as mz
 
 # one 2-rank layout per family; pp only for untied families (tied embeddings refuse pp, checked below)
@@ -82,7 +83,7 @@ def two(zoo, references, anchors, tmp_path_factory):
     folders, tasks = zoo
     cells = [*CI_LAYOUT.items(), *[(fam, layout) for fam, layout, _ in REFUSALS], *REFUSED_OR_MATCHING]
     checks = mr.two_rank_checks(folders, tasks, cells)
-    return mr.run_spawned(checks, str(tmp_path_factory.mktemp("ranks2")), pg_timeout_s=60, deadline_s=900)
+    return spawned_group.run_spawned(checks, str(tmp_path_factory.mktemp("ranks2")), pg_timeout_s=60, deadline_s=900)
 
 
 def _fail_text(outcome: dict) -> str:

@@ -165,11 +165,11 @@ def _common(folder, reference):
 @pytest.fixture(scope="module")
 def two_rank_losses(vlm_folders, tmp_path_factory):
     """{(family, layout): outcome} of every 2-rank check, run by one spawned group (one start-up for all)."""
-    import matrix_runs as mr
+    import spawned_group
 
     checks = [(f"{family}/{layout}", [*_common(vlm_folders[family], reference), *over])
               for family in FAMILIES for layout, (over, reference) in LAYOUTS.items()]
-    got = mr.run_spawned(checks, str(tmp_path_factory.mktemp("vlm_ranks2")), pg_timeout_s=60, deadline_s=600)
+    got = spawned_group.run_spawned(checks, str(tmp_path_factory.mktemp("vlm_ranks2")), pg_timeout_s=60, deadline_s=600)
     return {tuple(name.split("/")): outcome for name, outcome in got.items()}
 
 
