@@ -35,15 +35,12 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def language_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers of the language model: all of them for a text model; for an image-text model, those
     inside the module built from its text sub-config (not the vision tower's), where tensor parallel applies."""
-    from transformers import PreTrainedModel
-
     layers = decoder_layers(model)
     base = hf_base(model)
     text_config = base.config.get_text_config()
     if text_config is base.config:
         return layers
-    inside = {id(m) for owner in model.modules() if isinstance(owner, PreTrainedModel) and owner is not base
-              and type(owner.config) is type(text_config) for m in owner.modules()}
+    inside = {id(m) for m in language_model(model).modules()}
     return [layer for layer in layers if id(layer) in inside]
 
 
@@ -63,8 +60,12 @@ def language_model(model: nn.Module) -> nn.Module:
     text_config = base.config.get_text_config()
     if text_config is base.config:
         return base
-    return next(m for m in base.modules() if isinstance(m, PreTrainedModel) and m is not base
-                and type(m.config) is type(text_config))
+    found = next((m for m in base.modules() if isinstance(m, PreTrainedModel) and m is not base
+                  and type(m.config) is type(text_config)), None)
+    if found is None:
+        raise UserError(f"cannot tell the language model of {type(base).__name__} from its other parts: no sub-model "
+                        "is built from its text config; use a layout without tensor parallel (parallel=fsdp2)")
+    return found
 
 
 def parent_of(root: nn.Module, child: nn.Module) -> tuple[nn.Module, str]:
