@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/measure_memory.py                 # qwen3_0_6b: 1 process, 2 FSDP2, 2 TP ranks
     .venv/bin/python scripts/measure_memory.py --rehearse      # + llama3_8b fsdp2_tp lora rehearsals at 8 and 64
+    .venv/bin/python scripts/measure_memory.py --no-ranks --vlm --worlds 8   # gemma3_4b image-text rehearsal
 
 Each configuration runs twice, from random init and from a local HF folder of the same model (written once
 to --folder). Every rank is a fresh spawned process running the engine for one step; it reports its
@@ -71,10 +72,27 @@ def save_folder(folder: str, model: str) -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def rehearse(world: int) -> dict:
-    cmd = [os.path.join(ROOT, ".venv", "bin", "automodel"), "model=llama3_8b", "parallel=fsdp2_tp", "peft=lora",
-           f"launcher.fake_world_size={world}", "train.max_steps=2", "train.seq_len=64",
-           f"train.global_batch_size={world // 2}"]  # one sequence per data-parallel rank (tp=2)
+LLAMA_REHEARSAL = ["model=llama3_8b", "parallel=fsdp2_tp", "peft=lora", "train.seq_len=64"]
+
+
+def vlm_rehearsal() -> list[str]:
+    """gemma3_4b (its published architecture, random init) on the bundled shapes conversations at its own image
+    size: 896x896 pictures, 256 image tokens, through a Gemma 3 processor over the tests' small vocabulary (the
+    real one cannot be downloaded here), the config's image token ids pointed at that vocabulary's."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import vlm_zoo
+
+    folder = os.path.join(tempfile.gettempdir(), "automodel-gemma3_4b-processor")
+    processor, ids = vlm_zoo.gemma3_processor(image_size=896, tokens_per_image=256)
+    processor.save_pretrained(folder)
+    return ["model=gemma3_4b", f"model.tokenizer={folder}", *(f"+model.config.{k}={v}" for k, v in ids.items()),
+            "parallel=fsdp2", "data=shapes", "data.path=${asset:shapes/val.jsonl}", "data.val_path=null",
+            "train.seq_len=320", "train.sample_prompts=0"]
+
+
+def rehearse(world: int, overrides: list[str], per_rank: int) -> dict:
+    cmd = [os.path.join(ROOT, ".venv", "bin", "automodel"), *overrides, f"launcher.fake_world_size={world}",
+           "train.max_steps=2", f"train.global_batch_size={max(1, world // per_rank)}"]  # one row per dp rank
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.mkdtemp(), env={**os.environ,
                           "AUTOMODEL_NO_PROGRESS": "1"})
     text = proc.stdout + proc.stderr
@@ -94,6 +112,7 @@ def main() -> None:
     ap.add_argument("--model", default="qwen3_0_6b")
     ap.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "automodel-qwen3_0_6b-hf"))
     ap.add_argument("--rehearse", action="store_true")
+    ap.add_argument("--vlm", action="store_true", help="rehearse gemma3_4b (image-text) at its image size")
     ap.add_argument("--worlds", default="8,64", help="rehearsal world sizes")
     ap.add_argument("--no-ranks", action="store_true", help="only the rehearsals")
     args = ap.parse_args()
@@ -117,13 +136,15 @@ def main() -> None:
         print(f"| {row[0]} | {row[1]} | {row[2]} | {row[3]:.2f} | {row[4]:.2f} | {row[5]:.2f} | {row[6]:.2f} | "
               f"{'yes' if row[7] else 'NO'} |")
     failed = not all(r[7] for r in rows)
-    if args.rehearse:
-        print("\nllama3_8b parallel=fsdp2_tp peft=lora, rehearsal of rank 0 (launcher.fake_world_size=N)")
+    rehearsals = ([("llama3_8b parallel=fsdp2_tp peft=lora", LLAMA_REHEARSAL, 2)] if args.rehearse else []) + (
+        [("gemma3_4b (image-text) parallel=fsdp2, 896x896 images", vlm_rehearsal(), 1)] if args.vlm else [])
+    for title, overrides, per_rank in rehearsals:
+        print(f"\n{title}, rehearsal of rank 0 (launcher.fake_world_size=N)")
         print("| world | set-up peak | set-up + 2 steps peak | shard of training state | largest tensor | "
               "shard + largest + 1.5 |")
         print("|---|---|---|---|---|---|")
         for world in (int(w) for w in args.worlds.split(",")):
-            r = rehearse(world)
+            r = rehearse(world, overrides, per_rank)
             if "error" in r:
                 print(f"| {world} | FAILED | | | | |\n{r['error']}")
                 failed = True

@@ -34,8 +34,10 @@ LLAVA_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
 
-def _gemma3(folder: str, text: dict, vision: dict):
-    from transformers import AutoConfig, Gemma3ImageProcessorPil, Gemma3Processor
+def gemma3_processor(image_size: int = 32, tokens_per_image: int = 4):
+    """(processor, {boi_token_index, eoi_token_index, image_token_index}): a Gemma 3 processor over the small
+    sentencepiece vocabulary, at any image size (scripts/measure_memory.py rehearses gemma3_4b with 896 and 256)."""
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor
 
     tok = mz.make_tokenizer(("GemmaTokenizerFast", "sentencepiece", dict(
         pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>", mask_token="<mask>",
@@ -43,12 +45,19 @@ def _gemma3(folder: str, text: dict, vision: dict):
         extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                               "image_token": "<image_soft_token>"})))
     boi, eoi, image = tok.convert_tokens_to_ids(["<start_of_image>", "<end_of_image>", "<image_soft_token>"])
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}), tokenizer=tok,
+        chat_template=GEMMA3_TEMPLATE, image_seq_length=tokens_per_image)
+    return processor, {"boi_token_index": boi, "eoi_token_index": eoi, "image_token_index": image}
+
+
+def _gemma3(folder: str, text: dict, vision: dict):
+    from transformers import AutoConfig
+
+    processor, ids = gemma3_processor()
     config = AutoConfig.for_model(
         "gemma3", text_config=dict(text, head_dim=16, query_pre_attn_scalar=16, sliding_window=16),
-        vision_config=vision, mm_tokens_per_image=4, boi_token_index=boi, eoi_token_index=eoi,
-        image_token_index=image, tie_word_embeddings=True)
-    processor = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}),
-                                tokenizer=tok, chat_template=GEMMA3_TEMPLATE, image_seq_length=4)
+        vision_config=vision, mm_tokens_per_image=4, tie_word_embeddings=True, **ids)
     return config, processor
 
 
