@@ -167,7 +167,7 @@ def _print(name, state, part, peak, capacity, where, dims, world, gpu, micro, ac
     print(f"per-rank memory, {who}, the most loaded: holds {state.params / 1e6:,.1f}M parameters "
           f"({100 * state.params / max(state.total, 1):.2f}% of the model), {len(state.layers)} decoder blocks"
           + (f" (language model; {len(state.vision_layers)} vision blocks train)" if state.vision_layers else ""))
-    if getattr(state, "vision_hidden", 0):  # an image-text model
+    if state.vision_hidden:  # an image-text model
         from automodel.planning.estimate import vision_activations
 
         if not state.vision_layers:
