@@ -52,13 +52,17 @@ class ModelPlugin(Protocol):
 
 @runtime_checkable
 class ParallelPlugin(Protocol):
-    """Optional: `hints(dims) -> automodel.distributed.parallel_dims.ParallelHints`, what the training step
-    must do for the layout (global position_ids, sequence padding, loss_parallel context, CP split, pipeline).
+    """Optional: `hints(dims, hf_config) -> automodel.distributed.parallel_dims.ParallelHints`, what the training
+    step must do for the layout and model (global position_ids, sequence padding, loss_parallel context, CP split,
+    pipeline).
 
-    Optional, needed when its hints say `pipeline`: `pipeline(mesh, dims, device, n_microbatches, loss_fn)`,
-    called after `apply`, returning an object with `run(input_ids, labels, train=True) -> list[Tensor]` (one
-    forward/backward of the whole local batch through the schedule; the micro-batch losses on the rank that
-    holds the last stage, [] elsewhere) and `n_microbatches`."""
+    Optional, needed when its hints say `pipeline`: `pipeline(mesh, dims, device, n_microbatches, loss_fn, model,
+    defer_last_stage=False)`, called after `apply` returned `model`, returning an object with
+    `run(input_ids, labels, train=True) -> list[Tensor]` (one forward/backward of the whole local batch through
+    the schedule; the micro-batch losses on the rank that holds the last stage, [] elsewhere) and
+    `n_microbatches`. With `defer_last_stage` (a distillation teacher; `loss_fn` None): `forward_to_last(input_ids)
+    -> list[Tensor]` (forward only, the last stage's input per micro-batch on the rank holding it) and
+    `run_last(received) -> logits`."""
 
     def dims(self, world_size: int) -> "ParallelDims":
         """Mesh sizes for this world size (`ParallelDims.infer(world_size, ...)`); raises UserError for layouts

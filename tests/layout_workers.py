@@ -40,6 +40,7 @@ def run_layouts(rank: int, world: int, store_path: str, out_dir: str, checks: li
             if rank == 0:
                 results[name] = {"losses": [r["loss"] for r in result.records],
                                  "grad_norms": [r["grad_norm"] for r in result.records],
+                                 "kd_losses": [r.get("kd_loss") for r in result.records],
                                  "local_param_bytes": every, "full_param_bytes": full,
                                  "seconds": time.perf_counter() - t0, "dir": run}
     except Exception:

@@ -63,14 +63,14 @@ def test_pipeline_refuses_tied_embeddings_too_few_micro_batches_and_packing(tmp_
     assert str(e.value).startswith("parallel.pp>1: the model ties its input embedding to its output head")
     plugin, _ = _plugin("parallel=pp")
     with pytest.raises(UserError) as e:
-        _hints(plugin, plugin.dims(4), 48, accum=2)
+        _hints(plugin, plugin.dims(4), None, 48, accum=2)
     assert str(e.value) == ("parallel.pp_schedule=1f1b with pp=4 needs at least 4 micro-batches per step, but "
                             "train.global_batch_size / (train.micro_batch_size x 1 data-parallel rank(s)) = 2; lower "
                             "train.micro_batch_size or raise train.global_batch_size")
-    assert _hints(plugin, plugin.dims(4), 48, accum=4).pipeline
+    assert _hints(plugin, plugin.dims(4), None, 48, accum=4).pipeline
     plugin, _ = _plugin("parallel=pp", "parallel.pp_schedule=gpipe")
-    assert _hints(plugin, plugin.dims(4), 48, accum=1).min_microbatches == 1
-    assert _hints(plugin, plugin.dims(4), 48).packing_refused_by == "parallel.pp>1"
+    assert _hints(plugin, plugin.dims(4), None, 48, accum=1).min_microbatches == 1
+    assert _hints(plugin, plugin.dims(4), None, 48).packing_refused_by == "parallel.pp>1"
 
 
 @pytest.mark.parametrize("override,tp,pp,expected", [
@@ -113,14 +113,14 @@ def test_sequence_length_must_split_across_tp_with_sequence_parallel():
     plugin, _ = _plugin("parallel=tp")
     dims = plugin.dims(4)
     with pytest.raises(UserError) as e:
-        _hints(plugin, dims, 50)
+        _hints(plugin, dims, None, 50)
     assert str(e.value) == "train.seq_len=50 is not divisible by tp=4 (sequence parallel) = 4; pick a multiple of 4"
-    assert _hints(plugin, dims, 48).seq_multiple == 4
+    assert _hints(plugin, dims, None, 48).seq_multiple == 4
     plugin, _ = _plugin("parallel=tp", "parallel.sequence_parallel=false")
-    assert _hints(plugin, plugin.dims(4), 50).seq_multiple == 1
+    assert _hints(plugin, plugin.dims(4), None, 50).seq_multiple == 1
     plugin, _ = _plugin("parallel=fsdp2_tp", "parallel.cp=2")
     with pytest.raises(UserError) as e:
-        _hints(plugin, plugin.dims(8), 36)
+        _hints(plugin, plugin.dims(8), None, 36)
     assert str(e.value) == ("train.seq_len=36 is not divisible by 2 x cp=2 (causal load balancing) x tp=2 (sequence "
                             "parallel) = 8; pick a multiple of 8")
 

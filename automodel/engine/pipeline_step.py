@@ -5,6 +5,10 @@ with the same loss normalization (token sum / global target count x dp), applied
 loss function on the last stage. The step's micro-batches become the schedule's micro-batches: each is
 padded to one width (the stages exchange buffers of one shape) and they are stacked. The last stage's
 loss is summed over the pp group so every rank logs it, and the grad norm is taken over every stage.
+
+With a distillation teacher (automodel/engine/teacher.py), its own forward-only schedule runs the step's
+micro-batches first; the loss function blends each micro-batch's CE with the KL from the teacher's logits of
+that micro-batch, formed right there, and keeps the two parts for the log.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch.distributed as dist
 from automodel.batch import IGNORE_INDEX, StepBatch
 from automodel.engine.loop import StepRunner, _for_layout, _full
 from automodel.errors import UserError
+from automodel.modules import in_shape_only_forward
 
 
 @dataclasses.dataclass
@@ -32,10 +37,18 @@ class PipelineStepRunner(StepRunner):
         multiple = math.lcm(8, self.hints.seq_multiple)  # collated widths are multiples of 8
         self.width = -(-self.seq_len // multiple) * multiple
         self._scale = torch.ones((), device=self.device)
+        self._distilling = False  # a training pass with a teacher (held-out losses are the CE alone)
+        self._part_sums = torch.zeros(2, device=self.device)  # (CE, KD) of this pass, as the losses are scaled
 
     def micro_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The schedule's loss function: one micro-batch's token-sum loss, normalized for the global batch."""
-        return self.token_loss(logits, labels) * self._scale
+        loss = self.token_loss(logits, labels)
+        if self._distilling and not in_shape_only_forward():  # (the schedule's shape inference: placeholders)
+            taught = self.teacher.next_logits(logits)
+            kd = self._reduce(self.teacher.token_loss(logits, taught, labels))
+            self._part_sums += torch.stack([_full(loss.detach()), _full(kd.detach())]).float() * self._scale
+            loss = (1 - self.teacher.kd_ratio) * loss + self.teacher.kd_ratio * kd
+        return loss * self._scale
 
     def _stack(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, targets, real_rows = [], [], []
@@ -60,21 +73,31 @@ class PipelineStepRunner(StepRunner):
             self.router.begin_step(len(self._rows), self._loss_scale() if train else 1.0)
             for rows in self._rows:
                 self.router.add_rows(rows)
+        self._distilling = train and self.teacher is not None
+        if self._distilling:
+            self._part_sums.zero_()
+            self.teacher.forward_stages(ids)
         loss_context = self.hints.loss_context() if self.hints.loss_context else contextlib.nullcontext()
         with self.autocast(), loss_context:
             losses = self.pipeline.run(ids, labels, train=train)
-        total = torch.zeros((), device=self.device)
+        total = torch.zeros(3, device=self.device)  # the loss, and a teacher's CE and KD parts
         for loss in losses:
-            total += _full(loss.detach()).float()
+            total[0] += _full(loss.detach()).float()
+        if self._distilling:
+            total[1:] = self._part_sums
         if train and self.router is not None:  # this stage's layers' part (every dp rank logs 1/dp of it)
-            total += self.router.weighted_step_value().to(total)
+            total[0] += self.router.weighted_step_value().to(total)
         dist.all_reduce(total, group=self.pp_group)
-        return total
+        self._parts_sum = total[1:]
+        return total[0]
 
     def __call__(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
         self._scale = self.dp_size / self._global_count(batch.num_target_tokens).clamp(min=1.0) * self._loss_scale()
         loss_sum = self._run(batch.micro_batches, train=True)
         share = loss_sum / (self.dp_size * self._loss_scale())
+        if self.teacher is not None:
+            ce, kd = self._parts_sum / (self.dp_size * self._loss_scale())
+            self.parts = {"ce_loss": ce, "kd_loss": kd}
         return share, self.clip_and_step(across=self.pp_group, loss_share=share)
 
     def eval_loss_sum(self, val: list[StepBatch]) -> torch.Tensor:

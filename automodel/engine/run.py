@@ -136,7 +136,7 @@ def _train(cfg, checked, env, out_dir: str, opened: list) -> TrainResult:
     source = p["model"].weights(model) if hasattr(p["model"], "weights") else None
     model = p["peft"].apply(model)
     if p["teacher"].enabled:
-        teacher.check(p["teacher"], p["loss"], hints, model, teacher_skeleton, p["model"].name, dims.describe())
+        teacher.check(p["teacher"], p["loss"], p["parallel"], dims, model, teacher_skeleton, p["model"].name)
     if hasattr(p["loss"], "prepare"):  # e.g. the loss computed inside the output head (same parameters)
         p["loss"].prepare(model, p["model"].name)
     if hasattr(p["precision"], "prepare"):  # e.g. float8 linear layers (same parameters), before the layout
@@ -202,7 +202,10 @@ def _train(cfg, checked, env, out_dir: str, opened: list) -> TrainResult:
 
         step = PipelineStepRunner(*step_args, **step_kwargs, seq_len=t.seq_len, micro_batch_size=micro,
                                   pp_group=pp_group)
-        step.pipeline = p["parallel"].pipeline(mesh, dims, env.device, accum, step.micro_loss)
+        step.pipeline = p["parallel"].pipeline(mesh, dims, env.device, accum, step.micro_loss, model)
+        if distiller is not None:  # the teacher's stages run forward only, its last stage micro-batch by micro-batch
+            distiller.pipeline = p["parallel"].pipeline(mesh, dims, env.device, accum, None, distiller.model,
+                                                        defer_last_stage=True)
     else:
         step = StepRunner(*step_args, **step_kwargs)
     harness_eval = []  # lm-eval every train.eval_every steps, on an export of the model as trained so far
@@ -284,7 +287,7 @@ def check_layout(checked, dims, accum: int):
     hf_config = p["model"].hf_config()
     p["parallel"].check_model(dims, hf_config)
     _check_seq_len(t.seq_len, hf_config, p["model"].name)
-    hints = _hints(p["parallel"], dims, t.seq_len, accum)
+    hints = _hints(p["parallel"], dims, hf_config, t.seq_len, accum)
     if hasattr(p["loss"], "check_layout"):
         p["loss"].check_layout(dims, hints)
     if hasattr(p["peft"], "check_layout"):
@@ -292,12 +295,12 @@ def check_layout(checked, dims, accum: int):
     return hf_config, hints
 
 
-def _hints(parallel, dims, seq_len: int, accum: int = 1):
+def _hints(parallel, dims, hf_config, seq_len: int, accum: int = 1):
     """The parallel plugin's ParallelHints (optional method); train.seq_len must split evenly under them,
     and a step must have the micro-batches the layout needs."""
     from automodel.distributed.parallel_dims import ParallelHints
 
-    hints = parallel.hints(dims) if hasattr(parallel, "hints") else ParallelHints()
+    hints = parallel.hints(dims, hf_config) if hasattr(parallel, "hints") else ParallelHints()
     if seq_len % hints.seq_multiple:
         raise UserError(f"train.seq_len={seq_len} is not divisible by {hints.seq_multiple_reason} = "
                         f"{hints.seq_multiple}; pick a multiple of {hints.seq_multiple}")

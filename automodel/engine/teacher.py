@@ -4,6 +4,13 @@ rank loading only its shards of the teacher's weights, frozen in eval mode.
 
 The step asks it for logits of the very inputs the student saw (already padded, position-numbered and, under
 CP, sequence-split for the layout), so both distributions cover the same tokens on every rank.
+
+Under pipeline parallelism the teacher is cut into the same number of stages as the student (each split by its
+own layer count) and has a schedule of its own, forward only. Before the student's schedule runs a step, the
+teacher's runs the step's micro-batches up to its last stage, which keeps each micro-batch's input (hidden
+states). The student's loss, on its last stage, then asks for one micro-batch's teacher logits at a time: the
+teacher's last stage runs on that input right there. So the stages never exchange logits, and no more than one
+micro-batch's teacher logits exist at once, as without a pipeline.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ class Teacher:
         self.kd_ratio = float(plugin.kd_ratio)
         self._autocast = autocast
         self.hidden_head = hidden_head  # set when the student's loss forms the teacher's logits in its own head
+        self.pipeline = None  # under pp: its forward-only schedule (defer_last_stage), set once the student's exists
+        self._received: list[torch.Tensor] = []  # under pp: the last stage's inputs of this step's micro-batches
 
     @property
     def in_head(self) -> bool:
@@ -35,6 +44,27 @@ class Teacher:
         with self._autocast():
             return self.model(**inputs).logits
 
+    def forward_stages(self, input_ids: torch.Tensor) -> None:
+        """Under pp: this step's micro-batches through every stage but the last (collective over the pp group)."""
+        if self._received:
+            raise RuntimeError(f"the teacher's last stage was not run for {len(self._received)} micro-batch(es) of "
+                               "the previous step: the student's schedule and the teacher's disagree")
+        with self._autocast():
+            self._received = self.pipeline.forward_to_last(input_ids)
+
+    @torch.no_grad()
+    def next_logits(self, like: torch.Tensor) -> torch.Tensor:
+        """Under pp, on the last stage: the teacher's logits of the next micro-batch (the schedule's order), whose
+        student logits are `like`."""
+        if not self._received:
+            raise RuntimeError("the student's schedule asked for more micro-batches than the teacher's ran")
+        received = self._received.pop(0)
+        if received.shape[:2] != like.shape[:2]:
+            raise RuntimeError(f"the teacher's micro-batch {tuple(received.shape[:2])} is not the student's "
+                               f"{tuple(like.shape[:2])}: the two schedules disagree")
+        with self._autocast():
+            return self.pipeline.run_last(received)
+
     def chunks(self, output: torch.Tensor):
         """What the student's head needs to distill from `output` (collective under a sharded layout)."""
         return self.hidden_head.chunks(output, self.plugin.model.name, self.kd_ratio,
@@ -44,12 +74,13 @@ class Teacher:
         return self.plugin.token_loss(student_logits, teacher_logits, labels)
 
 
-def check(plugin, loss, hints, student_model, skeleton, student_name: str, layout_name: str) -> None:
-    """Refuse, before the student is laid out, what distillation cannot do here: a pipeline, a loss that never
-    forms the student's logits, a teacher whose logits cover another vocabulary."""
-    if hints.pipeline:
-        raise UserError(f"teacher={plugin.model.name!r} under pipeline parallelism ({layout_name}) is not supported: "
-                        "the student's logits exist only on the last stage; use a layout without pp")
+def check(plugin, loss, parallel, dims, student_model, skeleton, student_name: str) -> None:
+    """Refuse, before the student is laid out, what distillation cannot do here: a teacher the layout cannot
+    serve, a loss that never forms the student's logits, a teacher whose logits cover another vocabulary."""
+    try:
+        parallel.check_model(dims, plugin.model.hf_config())
+    except UserError as e:
+        raise UserError(f"teacher {plugin.model.name!r}: {e}") from None
     if not getattr(loss, "returns_logits", True) and not getattr(loss, "distills_in_head", False):
         raise UserError(f"distillation needs the student's logits, which loss={getattr(loss, 'option', '?')} never forms; "
                         "use loss=ce or loss=chunked_ce with a teacher")
@@ -85,7 +116,6 @@ def build(plugin, model, parallel, mesh, dims, mp_policy, device, seed: int, aut
     model.requires_grad_(False)
     model.eval()
     names = canonical_names(model)
-    parallel.check_model(dims, plugin.model.hf_config())
     model = parallel.apply(model, mesh, dims, mp_policy)
     try:
         materialize(model, names, device, seed=seed, inits=[hf_init(model)], source=source, base_keys=base_keys)

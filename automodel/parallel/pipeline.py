@@ -283,15 +283,42 @@ def _stage_class():
     return Stage
 
 
+class _Recorder(nn.Module):
+    """Stands in for the last stage in a forward-only pass: keeps what the stage would have received (one
+    micro-batch's hidden states, not `[tokens, vocab]` logits) and hands on a placeholder."""
+
+    def __init__(self):
+        super().__init__()
+        self.received: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from automodel.modules import in_shape_only_forward
+
+        if not in_shape_only_forward():  # not the schedule's first-step shape inference, on placeholders
+            self.received.append(x.detach().clone())  # the schedule may reuse its receive buffers
+        return x.new_zeros((x.shape[0], 1))
+
+
 class Pipeline:
-    """This rank's stages and the schedule that runs them; what the engine's pipeline step calls."""
+    """This rank's stages and the schedule that runs them; what the engine's pipeline step calls.
+
+    `defer_last_stage`: a forward-only pipeline (a frozen distillation teacher) whose last stage does not run in
+    the schedule: `forward_to_last` passes the batch through the other stages and hands back, on the rank that
+    holds the last stage, what that stage received for each micro-batch; `run_last` runs the stage on one of
+    them when its output is wanted. So a micro-batch's logits exist only while they are used, never all of a
+    step's at once."""
 
     def __init__(self, stages: list[tuple[int, nn.Module]], num_stages: int, pp_group, device, schedule: str,
-                 n_microbatches: int, loss_fn: Callable):
+                 n_microbatches: int, loss_fn: Callable | None, defer_last_stage: bool = False):
         from torch.distributed import pipelining
 
         self.pp_group = pp_group
         self.has_last_stage = any(s == num_stages - 1 for s, _ in stages)
+        self._last_module = self._recorder = None
+        if defer_last_stage and self.has_last_stage:
+            self._recorder = _Recorder()
+            self._last_module = next(m for s, m in stages if s == num_stages - 1)
+            stages = [(s, self._recorder if s == num_stages - 1 else m) for s, m in stages]
         built = [_stage_class()(m, s, num_stages, device, group=pp_group) for s, m in stages]
         cls = {"gpipe": pipelining.ScheduleGPipe, "1f1b": pipelining.Schedule1F1B,
                "interleaved_1f1b": pipelining.ScheduleInterleaved1F1B}[schedule]
@@ -312,3 +339,17 @@ class Pipeline:
         run = self.schedule.step if train else self.schedule.eval
         run(*args, target=target, losses=losses if self.has_last_stage else None)
         return losses
+
+    @torch.no_grad()
+    def forward_to_last(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """(defer_last_stage) Forward only, up to the last stage's input: what it received per micro-batch, in
+        order, on the rank that holds it; [] elsewhere. Collective over the pp group."""
+        self.schedule.eval(*((input_ids,) if self._first else ()))
+        if self._recorder is None:
+            return []
+        received, self._recorder.received = self._recorder.received, []
+        return received
+
+    def run_last(self, received: torch.Tensor) -> torch.Tensor:
+        """(defer_last_stage) The last stage's output (logits) for what `forward_to_last` handed back."""
+        return self._last_module(received)

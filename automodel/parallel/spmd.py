@@ -55,7 +55,6 @@ class SPMDParallel:
 
     def __init__(self, config: SPMDConfig):
         self.cfg = config
-        self._own_positions = False  # set by check_model
         from automodel.parallel.activation_checkpoint import AC_MODES
 
         if config.activation_checkpointing not in AC_MODES:
@@ -67,7 +66,9 @@ class SPMDParallel:
             raise UserError(f"parallel.pp_schedule={config.pp_schedule!r}: choose one of {', '.join(SCHEDULES)}")
         self._cp = None
         self._experts = []  # this rank's expert-parallel experts modules, under ep > 1
-        self._stages = []  # (stage index, stage module) of this rank, under pp > 1
+        # under pp > 1: [(stage index, stage module)] of this rank, by the id of the rank model `apply` returned
+        # (a distillation teacher is laid out too, and pipelined apart from the student)
+        self._stages: dict[int, list] = {}
 
     def dims(self, world_size: int) -> ParallelDims:
         c = self.cfg
@@ -83,10 +84,7 @@ class SPMDParallel:
         return dims.tp > 1 and self.cfg.sequence_parallel
 
     def check_model(self, dims: ParallelDims, hf_config) -> None:
-        # an image-text model derives its own positions (e.g. Qwen-VL's M-RoPE over image rows and columns) from
-        # the whole sequence, which sequence parallel leaves replicated up to the first language block
-        self._own_positions = getattr(hf_config, "vision_config", None) is not None
-        if self._own_positions:  # tensor parallel splits its language model; the vision side is replicated
+        if _own_positions(hf_config):  # tensor parallel splits its language model; the vision side is replicated
             split = [f"{d}={getattr(dims, d)}" for d in ("cp", "pp", "ep") if getattr(dims, d) > 1]
             if split:
                 raise UserError(f"{', '.join(split)}: {getattr(hf_config, 'model_type', 'this')} is an image-text "
@@ -116,8 +114,8 @@ class SPMDParallel:
                            tied=bool(getattr(hf_config, "tie_word_embeddings", False)))
             check_split(hf_config, dims.pp, self.cfg.pp_virtual_stages)  # the stages compute the whole model
 
-    def hints(self, dims: ParallelDims) -> ParallelHints:
-        """What the training step must do for this layout (see ParallelHints)."""
+    def hints(self, dims: ParallelDims, hf_config=None) -> ParallelHints:
+        """What the training step must do for this layout (see ParallelHints) and model (`hf_config`)."""
         sp = self._sp(dims)
         parts = ([f"2 x cp={dims.cp} (causal load balancing)"] if dims.cp > 1 else []) + (
             [f"tp={dims.tp} (sequence parallel)"] if sp else [])
@@ -132,7 +130,7 @@ class SPMDParallel:
             from automodel.parallel.pipeline import min_microbatches
 
             min_micro = min_microbatches(self.cfg.pp_schedule, dims.pp)
-        return ParallelHints(global_position_ids=(sp and not self._own_positions) or cp,
+        return ParallelHints(global_position_ids=(sp and not _own_positions(hf_config)) or cp,
                              seq_multiple=(2 * dims.cp if cp else 1) * (dims.tp if sp else 1),
                              seq_multiple_reason=" x ".join(parts), loss_context=loss_context,
                              shard_sequence=(lambda inputs, labels: self._cp.shard_sequence(inputs, labels)) if cp else None,
@@ -161,10 +159,11 @@ class SPMDParallel:
         # 0. pipeline: this rank's stages, each laid out below as a model of its own
         from automodel.parallel.pipeline import split
 
-        model, self._stages = split(model, mesh["pp"].get_local_rank(), dims.pp, self.cfg.pp_virtual_stages,
-                                    self._position_ids)
-        for _, stage in self._stages:
+        model, stages = split(model, mesh["pp"].get_local_rank(), dims.pp, self.cfg.pp_virtual_stages,
+                              self._position_ids)
+        for _, stage in stages:
             self._lay_out(stage.shell, stage, mesh, dims, mp_policy)
+        self._stages[id(model)] = stages
         return model  # this rank's part of the model, under the model's own parameter names
 
     def _lay_out(self, model, root, mesh, dims: ParallelDims, mp_policy) -> None:
@@ -199,12 +198,14 @@ class SPMDParallel:
         elif mp_policy is not None:
             log.info("no data parallelism: the precision plugin's FSDP policy is unused (autocast still applies)")
 
-    def pipeline(self, mesh, dims: ParallelDims, device, n_microbatches: int, loss_fn):
-        """Under pp > 1, after `apply`: this rank's stages and their schedule (automodel.parallel.pipeline.Pipeline)."""
+    def pipeline(self, mesh, dims: ParallelDims, device, n_microbatches: int, loss_fn, model,
+                 defer_last_stage: bool = False):
+        """Under pp > 1, after `apply` returned `model`: this rank's stages of it and their schedule
+        (automodel.parallel.pipeline.Pipeline; `defer_last_stage`: forward-only, see there)."""
         from automodel.parallel.pipeline import Pipeline
 
-        return Pipeline(self._stages, dims.pp * self.cfg.pp_virtual_stages, mesh["pp"].get_group(), device,
-                        self.cfg.pp_schedule, n_microbatches, loss_fn)
+        return Pipeline(self._stages[id(model)], dims.pp * self.cfg.pp_virtual_stages, mesh["pp"].get_group(), device,
+                        self.cfg.pp_schedule, n_microbatches, loss_fn, defer_last_stage=defer_last_stage)
 
     def _fully_shard(self, model, blocks, mesh, dims: ParallelDims, mp_policy, shell=None, experts=()) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -246,6 +247,12 @@ class SPMDParallel:
             fully_shard(module, mesh=mesh[names], mp_policy=mp_policy, reshard_after_forward=self.cfg.reshard_after_forward,
                         shard_placement_fn=lambda p: Shard(1))
         self._experts = list(experts)
+
+
+def _own_positions(hf_config) -> bool:
+    """An image-text model derives its own positions (e.g. Qwen-VL's M-RoPE over image rows and columns) from the
+    whole sequence, which sequence parallel leaves replicated up to the first language block."""
+    return getattr(hf_config, "vision_config", None) is not None
 
 
 def _embedding_and_head(shell, root) -> list:
