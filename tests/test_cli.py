@@ -100,7 +100,7 @@ def test_help_lists_groups_and_options(tmp_path):
     assert proc.returncode == 0
     for fragment in ("model: deepseek_v3, gemma3_4b, gpt_oss_120b, gpt_oss_20b, hf, llama3_2_1b, llama3_70b, llama3_8b, mistral_7b, mixtral_8x7b, qwen2_5_7b, qwen2_5_vl_3b, qwen2_5_vl_7b, qwen3_0_6b, qwen3_30b_a3b, tiny",
                      "parallel: cp, fsdp2, fsdp2_cp, fsdp2_cp_tp_pp, fsdp2_ep, fsdp2_ep_pp, fsdp2_pp, fsdp2_tp, fsdp2_tp_pp, hsdp, none, pp, tp",
-                     "peft: dora, lora, none, qlora", "precision: bf16, fp16, fp32, fp8", "loss: ce, chunked_ce, liger",
+                     "peft: dora, lora, none, qlora", "precision: bf16, fp16, fp32, fp8, te_fp8", "loss: ce, chunked_ce, liger",
                      "teacher: hf, none", "logger: jsonl, mlflow, tensorboard, wandb", "logger=[jsonl,wandb,tensorboard,mlflow]",
                      "automodel plan [overrides] plan.world_size=N", "automodel eval RUN_OR_FOLDER [eval.key=value ...]",
                      "checkpoint: dcp, hf_export", "optim: adamw", "data: alpaca, chat, hellaswag, instruction, shapes, sharegpt, squad, text, tiny_tasks, vlm", "automodel list"):

@@ -160,3 +160,4 @@ class ParallelHints:
     packing_refused_by: str = ""  # e.g. "parallel.pp>1": the layout cannot train packed rows (checked up front)
     min_microbatches: int = 1  # micro-batches per step the layout needs (a pipeline schedule's)
     min_microbatches_reason: str = ""
+    recompute: str = ""  # e.g. "parallel.activation_checkpointing=full": blocks run their forward again in backward

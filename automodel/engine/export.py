@@ -70,6 +70,8 @@ def write_hf_folder(full: dict, tokenizer, plugins, final_dir: str) -> None:
 
     # A fresh, unsharded copy to write from: the trained model may be FSDP-wrapped and live on a GPU.
     plain = plugins["peft"].apply(plugins["model"].build("meta"))
+    # modules' private state (Transformer Engine's fp8 scaling history) is the trainer's, not the model's
+    full = {k: v for k, v in full.items() if not k.endswith("._extra_state")}
     plain.load_state_dict(full, assign=True, strict=True)
     plain.tie_weights()  # assign=True loads tied tensors separately; re-tie as the config says
     with atomic_dir(final_dir) as staging:

@@ -317,10 +317,12 @@ def _ghost(module: nn.Module | None) -> nn.Module | None:
 
 
 def _plain_class(module: nn.Module) -> type:
-    """The module's class without FSDP2's wrapper class (which cannot be instantiated bare)."""
+    """The module's class without FSDP2's wrapper class (which cannot be instantiated bare), or the class it stands
+    in for (`initialize_as`: e.g. a Transformer Engine Linear holding an nn.Linear's parameters, which the model's
+    initializer knows only as nn.Linear)."""
     from torch.distributed.fsdp import FSDPModule
 
-    cls = type(module)
+    cls = getattr(module, "initialize_as", None) or type(module)
     if issubclass(cls, FSDPModule):
         cls = next(c for c in cls.__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
     return cls

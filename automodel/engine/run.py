@@ -292,6 +292,8 @@ def check_layout(checked, dims, accum: int):
         p["loss"].check_layout(dims, hints)
     if hasattr(p["peft"], "check_layout"):
         p["peft"].check_layout(dims)
+    if hasattr(p["precision"], "check_layout"):  # e.g. Transformer Engine's fp8 state and activation recompute
+        p["precision"].check_layout(dims, hints)
     return hf_config, hints
 
 

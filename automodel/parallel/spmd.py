@@ -138,7 +138,9 @@ class SPMDParallel:
                              pipeline=dims.pp > 1, min_microbatches=min_micro,
                              packing_refused_by=" and ".join(name for name, on in (("parallel.cp>1", cp),
                                                                                    ("parallel.pp>1", dims.pp > 1)) if on),
-                             min_microbatches_reason=f"parallel.pp_schedule={self.cfg.pp_schedule} with pp={dims.pp}")
+                             min_microbatches_reason=f"parallel.pp_schedule={self.cfg.pp_schedule} with pp={dims.pp}",
+                             recompute=(f"parallel.activation_checkpointing={self.cfg.activation_checkpointing}"
+                                        if self.cfg.activation_checkpointing != "none" else ""))
 
     def _position_ids(self, n: int, device):
         """Global positions of a pipeline stage's micro-batch of n tokens per row on this rank."""
