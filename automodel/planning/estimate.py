@@ -5,8 +5,9 @@ Estimated (from the model's own weights, not a table of architectures): activati
 
 - weights as stored; gradients in the parameters' dtype for the trainable part; AdamW's two moments (fp32);
 - FSDP buffers: the root unit (embeddings, final norm, head) gathered through the step, two decoder-block units
-  gathered at a time (the one computing and the one prefetched), one block's unsharded gradients before their
-  reduce-scatter; in the precision plugin's parameter dtype (the gradients in fp32);
+  gathered at a time (the one computing and the one prefetched), the largest unit's unsharded gradients and
+  the reduce-scatter input they are copied into; in the precision plugin's parameter dtype (the gradients in
+  fp32);
 - activations: what one decoder block saves for backward, measured on a fake-tensor twin of the model
   (activations.py), / tp under sequence parallel, x the blocks this rank holds; activation checkpointing `full`
   keeps each block's input only, plus one block being recomputed;
@@ -71,7 +72,9 @@ def memory(state, step: Step, runtime: int, pp_stage: int = 0) -> dict[str, int]
     if blocks:
         root = state.root_unit
         others = [u for u in blocks if u != root] or [0]
-        buffers = root * step.gather_bytes + 2 * others[0] * step.gather_bytes + max(others[0], root) * 4
+        # a unit's unsharded fp32 gradients are copied into the reduce-scatter's input before they are freed:
+        # twice the largest unit's, at that moment (FSDP2's foreach_reduce)
+        buffers = root * step.gather_bytes + 2 * others[0] * step.gather_bytes + 2 * max(others[0], root) * 4
     tokens = tokens_per_rank(step.micro_batch, step.seq_len, d.cp)
     layers = len(state.layers)
     if step.block_bytes is not None:  # measured on the unsplit twin; sequence parallel splits it over tp
