@@ -98,7 +98,7 @@ def run_train(out_dir: str, over: list[str]) -> dict:
     t0 = time.perf_counter()
     result = train(compose(list(over)), out_dir)
     return {"losses": [r["loss"] for r in result.records], "grad_norms": [r["grad_norm"] for r in result.records],
-            "final_dir": result.final_dir, "seconds": time.perf_counter() - t0}
+            "final_dir": result.final_dir, "seconds": time.perf_counter() - t0, "records": result.records}
 
 
 def short_error(exc: BaseException, tb=None) -> str:

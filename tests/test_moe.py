@@ -209,7 +209,26 @@ def references(zoo, tmp_path_factory):
     refs = {fam: _one(zoo, str(out / fam), fam, *ON) for fam in FAMILIES}
     refs["micro4"] = _one(zoo, str(out / "micro4"), "qwen3_moe", *ON, "train.micro_batch_size=4")
     refs["lora"] = _one(zoo, str(out / "lora"), "olmoe", *ON, "peft=lora")
+    refs["kd"] = _one(zoo, str(out / "kd"), "qwen3_moe", *ON, *_kd(zoo))
     return refs
+
+
+def _kd(zoo) -> list[str]:
+    """Distillation from a qwen3_moe teacher of its own (the student's checkpoint, every weight moved a little):
+    an MoE teacher, laid out with its experts split like the student's under ep."""
+    folders, _ = zoo
+    teacher = os.path.join(os.path.dirname(folders["qwen3_moe"]), "qwen3_moe_teacher")
+    if not os.path.isfile(os.path.join(teacher, "model.safetensors")):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(folders["qwen3_moe"])
+        noise = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=noise) * 0.02)
+        model.save_pretrained(teacher)
+        AutoTokenizer.from_pretrained(folders["qwen3_moe"]).save_pretrained(teacher)
+    return ["teacher=hf", f"teacher.model.path={teacher}", "teacher.kd_ratio=0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +239,7 @@ def two(zoo, tmp_path_factory):
     plan = [(fam, fam, None, mr.overrides(folders[fam], tasks, *EP2)) for fam in FAMILIES]
     plan += [("tp", "tp", None, q(*ON, "parallel=tp")),  # MoE blocks whole on each tp rank, attention split
              ("lora_ep2", "lora_ep2", None, mr.overrides(folders["olmoe"], tasks, *EP2, "peft=lora")),
+             ("kd_ep2", "kd_ep2", None, q(*EP2, *_kd(zoo))),
              ("ckpt_ref", "ckpt_ref", None, q(*EP2, *CKPT, "checkpoint.keep_last=0")),
              ("crash", "resumed", 4, q(*EP2, *CKPT)),
              ("resumed", "resumed", None, q(*EP2, *CKPT, "checkpoint.resume=auto"))]
@@ -253,6 +273,13 @@ def test_ep2_equals_one_process_with_the_balancing_loss(two, references, family)
     assert "aux_loss" in r[family]["records"][0] and r[family]["records"][0]["aux_loss"] > 0.5
     # the loss logged is the one trained: cross-entropy plus 0.05 x the balancing loss
     assert references[family]["losses"][0] != pytest.approx(r[family]["records"][0]["aux_loss"])
+
+
+def test_distilling_an_moe_student_from_an_moe_teacher_under_ep2_equals_one_process(two, references):
+    _, r = two
+    _assert_matches(r["kd_ep2"], references["kd"])
+    got, ref = ([rec["kd_loss"] for rec in x["records"]] for x in (r["kd_ep2"], references["kd"]))
+    assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-5 and min(ref) > 1e-3  # the teacher's KL, not 0
 
 
 def test_each_rank_holds_half_of_every_expert_tensor_and_reads_only_its_half(two, zoo):
