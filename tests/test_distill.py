@@ -96,20 +96,23 @@ def test_teachers_that_cannot_teach_are_refused_in_one_line(folders, tmp_path):
     assert "teacher.model.path" in refused("teacher.model.path=/nonexistent/teacher")
 
 
-def test_a_teacher_the_pipeline_cannot_split_is_refused_in_one_line_naming_it(tmp_path):
-    """The teacher is cut into the student's stages: one that cannot be (tied embeddings, too few layers) is
-    refused before the student is laid out, named as the teacher."""
+def test_a_teacher_the_layout_cannot_serve_is_refused_in_one_line_naming_it(tmp_path):
+    """The teacher is laid out like the student: one that cannot be (under pp: tied embeddings, too few layers;
+    under ep: no experts) is refused before the student is laid out, named as the teacher."""
     from helpers import compose
 
     from automodel.config import validate
     from automodel.engine import teacher
 
-    for override, expected in [("model.config.tie_word_embeddings=true", "parallel.pp>1: the model ties its input "
-                                                                          "embedding to its output head"),
-                               ("model.config.num_hidden_layers=1", "parallel.pp=2 x pp_virtual_stages=1 = 2 stages "
-                                                                    "need at least 2 layers; the model has 1")]:
-        folder = save_micro_hf_model(str(tmp_path / override.split("=")[0].split(".")[-1]), override)
-        p = validate(compose("parallel=pp", "teacher=hf", f"teacher.model.path={folder}")).plugins
+    for layout, override, expected in [
+            ("parallel=pp", "model.config.tie_word_embeddings=true",
+             "parallel.pp>1: the model ties its input embedding to its output head"),
+            ("parallel=pp", "model.config.num_hidden_layers=1",
+             "parallel.pp=2 x pp_virtual_stages=1 = 2 stages need at least 2 layers; the model has 1"),
+            # expert parallel splits experts: a dense teacher (of an MoE student) has none
+            ("parallel=fsdp2_ep", "model.config.num_hidden_layers=2", "parallel.ep=2: llama is a dense model")]:
+        folder = save_micro_hf_model(str(tmp_path / f"{layout[9:]}_{override.split('=')[0].split('.')[-1]}"), override)
+        p = validate(compose(layout, "teacher=hf", f"teacher.model.path={folder}")).plugins
         with pytest.raises(UserError) as e:
             teacher.check(p["teacher"], p["loss"], p["parallel"], p["parallel"].dims(2), None, None, "student")
         assert str(e.value).startswith(f"teacher {p['teacher'].model.name!r}: {expected}"), str(e.value)
