@@ -51,17 +51,23 @@ def vision_layers(model: nn.Module) -> list[nn.Module]:
     return [m for name, m in model.named_modules() if id(m) in blocks and name.rpartition(".")[2].isdigit()]
 
 
+def sub_models(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
+    """(name, module) of each transformers model inside `model` (not itself) built from a config of `config`'s
+    type: how an image-text model's language and vision parts are told apart, without knowing the model."""
+    from transformers import PreTrainedModel
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, PreTrainedModel) and m is not model
+            and type(m.config) is type(config)]
+
+
 def language_model(model: nn.Module) -> nn.Module:
     """The module built from the text sub-config (the model itself for a text model): the part tensor parallel
     splits, with the output head beside it."""
-    from transformers import PreTrainedModel
-
     base = hf_base(model)
     text_config = base.config.get_text_config()
     if text_config is base.config:
         return base
-    found = next((m for m in base.modules() if isinstance(m, PreTrainedModel) and m is not base
-                  and type(m.config) is type(text_config)), None)
+    found = next((m for _, m in sub_models(base, text_config)), None)
     if found is None:
         raise UserError(f"cannot tell the language model of {type(base).__name__} from its other parts: no sub-model "
                         "is built from its text config; use a layout without tensor parallel (parallel=fsdp2)")

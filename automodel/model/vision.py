@@ -66,19 +66,12 @@ def parts(model, hf_config) -> dict[str, list]:
     from the text sub-config plus the output head; `projector`, what maps vision features into the language model:
     the modules outside both (LLaVA's and Gemma 3's multi-modal projector) and, where the vision model holds its
     own projection (Qwen2.5-VL's and Qwen3-VL's mergers), its children that end in the language model's width."""
-    from transformers import PreTrainedModel
+    from automodel.modules import sub_models
 
-    text_config = hf_config.get_text_config()
-    vision_type, text_type = type(hf_config.vision_config), type(text_config)
-    owner = {}
-    for name, module in model.named_modules():
-        if isinstance(module, PreTrainedModel) and module is not model:
-            kind = ("vision" if type(module.config) is vision_type else
-                    "language" if type(module.config) is text_type else None)
-            if kind:
-                owner[name] = kind
-                if kind == "vision":
-                    owner.update({f"{name}.{child}": "projector" for child in _projections(module, hf_config)})
+    owner = {name: "language" for name, _ in sub_models(model, hf_config.get_text_config())}
+    for name, module in sub_models(model, hf_config.vision_config):
+        owner[name] = "vision"
+        owner.update({f"{name}.{child}": "projector" for child in _projections(module, hf_config)})
     head = model.get_output_embeddings()
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
     out = {part: [] for part in PARTS}
