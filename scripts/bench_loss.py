@@ -2,6 +2,8 @@
 
     .venv/bin/python scripts/bench_loss.py                        # vocab 128,256, seq 2048, micro-batch 2
     .venv/bin/python scripts/bench_loss.py --hidden 2048 --steps 3 --losses ce chunked_ce "chunked_ce loss.recompute=true"
+    .venv/bin/python scripts/bench_loss.py --hidden 4096 --seq 8192 --batch 1 --losses "ce precision=bf16" \
+        "chunked_ce precision=bf16" "liger precision=bf16"            # on a GPU: also its peak device memory
 
 The model is Llama-3-shaped (vocabulary 128,256, GQA 4:1, untied head) with 2 decoder layers, random init; the
 data is the bundled task set packed into 2048-token rows, 2 rows per step (4096 tokens). Each loss runs the real
@@ -25,12 +27,14 @@ GiB = 1024**3
 
 RUNNER = """
 import json, resource, sys
+import torch
 from automodel.compose import compose
 from automodel.engine.run import train
 result = train(compose(sys.argv[2:]), sys.argv[1])
 params = sum(p.numel() for p in result.model.parameters())
+device_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 print("BENCH " + json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "params": params,
-                             "records": result.records}))
+                             "device_peak": device_peak, "records": result.records}))
 """
 
 
@@ -80,6 +84,10 @@ def main() -> int:
         print(f"| {loss} | {r['peak'] / GiB:.2f} GiB | {r['peak'] / base['peak']:.2f} | "
               f"{r['above_state'] / GiB:.2f} GiB | {r['above_state'] / base['above_state']:.2f} | "
               f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f} | {r['loss']:.4f} |")
+    if base["device_peak"]:  # on a GPU the step's memory is the device's (torch.cuda.max_memory_allocated)
+        print("\n| loss | peak GPU memory allocated | ratio |\n|---|---|---|")
+        for loss, r in rows:
+            print(f"| {loss} | {r['device_peak'] / GiB:.2f} GiB | {r['device_peak'] / base['device_peak']:.2f} |")
     return 0
 
 
