@@ -67,7 +67,8 @@ class PipelineStepRunner(StepRunner):
         return torch.cat(ids), torch.cat(targets)
 
     def _run(self, micro_batches: list[dict], train: bool) -> torch.Tensor:
-        """The summed micro-batch losses of the whole pipeline, on every rank of the pp group."""
+        """(the summed micro-batch losses of the whole pipeline, and of a teacher's CE and KD parts), on every rank
+        of the pp group."""
         ids, labels = self._stack(micro_batches)
         if train and self.router is not None:
             self.router.begin_step(len(self._rows), self._loss_scale() if train else 1.0)
@@ -88,15 +89,12 @@ class PipelineStepRunner(StepRunner):
         if train and self.router is not None:  # this stage's layers' part (every dp rank logs 1/dp of it)
             total[0] += self.router.weighted_step_value().to(total)
         dist.all_reduce(total, group=self.pp_group)
-        self._parts_sum = total[1:]
-        return total[0]
+        return total
 
     def __call__(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
         self._scale = self.dp_size / self._global_count(batch.num_target_tokens).clamp(min=1.0) * self._loss_scale()
-        loss_sum = self._run(batch.micro_batches, train=True)
-        share = loss_sum / (self.dp_size * self._loss_scale())
+        share, ce, kd = self._run(batch.micro_batches, train=True) / (self.dp_size * self._loss_scale())
         if self.teacher is not None:
-            ce, kd = self._parts_sum / (self.dp_size * self._loss_scale())
             self.parts = {"ce_loss": ce, "kd_loss": kd}
         return share, self.clip_and_step(across=self.pp_group, loss_share=share)
 
@@ -111,5 +109,5 @@ class PipelineStepRunner(StepRunner):
         self._scale = torch.ones((), device=self.device)
         total = torch.zeros((), device=self.device)
         for i in range(0, len(micro), n):
-            total += self._run(micro[i : i + n], train=False)
+            total += self._run(micro[i : i + n], train=False)[0]
         return total
