@@ -69,14 +69,13 @@ def compose(overrides: list[str], with_hydra: bool = False):
                         "are key=value or group=option") from None
 
 
-def check(argv: list[str]) -> None:
-    """Raise UserError (one line) if any job that argv describes has an invalid config, or if the folder it
-    would write cannot be made or belongs to a job still running."""
-    from automodel.launch import lifetime
-
+def check(argv: list[str]) -> tuple[str, str] | None:
+    """Raise UserError (one line) if any job that argv describes has an invalid config. Returns the folder the
+    run would write and the key that names it (hydra.run.dir, or a sweep's hydra.sweep.dir), or None where it
+    writes none (--cfg) or cannot be known before Hydra runs."""
     args = parse_args(argv)
     if not needs_check(args):
-        return
+        return None
     points = sweep_points(args.overrides, args.multirun)
     first = None
     for i, point in enumerate(points):
@@ -85,11 +84,10 @@ def check(argv: list[str]) -> None:
         if i == 0:
             first = cfg
     if args.cfg or not points:
-        return  # shows a config and writes nothing / another sweeper's points: each job checks itself
+        return None  # shows a config and writes nothing / another sweeper's points: each job checks itself
     key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
     folder = _hydra_value(first, key)  # the first point's: every point of a sweep shares hydra.sweep.dir
-    if folder:
-        lifetime.check_can_use(folder, key)
+    return (folder, key) if folder else None
 
 
 def show_sweep_configs(argv: list[str]) -> bool:

@@ -41,6 +41,7 @@ class TrainResult:
 
 
 def train(cfg, out_dir: str) -> TrainResult:
+    from automodel import fs
     from automodel.launch import lifetime
 
     checked = validate(cfg)
@@ -54,7 +55,10 @@ def train(cfg, out_dir: str) -> TrainResult:
         for loggers in opened:  # wandb/MLflow runs are marked failed; every line already logged is kept
             loggers.close(ok=False)
         launch_env.shutdown()
-        lifetime.release(out_dir, refused=isinstance(e, UserError))
+        refused = isinstance(e, UserError) and not isinstance(e, lifetime.RunDirBusy)
+        if refused and env.world_size == 1:  # the folder as the invocation found it, while still holding its lock
+            fs.undo(out_dir)
+        lifetime.release(out_dir, refused=refused)
         raise
     lifetime.release(out_dir)
     launch_env.shutdown(clean=result.preempted_at is None)  # a preempted rank 0 has exited to requeue
@@ -186,7 +190,7 @@ def _train(cfg, checked, env, out_dir: str, opened: list) -> TrainResult:
                     "nothing to train (raise train.max_steps to train on)", start, t.max_steps)
 
     if env.is_main:
-        run_dir.write_resolved_config(cfg, out_dir)
+        run_dir.begin(cfg, out_dir)  # .hydra/ and config.yaml: from here on the folder holds this run
         log.info("model %s: %.2fM parameters (%.2fM trainable); layout %s; %d rank(s); global batch %d = "
                  "%d micro x %d dp x %d accumulation; device %s", p["model"].name, total / 1e6, trainable / 1e6,
                  dims.describe(), env.world_size, t.global_batch_size, micro, dims.dp, accum,

@@ -29,6 +29,11 @@ class LauncherConfig:
     fake_world_size: int = 0  # >0: a rehearsal as rank 0 of that many ranks (torch's fake process group)
 
 
+def is_first_process() -> bool:
+    """Not a later rank of a launched world (torchrun, srun, this launcher's ranks): rank 0, or a lone process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
 
@@ -87,9 +92,9 @@ def relaunch(launcher: LauncherConfig, job_overrides: list[str], out_dir: str) -
     except ChildFailedError as e:
         codes = sorted({f.exitcode for f in e.failures.values()})
         if 2 in codes and all(c == 2 or c < 0 for c in codes):
-            from automodel.engine import run_dir
+            from automodel import fs
 
-            run_dir.discard_if_untouched(out_dir)  # here, once every rank has stopped using it
+            fs.undo(out_dir)  # here, once every rank has stopped using it (this process holds its lock)
             first = _first_error(errors)
             if first:
                 print(f"automodel: error: {first}", file=sys.stderr, flush=True)
