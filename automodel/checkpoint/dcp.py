@@ -39,8 +39,9 @@ log = logging.getLogger("automodel")
 
 from automodel.checkpoint.files import (  # noqa: F401  (read_meta, latest_valid ... are this plugin's API too)
     FORMAT, META, _crc32, _fsync_dir, _load_rng, _save_rng, _write_synced, checkpoint_dirs, find_checkpoint,
-    latest_valid, read_meta, verify_checksums,
+    latest_valid, read_meta, refuse_foreign_outputs, verify_checksums,
 )
+from automodel.checkpoint.settings import check_resumable
 
 
 @dataclasses.dataclass
@@ -55,6 +56,9 @@ class DCPConfig:
     dirname: str = "final"
     export_every_save: bool = False  # also write an HF folder into every checkpoint (checkpoints/step_N/hf/)
     merge_adapter: bool = True  # under PEFT: also write the merged full model (the adapter is always in adapter/)
+    # settings a resumed run may change (keys such as optim.lr, or whole sections such as optim); any other
+    # change from the checkpoint's settings is refused (checkpoint/settings.py)
+    allow_changed: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -62,19 +66,6 @@ class ResumePoint:
     path: str
     step: int
     meta: dict
-
-
-def describe_difference(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Every key whose value differs between two fingerprints, as 'key is X in the checkpoint but Y in this run'."""
-    found = []
-    for key in sorted(set(saved) | set(current), key=lambda k: (k != "plugin", k)):  # a plugin change first
-        a, b = saved.get(key, "<unset>"), current.get(key, "<unset>")
-        name = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            found += describe_difference(a, b, name + ".")
-        elif a != b:
-            found.append(f"{name} is {a!r} in the checkpoint but {b!r} in this run")
-    return found
 
 
 class DCPCheckpoint:
@@ -87,6 +78,9 @@ class DCPCheckpoint:
             raise UserError(f"checkpoint.keep_last={config.keep_last} must be 0 (keep all) or positive")
         if config.resume is not None and not str(config.resume).strip():
             raise UserError("checkpoint.resume is empty; use null, auto, or a checkpoint path")
+        if config.allow_changed and not _resuming(config.resume):
+            log.warning("checkpoint.allow_changed=%s has no effect: this run does not resume (checkpoint.resume=null)",
+                        list(config.allow_changed))
         self.cfg = config
         self._pending = None  # (future, staging, final, meta) of an async save not yet committed
         self._async_pg = None
@@ -104,23 +98,21 @@ class DCPCheckpoint:
 
     def _resume_point(self, run_dir: str, fingerprint: dict) -> ResumePoint | None:
         want = self.cfg.resume
-        if want is None or str(want).lower() in ("null", "none", "false"):
+        if not _resuming(want):
+            refuse_foreign_outputs(run_dir, self.cfg.folder, self.cfg.dirname, None, "null")
             return None
         if str(want) == "auto":
             path = latest_valid(os.path.join(run_dir, self.cfg.folder))
             if path is None:
+                refuse_foreign_outputs(run_dir, self.cfg.folder, self.cfg.dirname, None, "auto")
                 log.info("checkpoint.resume=auto: no checkpoint in %s yet; starting at step 0",
                          os.path.join(run_dir, self.cfg.folder))
                 return None
         else:
             path = find_checkpoint(str(want), self.cfg.folder)
         meta = read_meta(path)
-        diff = describe_difference(meta.get("fingerprint", {}), fingerprint)
-        if diff:
-            more = f"; and {len(diff) - 3} more" if len(diff) > 3 else ""
-            raise UserError(f"cannot resume from '{path}': it was made by another model or an incompatible config "
-                            f"({'; '.join(diff[:3])}{more}); resume with the same settings or start fresh "
-                            "(checkpoint.resume=null)")
+        check_resumable(path, meta.get("fingerprint", {}), fingerprint, list(self.cfg.allow_changed))
+        refuse_foreign_outputs(run_dir, self.cfg.folder, self.cfg.dirname, (path, meta["step"]), str(want))
         return ResumePoint(path, meta["step"], meta)
 
     def restore(self, point: ResumePoint, state) -> int:
@@ -134,8 +126,8 @@ class DCPCheckpoint:
         t0 = time.perf_counter()
         rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
-        try:
-            bad = verify_checksums(point.path, point.meta, rank, world)  # each rank checks its share of the files
+        try:  # each rank checks its share of the files (sizes are always checked, by read_meta)
+            bad = verify_checksums(point.path, point.meta, rank, world) if self.cfg.checksums else None
         except OSError as e:  # removed or unreadable under us (another process pruning it, a failing disk)
             bad = f"cannot read checkpoint '{point.path}': {_first_line(e)}"
         if world > 1:
@@ -154,9 +146,15 @@ class DCPCheckpoint:
         except Exception as e:  # DCP wraps per-rank failures; keep one line
             raise UserError(f"cannot load checkpoint '{point.path}': {_first_line(e)}") from None
         set_model_state_dict(state.model, payload["model"])
-        groups = _param_groups_from_json(point.meta["param_groups"], state.optimizer, optim_sd["param_groups"])
-        set_optimizer_state_dict(state.model, state.optimizer, {"state": payload["optim"], "param_groups": groups})
+        _check_groups(point.meta["param_groups"], optim_sd["param_groups"])
+        # this run's hyper-parameters (equal to the checkpoint's unless a change was accepted by name: then the
+        # new value is the one that trains), the checkpoint's moments and step counts
+        set_optimizer_state_dict(state.model, state.optimizer,
+                                 {"state": payload["optim"], "param_groups": optim_sd["param_groups"]})
+        peak_lrs = list(getattr(state.scheduler, "base_lrs", []))
         state.scheduler.load_state_dict(point.meta["scheduler"])
+        if peak_lrs:
+            state.scheduler.base_lrs = peak_lrs
         _lr_from_schedule(state.scheduler, state.optimizer)
         if getattr(state, "extra", None) is not None and "extra" in point.meta:
             state.extra.load_state_dict(point.meta["extra"])
@@ -272,11 +270,14 @@ class DCPCheckpoint:
             shutil.rmtree(final)
         os.replace(staging, final)
         _fsync_dir(os.path.dirname(final))
-        self._prune(os.path.dirname(final))
+        self._prune(os.path.dirname(final), meta["step"])
 
-    def _prune(self, root: str) -> None:
+    def _prune(self, root: str, step: int) -> None:
+        """keep_last among this run's history (steps up to the one just saved): a later step's folder is never
+        a reason to delete the checkpoint this run just made."""
         if self.cfg.keep_last:
-            for _, path in checkpoint_dirs(root)[:-self.cfg.keep_last]:
+            history = [(s, path) for s, path in checkpoint_dirs(root) if s <= step]
+            for _, path in history[:-self.cfg.keep_last]:
                 shutil.rmtree(path, ignore_errors=True)
         in_flight = self._pending[1] if self._pending else None
         for name in os.listdir(root):
@@ -322,20 +323,14 @@ class _TensorsOnlyLoadPlanner:
         return Planner()
 
 
-def _param_groups_from_json(saved: list[dict], optimizer, current_groups: list[dict]) -> list[dict]:
-    """The saved hyper-parameters of each group, over this rank's parameters (`current_groups`' names: under
-    pipeline parallel each rank holds other parameters than the rank that wrote the JSON)."""
-    groups = []
-    for group, current, names in zip(saved, optimizer.param_groups, current_groups):
-        fixed = dict(group, params=names["params"])
-        for k, v in group.items():  # JSON turned tuples (betas) into lists
-            if isinstance(current.get(k), tuple) and isinstance(v, list):
-                fixed[k] = tuple(v)
-        groups.append(fixed)
-    if len(saved) != len(optimizer.param_groups):
+def _check_groups(saved: list[dict], current: list[dict]) -> None:
+    if len(saved) != len(current):
         raise UserError(f"the checkpoint's optimizer has {len(saved)} parameter groups, this run's has "
-                        f"{len(optimizer.param_groups)}; resume with the same model, peft and optimizer settings")
-    return groups
+                        f"{len(current)}; resume with the same model, peft and optimizer settings")
+
+
+def _resuming(want) -> bool:
+    return want is not None and str(want).lower() not in ("null", "none", "false")
 
 
 def _lr_from_schedule(scheduler, optimizer) -> None:
