@@ -16,7 +16,8 @@ packages() {
     sed -E 's/^(torch==[^+]+)\+.*$/\1/'
   for info in .venv/extras/*.dist-info; do
     [ -f "$info/METADATA" ] || continue
-    echo "$(sed -n 's/^Name: //p' "$info/METADATA" | head -n 1)==$(sed -n 's/^Version: //p' "$info/METADATA" | head -n 1)"
+    name=$(sed -n 's/^Name: //p' "$info/METADATA" | head -n 1)
+    echo "$name==$(sed -n 's/^Version: //p' "$info/METADATA" | head -n 1)"
   done
 }
 {

@@ -42,5 +42,6 @@ echo "automodel setup: installing automodel and its dependencies"
 # on the path: transformers and peft import them in every run once they are installed (~0.6 s each, and log
 # noise), so they stay opt-in extras (`pip install 'automodel[fp8]'`, `'automodel[qlora]'`) for users and
 # out of the tests' other hundreds of runs
-.venv/bin/pip install --quiet --no-deps --target .venv/extras ${pinned[@]+"${pinned[@]}"} "torchao>=0.10" "bitsandbytes>=0.45"
+.venv/bin/pip install --quiet --no-deps --target .venv/extras ${pinned[@]+"${pinned[@]}"} \
+  "torchao>=0.10" "bitsandbytes>=0.45"
 .venv/bin/python -c "import torch, transformers, peft, hydra; print(f'automodel setup: done (torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__})')"
