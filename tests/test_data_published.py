@@ -134,10 +134,10 @@ def test_squad_answers_as_a_list_of_objects_and_bad_shapes(tmp_path, tok):
     bad = write(lambda i: 5 if i == 2 else [])
     with pytest.raises(UserError) as e:
         bad.pairs(bad.records())
-    assert str(e.value) == (f"{tmp_path / 'naive.jsonl'}: record 3: 'answers' is a int; expected "
+    assert str(e.value) == (f"{tmp_path / 'naive.jsonl'}:3: 'answers' is a int; expected "
                             '{"text": [...], "answer_start": [...]} or a list of {"text": ..., "answer_start": ...}')
     bad = write(lambda i: [{"answer": "red"}])
-    with pytest.raises(UserError, match=r"record 1: 'answers' is a list of dict; expected \{\"text\""):
+    with pytest.raises(UserError, match=r"naive.jsonl:1: 'answers' is a list of dict; expected \{\"text\""):
         bad.pairs(bad.records())
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps({"version": "v1.1", "data": [{"title": "t", "paragraphs": "none"}]}, indent=1))
@@ -167,9 +167,9 @@ def test_alpaca_option_drops_the_sections_of_empty_columns(tmp_path, tok):
     assert tok.decode(ids[1:]).startswith(prompts[1]) and _targets(tok, labels) == "5" + tok.eos_token
     # a template typed on a command line: `\n` is a newline, {{ }} are braces, a section may hold two columns
     data = _option("data=instruction", f"data.path={p}", "data.completion_column=output",
-                   r"data.prompt_template='{{task}} {instruction}\n\n[{input}|{output}]\n\nanswer:'")
+                   r"data.prompt_template='{{task}} {instruction}\n\n[{input}|{instruction}]\n\nanswer:'")
     assert data.pairs(data.records())[0][:2] == ["{task} Sort: c a b\n\nanswer:",
-                                                 "{task} Add\n\n[2 + 3|5]\n\nanswer:"]
+                                                 "{task} Add\n\n[2 + 3|Add]\n\nanswer:"]
 
 
 def test_a_template_column_that_no_record_has_is_one_line(tmp_path):
@@ -282,7 +282,7 @@ def test_sample_prompts_come_from_held_out_records_and_fit_the_model(tmp_path, t
               {"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"yo {i}"}] for i in range(4)]
     c = tmp_path / "chat.jsonl"
     c.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs))
-    chat = ChatData(ChatConfig(path=str(c), chat_template="chatml", val_size=1))
+    chat = ChatData(ChatConfig(path=str(c), chat_template="chatml", val_size=1, max_dropped_fraction=1.0))  # all cut
     next(chat.build(tok, seq_len=96, seed=1, dp_rank=0, dp_size=1, global_batch_size=2, micro_batch_size=2))
     [(prompt, answer)] = chat.sample_prompts(1)
     assert prompt == f"<|im_start|>user\nhi {answer[3:]}<|im_end|>\n<|im_start|>assistant\n"
