@@ -6,6 +6,7 @@ Most checks run the data plugins in process on tiny files; three run the CLI as 
 
 import json
 import logging
+import re
 import shlex
 import subprocess
 
@@ -144,6 +145,65 @@ def test_squad_answers_as_a_list_of_objects_and_bad_shapes(tmp_path, tok):
     with pytest.raises(UserError, match=r"broken.json: data\[0\] has no list of objects 'paragraphs', so it is not "
                                         r"the SQuAD layout"):
         SquadData(SquadConfig(path=str(broken), val_split=None)).records()
+
+
+def _follow(message: str, **values) -> list[list[str]]:
+    """The overrides each piece of advice in an error line names (`..., or ...`), placeholders filled in."""
+    advice = message.split("; ", 1)[1]
+    out = []
+    for alternative in advice.split(", or "):
+        found = re.findall(r"data\.\w+=[^\s,;)]+", alternative)
+        out.append([f"{a.split('=')[0]}={values.get(a.split('=')[1], a.split('=')[1])}" for a in found])
+    return [o for o in out if o]
+
+
+def test_one_local_squad_file_trains_with_a_part_held_out_and_every_advice_works(tmp_path, tok):
+    import datasets
+
+    dev = tmp_path / "dev-v1.1.json"
+    dev.write_text(json.dumps(squad_file("v1.1"), indent=1))  # 5 questions
+    kw = dict(seq_len=64, dp_rank=0, dp_size=1, micro_batch_size=2)
+
+    def held_out(data) -> int | None:
+        next(data.build(tok, seed=1, global_batch_size=2, **kw))
+        val = data.val_batches(tok, **kw)
+        return None if val is None else sum(int((b.micro_batches[0]["labels"] != IGNORE_INDEX).any(-1).sum())
+                                            for b in val)
+
+    # the preset's split is the hub's: one local file trains without it, or with a part held out by size
+    assert held_out(_option("data=squad", f"data.path={dev}")) is None
+    assert _option("data=hellaswag", f"data.path={dev}").cfg.val_split is None  # the same preset default
+    assert held_out(_option("data=squad", f"data.path={dev}", "data.val_size=2")) == 2
+    # a split asked of one file by hand is refused, and each piece of advice works when followed
+    with pytest.raises(UserError) as e:
+        _option("data=squad", f"data.path={dev}", "data.val_split=validation")
+    followed = _follow(str(e.value), N="2", FILE=str(dev))
+    assert len(followed) == 2, str(e.value)
+    for advice in followed:
+        assert held_out(_option("data=squad", f"data.path={dev}", "data.val_split=validation", *advice)) in (2, 5)
+    # a folder with splits keeps the preset's split, unless val_size or val_path chooses the held-out data
+    rows = [{"context": f"Box {i} is red.", "question": "Colour?", "answers": {"text": ["red"], "answer_start": [7]}}
+            for i in range(6)]
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "validation": datasets.Dataset.from_list(rows[:3])}).save_to_disk(str(folder))
+    assert held_out(_option("data=squad", f"data.path={folder}")) == 3
+    assert held_out(_option("data=squad", f"data.path={folder}", "data.val_size=2")) == 2
+    assert held_out(_option("data=squad", f"data.path={folder}", f"data.val_path={dev}")) == 5
+    with pytest.raises(UserError) as e:  # two choices by hand: one would be silently unused
+        _option("data=squad", f"data.path={folder}", "data.val_split=validation", "data.val_size=2")
+    assert str(e.value) == ("data.val_split='validation' and data.val_size=2 both choose the held-out data; keep "
+                            "one, e.g. data.val_split=null data.val_size=2")
+    [advice] = _follow(str(e.value))
+    assert held_out(_option("data=squad", f"data.path={folder}", "data.val_split=validation", "data.val_size=2",
+                            *advice)) == 2
+    # a folder of one Dataset has no splits either: its rows are not served as the validation split
+    one = tmp_path / "one"
+    datasets.Dataset.from_list(rows).save_to_disk(str(one))
+    assert held_out(_option("data=squad", f"data.path={one}")) is None
+    data = _option("data=squad", f"data.path={one}", "data.val_split=validation")
+    with pytest.raises(UserError, match=r"holds one Dataset, which has no split 'validation'"):
+        data.records("val")
 
 
 # ------------------------------------------------------------------ Alpaca and prompt templates
@@ -330,11 +390,14 @@ def test_cli_sharegpt_and_official_squad_train_and_alpaca_names_a_missing_column
 
     squad = tmp_path / "train-v2.0.json"
     squad.write_text(BOM + json.dumps(squad_file("v2.0", impossible=2), indent=2), encoding="utf-8")
-    proc = cli(*MICRO, *run, "data=squad", f"data.path={squad}", "data.val_split=null", "checkpoint.export_final=false",
-               f"hydra.run.dir={tmp_path / 'sq'}", cwd=str(tmp_path))
+    # one local file with a part held out by size, as a user types it (the preset's hub split is not asked for)
+    proc = cli(*MICRO, *run, "data=squad", f"data.path={squad}", "data.val_size=1", "train.val_every=2",
+               "checkpoint.export_final=false", f"hydra.run.dir={tmp_path / 'sq'}", cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert f"{squad}: skipped 2 unanswerable questions (SQuAD v2.0)" in out and "no target token left" not in out
+    metrics = [json.loads(line) for line in (tmp_path / "sq" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in m for m in metrics), metrics
 
     alpaca = tmp_path / "alpaca.jsonl"
     alpaca.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
