@@ -348,6 +348,19 @@ def test_sample_prompts_come_from_held_out_records_and_fit_the_model(tmp_path, t
     assert prompt == f"<|im_start|>user\nhi {answer[3:]}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_held_out_data_that_training_would_refuse_never_fails_the_run_after_training(tmp_path, tok):
+    """With train.val_every=0 the held-out file is first read for the sample prompts, after training: a value
+    that is not text there gives the training data's prompts, not a failure at the very end."""
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("".join(json.dumps({"prompt": f"item {i} is", "completion": f" {i}"}) + "\n" for i in range(8)))
+    bad.write_text(json.dumps({"prompt": "x", "completion": [" 1"]}) + "\n")
+    data = InstructionData(InstructionConfig(path=str(good), val_path=str(bad)))
+    next(data.build(tok, seq_len=32, seed=1, dp_rank=0, dp_size=1, global_batch_size=4, micro_batch_size=4))
+    with pytest.raises(UserError, match=r"bad.jsonl:1: 'completion' is a list"):
+        data.val_batches(tok, seq_len=32, dp_rank=0, dp_size=1, micro_batch_size=4)
+    assert data.sample_prompts(2) == [("item 0 is", " 0"), ("item 1 is", " 1")]
+
+
 def test_try_your_own_hint_is_a_command_a_shell_runs(tmp_path, monkeypatch, logged):
     import automodel.generate
     from automodel.engine import export

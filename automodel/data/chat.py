@@ -70,8 +70,8 @@ class ChatData(ExampleData):
             if any(m["content"] is None for m in conv):
                 stats.skip("conversations with a null message content")
                 continue
-            out.append((i, [{"role": str(m["role"]), "content": content_text(m["content"], f"{records.where(i)}: "
-                                                                                          f"message {k + 1}")}
+            where = records.where(i)
+            out.append((i, [{"role": str(m["role"]), "content": content_text(m["content"], f"{where}: message {k + 1}")}
                             for k, m in enumerate(conv)]))
         return out
 

@@ -15,7 +15,7 @@ import math
 from automodel.data.loading import too_long
 from automodel.errors import UserError
 
-KINDS = {list: "list", dict: "object", bool: "boolean", type(None): "null"}
+KINDS = {list: "a list", dict: "an object", bool: "a boolean", type(None): "null"}
 
 
 def text_of(value, where: str, column: str) -> str:
@@ -26,11 +26,16 @@ def text_of(value, where: str, column: str) -> str:
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    kind = next((name for t, name in KINDS.items() if isinstance(value, t)), type(value).__name__)
+    kind = kind_of(value)
     shown = json.dumps(value, default=str)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    raise UserError(f"{where}: '{column}' is a {kind} ({shown}), not text; write it as a JSON string (numbers "
+    raise UserError(f"{where}: '{column}' is {kind} ({shown}), not text; write it as a JSON string (numbers "
                     "become text; lists, objects and booleans are not read)")
+
+
+def kind_of(value) -> str:
+    """A value's JSON type as a message says it: "a list", "an object", ..."""
+    return next((name for t, name in KINDS.items() if isinstance(value, t)), f"a {type(value).__name__}")
 
 
 def check_size(texts, where: str, limit: int | None) -> None:

@@ -69,7 +69,8 @@ class EncodeStats:
 
     def message(self, seq_len: int) -> str:
         no_target = self.dropped - sum(self.skipped.values())
-        empty = f", {self.empty} with an empty completion (only the end-of-sequence token to learn)" if self.empty else ""
+        empty = (f", {self.empty} with an empty completion (only the end-of-sequence token to learn)"
+                 if self.empty else "")
         return "; ".join([f"{self.rows} examples: {self.truncated} longer than train.seq_len={seq_len} were "
                           f"truncated, {no_target} dropped (no target token left){empty}", *self.skip_notes()])
 
@@ -225,22 +226,21 @@ class ExampleData:
         the records val_size held out), else from the training data; no prompt longer than train.seq_len
         tokens. Asked for after training: a problem here never fails the run."""
         tokenizer, seq_len = self._fit
-        records = None
-        try:
+        wanted = n if tokenizer is None else n * samples.CANDIDATES
+        pairs = None
+        try:  # held-out data that validation never read may hold what training refuses: then the training data
             if self.cfg.val_path or self.cfg.val_split:
-                records = self.records("val")
+                pairs = self.prompts(self.records("val"), wanted)
             elif self.cfg.val_size and tokenizer is not None:
                 self._held_out(tokenizer, seq_len)
                 rows = self._held_rows
                 train = self.records("train")
                 if rows:
-                    records = train.subset(rows, f"{train.source} (held out)")
+                    pairs = self.prompts(train.subset(rows, f"{train.source} (held out)"), wanted)
         except UserError:
-            records = None
-        records = records or self.records("train")
-        if tokenizer is None:
-            return self.prompts(records, n)
-        return samples.fitting(tokenizer, self.prompts(records, n * samples.CANDIDATES), n, seq_len)
+            pairs = None
+        pairs = pairs or self.prompts(self.records("train"), wanted)
+        return pairs if tokenizer is None else samples.fitting(tokenizer, pairs, n, seq_len)
 
 
 def _check_source(config) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from automodel.data.checks import text_of
+from automodel.data.checks import kind_of, text_of
 from automodel.data.examples import ExamplesConfig
 from automodel.data.pairs import PairData, is_null
 from automodel.data.squad import SquadConfig, SquadData  # noqa: F401  (its home before squad.py)
@@ -104,8 +104,8 @@ class HellaSwagData(PairData):
         for i, r in enumerate(records.rows):
             endings = r["endings"]
             if not isinstance(endings, list):
-                raise UserError(f"{records.where(i)}: 'endings' is {type(endings).__name__}, not a list of the "
-                                "candidate endings")
+                raise UserError(f"{records.where(i)}: 'endings' is {kind_of(endings)}, not a list of the candidate "
+                                "endings")
             label = str(r["label"]).strip()
             if not label.isdigit() or int(label) >= len(endings):
                 stats.skip("records without a usable label (the test split has none)")

@@ -49,6 +49,7 @@ class SharegptData(ChatData):
             if any(t["value"] is None for t in conv):
                 stats.skip("conversations with a null turn")
                 continue
-            out.append((i, [{"role": ROLES[t["from"]], "content": text_of(t["value"], f"{records.where(i)}: turn {k + 1}",
-                                                                          "value")} for k, t in enumerate(conv)]))
+            where = records.where(i)
+            out.append((i, [{"role": ROLES[t["from"]], "content": text_of(t["value"], f"{where}: turn {k + 1}", "value")}
+                            for k, t in enumerate(conv)]))
         return out

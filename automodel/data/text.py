@@ -65,7 +65,8 @@ class TextData(ExampleData):
     def _checked_row(self, row: dict, index: int) -> dict:
         """A streamed row, checked in file order (before the shuffle): the line named is the file's."""
         path = self.cfg.path
-        where = f"{path}:{index + 1}" if loading.read_as_lines(os.path.expanduser(path)) else f"{path}: record {index + 1}"
+        lines = loading.read_as_lines(os.path.expanduser(path))
+        where = f"{path}:{index + 1}" if lines else f"{path}: record {index + 1}"
         return {self.cfg.text_column: self._text(row[self.cfg.text_column], where)}
 
     def encode(self, tokenizer, records, seq_len):

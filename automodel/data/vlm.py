@@ -221,8 +221,8 @@ def _messages(value, where: str, column: str) -> list[dict]:
     if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
         raise UserError(f"{where}: '{column}' must be a list of {{\"role\": ..., \"content\": ...}} messages")
     out = []
-    for k, m in enumerate(value):
-        content, at = m["content"], f"{where}: message {k + 1}"
+    for n, m in enumerate(value):
+        content, at = m["content"], f"{where}: message {n + 1}"
         if isinstance(content, list):
             if not all(isinstance(part, dict) for part in content):
                 raise UserError(f"{at}: a content part is not an object; parts are {{\"type\": \"image\"}} or "
