@@ -116,6 +116,7 @@ def _main(argv: list[str] | None) -> None:
     from automodel.distributed import launch_env
     from automodel.launch import lifetime, local, slurm
 
+    argv = compose.expand_home(argv)  # `data.path=~/x.jsonl`: Hydra's grammar refuses an unquoted ~
     try:
         slurm.export_torch_env()  # under `srun -n N automodel ...`: the N tasks become one world
         slurm.check_can_submit(argv)

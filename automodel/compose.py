@@ -7,6 +7,7 @@ and every point is checked, so a sweep does not fail on its fifth job.
 
 from __future__ import annotations
 
+import os
 import re
 
 from automodel.config import CONFIG_NAME, conf_dir, register_resolvers, validate
@@ -29,6 +30,25 @@ def parse_args(argv: list[str]):
         if override.lstrip("+~").startswith("="):
             raise UserError(f"'{override}': an override needs a key: key=value (e.g. train.max_steps=10)")
     return args
+
+
+def expand_home(argv: list[str]) -> list[str]:
+    """argv with every override value that holds `~` made one Hydra's grammar parses: a leading `~` (or
+    `~user`) expanded to the home folder, as a shell would have done had the word not begun with a key, and
+    the value quoted (`data.path=~/x.jsonl` -> `data.path='/home/me/x.jsonl'`). Hydra refuses an unquoted `~`
+    anywhere in a value ("cannot parse the override"), so a path written as it is written everywhere else
+    would never reach the data loader. Each element of a sweep (`a,b`) is treated alike; a value that is
+    already quoted, or holds brackets, braces or quotes, is left for Hydra to read as written."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if arg.startswith("-") or not eq or "~" not in value or any(c in value for c in "'\"[]{}()$"):
+            out.append(arg)
+            continue
+        parts = [os.path.expanduser(v) if v.startswith("~") else v for v in value.split(",")]
+        out.append(f"{key}=" + ",".join(f"'{v}'" if ("~" in o or v != o) else v
+                                         for v, o in zip(parts, value.split(","))))
+    return out
 
 
 def needs_check(args) -> bool:
@@ -143,10 +163,16 @@ def _hydra_line(e, overrides: list[str]) -> str:
     if m:
         return f"+{m.group(1)}: the key already exists; drop the '+' to override it"
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+    m = re.match(r"Ambiguous value for argument '([^']+)'", first)
+    if m:
+        return (f"{m.group(1)}: a comma-separated value is a sweep: add -m to sweep (automodel -m {m.group(1)}); "
+                "a list is key=[a,b], a text with commas key='a,b'")
     if "LexerNoViableAlt" in first or "mismatched input" in first or "no viable alternative" in first:
         bad = next((o for o in overrides if o in text), " ".join(overrides))
+        quote = (f"; quote a value that holds '~' for Hydra (\"{bad.split('=', 1)[0]}='...'\")" if "~" in
+                 bad.partition("=")[2] else "")
         return (f"cannot parse the override '{bad}': overrides are key=value with a dotted key "
-                "(train.max_steps=10) or group=option (parallel=fsdp2)")
+                f"(train.max_steps=10) or group=option (parallel=fsdp2){quote}")
     return first
 
 
