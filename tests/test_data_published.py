@@ -370,6 +370,7 @@ def test_try_your_own_hint_is_a_command_a_shell_runs(tmp_path, monkeypatch, logg
     (final / "config.json").write_text("{}")
     monkeypatch.setattr(automodel.generate, "load", lambda d: (None, None))
     monkeypatch.setattr(automodel.generate, "greedy", lambda model, tok, prompt: "fine")
+    monkeypatch.setattr(export, "automodel_command", lambda: "automodel")  # how it is found: tests/test_cli.py
     prompt = "<|im_start|>user\nsay \"hi\", it's $HOME `now`\\n<|im_end|>\n<|im_start|>assistant\n"
     export.show_samples(str(final), [(prompt, "fine")])
     hint = next(m for m in logged if "Try your own:" in m)
@@ -383,7 +384,9 @@ def test_try_your_own_hint_is_a_command_a_shell_runs(tmp_path, monkeypatch, logg
 
 # ------------------------------------------------------------------ the CLI, as a user runs it
 def _output_after(text: str, marker: str) -> list[str]:
-    return shlex.split(text.split(marker, 1)[1], posix=True)[:4]
+    """The printed command from `generate` on (the program before it is the running automodel, as found)."""
+    words = shlex.split(text.split(marker, 1)[1], posix=True)
+    return words[words.index("generate"):][:3]
 
 
 def test_cli_sharegpt_and_official_squad_train_and_alpaca_names_a_missing_column(tmp_path):
@@ -398,8 +401,8 @@ def test_cli_sharegpt_and_official_squad_train_and_alpaca_names_a_missing_column
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     words = _output_after(out, "Try your own:  ")
-    assert words[:3] == ["automodel", "generate", str(tmp_path / "sg" / "final")]
-    assert words[3].startswith("<|im_start|>user\nit's ") and words[3].endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert words[:2] == ["generate", str(tmp_path / "sg" / "final")]
+    assert words[2].startswith("<|im_start|>user\nit's ") and words[2].endswith("<|im_end|>\n<|im_start|>assistant\n")
 
     squad = tmp_path / "train-v2.0.json"
     squad.write_text(BOM + json.dumps(squad_file("v2.0", impossible=2), indent=2), encoding="utf-8")
