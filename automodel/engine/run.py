@@ -44,7 +44,8 @@ def train(cfg, out_dir: str) -> TrainResult:
     from automodel.launch import lifetime
 
     checked = validate(cfg)
-    env = launch_env.init(checked.train.device, fake_world_size=checked.launcher.fake_world_size)
+    env = launch_env.init(checked.train.device, fake_world_size=checked.launcher.fake_world_size,
+                          join_timeout_s=checked.launcher.join_timeout_s)
     opened = []  # the run's loggers, once started: closed as failed if anything below raises
     try:
         rehearsal = checked.launcher.fake_world_size > 0  # one real process: nothing to tell other ranks

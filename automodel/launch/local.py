@@ -27,6 +27,7 @@ _ERROR_DIR = "AUTOMODEL_ERROR_DIR"  # where the ranks of a relaunch leave their 
 class LauncherConfig:
     nproc_per_node: int = 1  # ranks to start on this machine (1: run in this process)
     fake_world_size: int = 0  # >0: a rehearsal as rank 0 of that many ranks (torch's fake process group)
+    join_timeout_s: float = 300  # how long the ranks of a multi-process job wait for each other to start
 
 
 def launched_world_size() -> int:
@@ -42,6 +43,8 @@ def already_launched() -> bool:
 def should_relaunch(launcher: LauncherConfig) -> bool:
     if launcher.nproc_per_node < 1:
         raise UserError(f"launcher.nproc_per_node={launcher.nproc_per_node} must be at least 1")
+    if not launcher.join_timeout_s > 0:
+        raise UserError(f"launcher.join_timeout_s={launcher.join_timeout_s} must be a positive number of seconds")
     if launcher.fake_world_size < 0:
         raise UserError(f"launcher.fake_world_size={launcher.fake_world_size} must be 0 (off) or a world size")
     if launcher.fake_world_size:
