@@ -18,6 +18,7 @@ import os
 import socket
 import time
 
+from automodel import stop_signals
 from automodel.errors import UserError
 
 
@@ -149,11 +150,10 @@ def _check_can_meet(world: int) -> None:
 def _join_timeout_from(argv: list[str]) -> float:
     """launcher.join_timeout_s as the command line composes it (the run's config is composed after the ranks
     meet, so this reads it the same way; a sweep's first point)."""
-    from automodel.compose import compose, needs_check, parse_args, sweep_points
-
     from omegaconf import OmegaConf
 
     from automodel import registry
+    from automodel.compose import compose, needs_check, parse_args, sweep_points
     from automodel.launch.local import LauncherConfig
 
     args = parse_args(argv)
@@ -165,8 +165,6 @@ def _join_timeout_from(argv: list[str]) -> float:
 def _rendezvous(world: int, join_timeout_s: float):
     """(store, rank): every rank of `world` has reached the TCP store at MASTER_ADDR:MASTER_PORT, or one line
     naming the ranks that never did, after join_timeout_s."""
-    import torch.distributed as dist
-
     _check_can_meet(world)
     if not join_timeout_s or join_timeout_s <= 0:
         raise UserError(f"launcher.join_timeout_s={join_timeout_s} must be a positive number of seconds")
@@ -176,6 +174,13 @@ def _rendezvous(world: int, join_timeout_s: float):
     # under torchrun the agent hosts the store; otherwise rank 0 does (torch's env:// makes the same choice)
     hosts = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     limit = datetime.timedelta(seconds=join_timeout_s)
+    with stop_signals.at_once("waiting for the other ranks to join"):
+        return _meet(rank, world, addr, port, hosts, deadline, limit, join_timeout_s)
+
+
+def _meet(rank: int, world: int, addr: str, port: int, hosts: bool, deadline: float, limit, join_timeout_s: float):
+    import torch.distributed as dist
+
     if not hosts:
         _wait_for_host(addr, port, deadline, world, join_timeout_s)
     try:
