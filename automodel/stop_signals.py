@@ -8,6 +8,7 @@ exit code 128+signal (130 for SIGINT, 143 for SIGTERM), as a shell reports a pro
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -51,6 +52,17 @@ def take(signals, handler) -> dict:
     return {s: signal.signal(s, handler) for s in signals if _is_default(s)}
 
 
+def quiet_exit() -> None:
+    """Once a stop is under way: another stop signal during the interpreter's own exit (which puts Python's
+    default actions back, after atexit) is ignored, so the process ends with its code instead of dying by it."""
+    if not _QUIET[0]:
+        _QUIET[0] = True
+        atexit.register(lambda: [signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS])
+
+
+_QUIET = [False]
+
+
 def give_back(previous: dict) -> None:
     for s, handler in previous.items():
         signal.signal(s, handler)
@@ -63,11 +75,47 @@ def at_once(what: str):
     with one line."""
 
     def stop(signum, frame):
+        quiet_exit()
         if os.environ.get("RANK", "0") == "0":  # the ranks of a torchrun all get it: one of them says it
             say(f"stopped by {name(signum)} while {what}; nothing was trained or saved")
         raise Stopped(signum)
 
     stop.automodel_at_once = True  # an inner part may take the signals over, and gives them back after
+    previous = take(STOP_SIGNALS, stop)
+    try:
+        yield
+    finally:
+        give_back(previous)
+
+
+_RUNS_ENDED = [0]  # runs of this process that have ended (their own handling has given the signals back)
+
+
+def run_ended() -> None:
+    """A run (or a launcher's ranks) has ended in this process: what is left is the process's own exit."""
+    _RUNS_ENDED[0] += 1
+    quiet_exit()
+
+
+@contextlib.contextmanager
+def around_the_cli():
+    """The CLI's own start-up (imports, config, Hydra) and wind-down, outside a run's handling: a stop signal ends
+    the process at once in one line, exit 128+signal, instead of a KeyboardInterrupt traceback (SIGINT) or a
+    silent death (SIGTERM). A run inside takes the signals over and gives them back (`take` sees this handler as
+    the default). For `automodel.cli.main`: `with stop_signals.around_the_cli(): _main(argv)`."""
+
+    def stop(signum, frame):
+        quiet_exit()
+        speak = os.environ.get("RANK", "0") == "0" and not os.environ.get("AUTOMODEL_ERROR_DIR")
+        if _RUNS_ENDED[0]:  # its work is done and said: end now, without unwinding what is left of the exit
+            if speak:
+                say(f"stopped by {name(signum)} after the run had ended")
+            os._exit(128 + signum)
+        if speak:  # under automodel's launcher the launcher speaks
+            say(f"stopped by {name(signum)} while starting, before the run began; nothing was trained or saved")
+        raise Stopped(signum)
+
+    stop.automodel_at_once = True
     previous = take(STOP_SIGNALS, stop)
     try:
         yield

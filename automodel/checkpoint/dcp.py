@@ -25,6 +25,7 @@ plugin restarts at the checkpoint's step.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -94,6 +95,7 @@ class DCPCheckpoint:
         self._pending = None  # (future, staging, final, meta) of an async save not yet committed
         self._async_pg = None
         self._saved_step = None  # the step of the latest save this run started
+        self._drop_at_exit = False
 
     # ------------------------------------------------------------------ resume
     def resume_point(self, run_dir: str, fingerprint: dict) -> ResumePoint | None:
@@ -236,6 +238,9 @@ class DCPCheckpoint:
                 self._async_pg = dist.new_group(backend="gloo") if dist.is_initialized() else None
             future = dcp.async_save(payload, checkpoint_id=staging, process_group=self._async_pg)
             self._pending = (future, staging, final, meta, t0)
+            if rank == 0 and not self._drop_at_exit:  # the run may end (fail) before this save is committed
+                atexit.register(self._drop_uncommitted)
+                self._drop_at_exit = True
             log.info("checkpoint of step %d: copied for a background save in %.2fs", step, time.perf_counter() - t0)
             return final
         # DCP raises the same error on every rank; agreeing makes the diagnosis (no space, say) the same too
@@ -265,6 +270,16 @@ class DCPCheckpoint:
             dist.all_gather_object(parts, crcs)
             crcs = {k: v for part in parts for k, v in part.items()}
         return crcs
+
+    def _drop_uncommitted(self) -> None:
+        """At exit (rank 0): a background save the run never committed (it failed first) leaves no partial."""
+        if self._pending is not None:
+            future, staging = self._pending[0], self._pending[1]
+            try:
+                future.result()  # the write ends first (Python has already joined its thread)
+            except BaseException:
+                pass
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _poll(self) -> None:
         """Collective: commit a background save once it has finished on every rank (the ranks agree, so a

@@ -38,7 +38,7 @@ from automodel.stop_signals import Stopped
 
 SIGNAL = signal.SIGUSR2  # SLURM's warning
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Connection refused", "Broken pipe")
-PEER_LOST_LINE = "another rank of this job ended first (its own line says why)"
+PEER_LOST_LINE = "stopped because another rank of this job ended first (that rank's own output says why)"
 
 
 def describe(report: dict, signame: str, out_dir: str) -> str:
@@ -67,13 +67,15 @@ class SignalCheckpoint:
     def __init__(self, out_dir: str, max_steps: int):
         self.out_dir, self.max_steps = out_dir, max_steps
         self.phase = "set-up"  # -> "training" (arm) -> "finishing" (training_over)
-        self.signum = None  # the first stop signal this rank got
+        self.signum = None  # the first stop signal this rank got, or that the ranks agreed on
+        self._received = False  # whether this rank got one itself (the next one is a second: at once)
         self.report = None  # what the stop did, once it did it
         self.preempted_at = None  # the step SLURM's warning stopped the run at
         self.enabled = False  # SLURM's warning handled (inside a SLURM job, with a plugin that can save)
         self._noted = False  # SLURM's warning arrived
         self._previous = None  # the SIGUSR2 handler before
         self._group = None
+        self._said = False  # the stop's line has been said (or left for the launcher)
         self._why_unsaved = ""
         self._launcher = os.environ.get("AUTOMODEL_ERROR_DIR")  # under automodel's launcher: it speaks
         if self._launcher and not os.path.isdir(self._launcher):
@@ -109,12 +111,15 @@ class SignalCheckpoint:
         self._noted = True
 
     def _on_stop(self, signum, frame) -> None:
-        if self.signum is not None:  # a second stop signal: at once
-            self._tell({"phase": "at once"}, signum, said_by_handler=True)
+        if self._received:  # a second stop signal: at once (one line, unless the stop said it already)
+            if not self._said:
+                self._tell({"phase": "at once"}, signum)
             os._exit(128 + signum)
-        self.signum = signum
+        # the ranks may have agreed on a stop before this rank's own signal got here: it is the same stop
+        self._received, self.signum = True, self.signum or signum
+        stop_signals.quiet_exit()
         if self.phase == "set-up":
-            self._tell({"phase": "set-up"}, signum, said_by_handler=True)
+            self._tell({"phase": "set-up"}, signum)
             raise Stopped(signum)
 
     def requested(self) -> tuple[bool, int]:
@@ -140,6 +145,7 @@ class SignalCheckpoint:
         if not signum:
             return False
         self.signum = self.signum or signum  # a rank that was not signalled itself stops with the others
+        stop_signals.quiet_exit()
         saved = None
         if hasattr(ckpt, "save_now"):  # the folder it saved (a plugin that does not say: the run dir)
             saved = ckpt.save_now(step, state, self.out_dir) or self.out_dir
@@ -169,9 +175,12 @@ class SignalCheckpoint:
             signal.raise_signal(SIGNAL)  # the default action: the process ends
 
     def close(self) -> None:
-        """The run is over: every handler goes back."""
+        """The run is over: every handler goes back; after a stop signal its handler stays, so that another one
+        while the process ends still ends it at once, in one line."""
         self.close_slurm()
-        stop_signals.give_back(self._stops)
+        stop_signals.run_ended()
+        if self.signum is None:
+            stop_signals.give_back(self._stops)
 
     def end(self) -> None:
         """After a run that got a stop signal: say what it did, and end the process (Stopped)."""
@@ -184,18 +193,22 @@ class SignalCheckpoint:
         """What to end a failed run with: a stop already said stays; after a stop signal, a failure is the
         stop (a rank that stopped at once broke the collective this rank was in), said once; a lost peer
         without one is one line (the rank that ended first says why)."""
-        if _found(error, lambda e: isinstance(e, Stopped)):
+        if _found(error, lambda e: isinstance(e, Stopped)) or (self._received and self.phase == "set-up"):
+            # the stop raised in set-up may reach here changed by the code it interrupted (an import that
+            # reports any failure as a missing module, DCP wrapping it per rank): its line was said
             return error if isinstance(error, Stopped) else Stopped(self.signum or signal.SIGINT)
         lost = _found(error, lambda e: any(t in str(e) for t in _PEER_LOST))
         if self.signum is not None and lost:
-            self._tell({"phase": "interrupted"}, self.signum)
+            if not self._said:
+                self._tell({"phase": "interrupted"}, self.signum)
             return Stopped(self.signum)
         if lost and not isinstance(error, UserError):
             return UserError(PEER_LOST_LINE)
         return error
 
-    def _tell(self, report: dict, signum: int, said_by_handler: bool = False) -> None:
+    def _tell(self, report: dict, signum: int) -> None:
         """The one line: printed by rank 0, or left for automodel's launcher, which prints it."""
+        self._said = True
         report = dict(report, signal=stop_signals.name(signum))
         if self._launcher:
             rank = os.environ.get("RANK", "0")

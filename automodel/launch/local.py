@@ -128,18 +128,22 @@ class _Forward:
     def __init__(self, errors: str, out_dir: str):
         self.errors, self.out_dir = errors, out_dir
         self.signum = None
+        self._said = False
         self._previous = stop_signals.take(stop_signals.STOP_SIGNALS, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         ranks = _children()
-        if self.signum is not None:  # the second: everything ends now
-            stop_signals.say(_describe({"phase": "at once"}, stop_signals.name(signum), self.out_dir))
+        if self.signum is not None:  # the second: everything ends now (one line, unless the first said it)
+            if not self._said:
+                stop_signals.say(_describe({"phase": "at once"}, stop_signals.name(signum), self.out_dir))
             for pid in ranks:
                 _kill_group(pid, signal.SIGKILL)
             shutil.rmtree(self.errors, ignore_errors=True)
             os._exit(128 + signum)
         self.signum = signum
+        stop_signals.quiet_exit()
         if not ranks and not self._started():  # none started yet: nothing to save
+            self._said = True
             stop_signals.say(_describe({"phase": "set-up"}, stop_signals.name(signum), self.out_dir))
             raise Stopped(signum)
         for pid in ranks:
@@ -161,11 +165,14 @@ class _Forward:
         # no report: the ranks had finished when the signal came, or were killed before their handlers
         report = reports[0] if reports else {"phase": "finished" if completed else "set-up"}
         signame = stop_signals.name(self.signum) if self.signum else report["signal"]
+        self._said = True
         stop_signals.say(_describe(report, signame, self.out_dir))
         raise Stopped(self.signum or signal.Signals[signame])
 
     def close(self) -> None:
-        stop_signals.give_back(self._previous)
+        stop_signals.run_ended()
+        if self.signum is None:  # after a stop, a second signal while this process ends still ends it at once
+            stop_signals.give_back(self._previous)
 
 
 def _describe(report: dict, signame: str, out_dir: str) -> str:
