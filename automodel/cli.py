@@ -81,8 +81,11 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from automodel import stop_signals
+
     try:
-        _main(argv)
+        with stop_signals.around_the_cli():  # Ctrl-C/SIGTERM outside a run's own handling: one line, 128+signal
+            _main(argv)
     except BrokenPipeError:  # `automodel ... --cfg job | head`: the reader left; nothing more to say, no traceback
         import os
 

@@ -25,6 +25,7 @@ plugin restarts at the checkpoint's step.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -34,8 +35,11 @@ import time
 from typing import Any, Optional
 
 from automodel.errors import UserError
+from automodel.write_errors import agree, attempt
 
 log = logging.getLogger("automodel")
+_IF_FULL = ("; the previous checkpoint is kept and this partial one removed: free space (or lower "
+            "checkpoint.keep_last), then resume with checkpoint.resume=auto")
 
 from automodel.checkpoint.files import (  # noqa: F401  (read_meta, latest_valid ... are this plugin's API too)
     FORMAT, META, _crc32, _fsync_dir, _load_rng, _save_rng, _write_synced, checkpoint_dirs, find_checkpoint,
@@ -85,6 +89,7 @@ class DCPCheckpoint:
         self._pending = None  # (future, staging, final, meta) of an async save not yet committed
         self._async_pg = None
         self._saved_step = None  # the step of the latest save this run started
+        self._drop_at_exit = False
 
     # ------------------------------------------------------------------ resume
     def resume_point(self, run_dir: str, fingerprint: dict) -> ResumePoint | None:
@@ -169,11 +174,14 @@ class DCPCheckpoint:
         if self.cfg.every_steps and step % self.cfg.every_steps == 0:
             self.save(step, state, run_dir)
 
-    def save_now(self, step: int, state, run_dir: str) -> None:
-        """Collective: `step` saved and committed before returning (the preemption signal's checkpoint)."""
+    def save_now(self, step: int, state, run_dir: str) -> str:
+        """Collective: `step` saved and committed before returning (the checkpoint a stop signal asks for);
+        returns its folder."""
+        final = os.path.join(run_dir, self.cfg.folder, f"step_{step:08d}")
         if self._saved_step != step:
             self.save(step, state, run_dir, background=False)
         self._wait()
+        return final
 
     def finish(self, state, run_dir: str) -> None:
         """Collective: wait for an async save in flight and commit it."""
@@ -184,7 +192,10 @@ class DCPCheckpoint:
             dist.barrier()
 
     def save(self, step: int, state, run_dir: str, background: bool | None = None) -> str:
-        """Collective. `background`: write in a background thread (default: checkpoint.async_save)."""
+        """Collective. `background`: write in a background thread (default: checkpoint.async_save).
+
+        Every part that writes is followed by the ranks agreeing on its outcome (write_errors.agree): a full
+        disk ends every rank with the same line, the previous checkpoint untouched and the partial removed."""
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -197,13 +208,10 @@ class DCPCheckpoint:
         staging = final + ".partial"
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-            os.makedirs(staging)
-        if dist.is_initialized():
-            dist.barrier()
+        agree(_attempt(lambda: os.makedirs(staging), final) if rank == 0 else None, staging)
         t0 = time.perf_counter()
         optim_sd = get_optimizer_state_dict(state.model, state.optimizer)
         payload = {"model": get_model_state_dict(state.model), "optim": optim_sd["state"]}
-        _save_rng(staging, rank)
         meta = {
             "format": FORMAT, "step": step, "time": time.time(),
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
@@ -215,46 +223,91 @@ class DCPCheckpoint:
         if getattr(state, "extra", None) is not None:
             meta["extra"] = state.extra.state_dict()
         json.dumps(meta)  # fail now, in every rank, if something is not JSON
+        agree(_attempt(lambda: _save_rng(staging, rank), final), staging)
         if self.cfg.export_every_save and state.export_hf is not None:
-            state.export_hf(os.path.join(staging, "hf"))  # inside the staging folder: committed with it
+            try:  # inside the staging folder: committed with it
+                state.export_hf(os.path.join(staging, "hf"))
+            except UserError:  # every rank (the export agrees on its outcome): the partial goes with it
+                if rank == 0:
+                    shutil.rmtree(staging, ignore_errors=True)
+                raise
         if self.cfg.async_save if background is None else background:
             if self._async_pg is None:  # the background thread's collectives must not share the training group
                 self._async_pg = dist.new_group(backend="gloo") if dist.is_initialized() else None
             future = dcp.async_save(payload, checkpoint_id=staging, process_group=self._async_pg)
             self._pending = (future, staging, final, meta, t0)
+            if rank == 0 and not self._drop_at_exit:  # the run may end (fail) before this save is committed
+                atexit.register(self._drop_uncommitted)
+                self._drop_at_exit = True
             log.info("checkpoint of step %d: copied for a background save in %.2fs", step, time.perf_counter() - t0)
-        else:
-            dcp.save(payload, checkpoint_id=staging)
-            crcs = {}
-            if self.cfg.checksums:  # each rank sums the files it wrote; rank 0 adds the rest at the commit
-                mine = [n for n in os.listdir(staging) if n.startswith(f"__{rank}_") or n == f"rng_rank{rank}.safetensors"]
-                crcs = {n: _crc32(os.path.join(staging, n)) for n in mine}
-                if dist.is_initialized() and dist.get_world_size() > 1:
-                    parts = [None] * dist.get_world_size()
-                    dist.all_gather_object(parts, crcs)
-                    crcs = {k: v for part in parts for k, v in part.items()}
-            if rank == 0:
-                self._commit(staging, final, meta, crcs)
-                log.info("saved checkpoint %s in %.2fs", final, time.perf_counter() - t0)
-            if dist.is_initialized():
-                dist.barrier()
+            return final
+        # DCP raises the same error on every rank; agreeing makes the diagnosis (no space, say) the same too
+        agree(_attempt(lambda: dcp.save(payload, checkpoint_id=staging), final), staging)
+        crcs = self._gather_crcs(staging, final, rank)
+        agree(_attempt(lambda: self._commit(staging, final, meta, crcs), final) if rank == 0 else None, staging)
+        if rank == 0:
+            log.info("saved checkpoint %s in %.2fs", final, time.perf_counter() - t0)
         return final
 
+    def _gather_crcs(self, staging: str, final: str, rank: int) -> dict:
+        """Each rank sums the files it wrote; rank 0 adds the rest at the commit."""
+        import torch.distributed as dist
+
+        if not self.cfg.checksums:
+            return {}
+        crcs = {}
+
+        def mine():
+            for n in os.listdir(staging):
+                if n.startswith(f"__{rank}_") or n == f"rng_rank{rank}.safetensors":
+                    crcs[n] = _crc32(os.path.join(staging, n))
+
+        agree(_attempt(mine, final), staging)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, crcs)
+            crcs = {k: v for part in parts for k, v in part.items()}
+        return crcs
+
+    def _drop_uncommitted(self) -> None:
+        """At exit (rank 0): a background save the run never committed (it failed first) leaves no partial."""
+        if self._pending is not None:
+            future, staging = self._pending[0], self._pending[1]
+            try:
+                future.result()  # the write ends first (Python has already joined its thread)
+            except BaseException:
+                pass
+            shutil.rmtree(staging, ignore_errors=True)
+
     def _poll(self) -> None:
-        if self._pending is not None and self._pending[0].done():
+        """Collective: commit a background save once it has finished on every rank (the ranks agree, so a
+        failed one ends them all at the same step)."""
+        if self._pending is None:
+            return
+        import torch
+        import torch.distributed as dist
+
+        done = self._pending[0].done()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([1 if done else 0], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            done = bool(flag.item())
+        if done:
             self._wait()
 
     def _wait(self) -> None:
+        """Collective: wait for the background save, then commit it (rank 0)."""
         if self._pending is None:
             return
         import torch.distributed as dist
 
         future, staging, final, meta, t0 = self._pending
         self._pending = None
-        future.result()  # re-raises a failed background save
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            # the coordinator's future ends after every rank's data and the global .metadata are written
-            self._commit(staging, final, meta)
+        agree(_attempt(future.result, final), staging)  # a failed background save: on every rank, at the same step
+        main = not dist.is_initialized() or dist.get_rank() == 0
+        # the coordinator's future ends after every rank's data and the global .metadata are written
+        agree(_attempt(lambda: self._commit(staging, final, meta), final) if main else None, staging)
+        if main:
             log.info("saved checkpoint %s in the background (%.2fs after the step)", final, time.perf_counter() - t0)
 
     def _commit(self, staging: str, final: str, meta: dict, crcs: dict | None = None) -> None:
@@ -298,6 +351,10 @@ class DCPCheckpoint:
         else:
             model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
+
+
+def _attempt(fn, final: str):
+    return attempt(fn, final, "save the checkpoint", _IF_FULL)
 
 
 def _before_commit(staging: str) -> None:

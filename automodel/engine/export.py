@@ -31,14 +31,18 @@ def export_to(model, tokenizer, plugins, folder: str, env, pp_group=None) -> str
     `pp_group`: under pipeline parallel each stage holds part of the model; the parts are gathered too."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from automodel.write_errors import agree, attempt
+
     if pp_group is None:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         full = _gather_stages(model, pp_group)
-    if not env.is_main:
-        return None
-    write_hf_folder(_unaliased(full, model), tokenizer, plugins, folder)
-    return folder
+    # rank 0 writes; every rank then learns how that went (a full disk ends them all with its line, none waits)
+    outcome = attempt(lambda: write_hf_folder(_unaliased(full, model), tokenizer, plugins, folder), folder,
+                      "write the export", "; the run's checkpoints are kept: free space, then run again with "
+                      "checkpoint.resume=auto to export") if env.is_main else None
+    agree(outcome)
+    return folder if env.is_main else None
 
 
 def _gather_stages(model, pp_group) -> dict:
