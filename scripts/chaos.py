@@ -10,7 +10,10 @@ terminal or a scheduler sends it, at a random point of set-up or training; `sigi
 soon after), `disk-N` (the disk fills after the first checkpoint: a sync save, an async one, and the final
 export each fail on a small tmpfs, then the run resumes once space is back; root, or skipped with the
 reason) and `stale` (WORLD_SIZE/RANK left in the environment). Each checks: exit code, exactly one line,
-no traceback, no process left, and that resuming ends bitwise equal to the uninterrupted run.
+no traceback, no process left, and that resuming ends bitwise equal to the uninterrupted run. And what a run does
+to a folder it does not own (scripts/chaos_rundir.py): `userdir` (a refused run into a user's folder),
+`finished` (a fresh run into a finished one), `changed` (a setting changed on resume), `simultaneous` (two jobs
+started at once into one dir); these count the files of a user's or another run's that changed (must be 0).
 
 Every process of the job dies at once (the job's whole session gets SIGKILL: the launcher and, with
 `launcher.nproc_per_node=2`, its ranks), at a random point: during start-up, or a random fraction of a second
@@ -152,7 +155,7 @@ def trial(workdir: str, ranks: int, steps: int, ref: str, rng: random.Random, ki
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=5)
-    ap.add_argument("--kinds", nargs="+", default=["1", "2"], choices=["1", "2", *faults.KINDS])
+    ap.add_argument("--kinds", nargs="+", default=["1", "2"], choices=["1", "2", *faults.KINDS, *rundir.KINDS])
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--kills", type=int, default=2, help="most kills per trial (each trial draws 1..N)")
     ap.add_argument("--seed", type=int, default=0)
@@ -161,13 +164,15 @@ def main() -> int:
     rows, refs = [], {}
     with tempfile.TemporaryDirectory(prefix="chaos_") as workdir:
         for kind in args.kinds:
-            ranks = faults.ranks_of(kind)
+            ranks = rundir.ranks_of(kind) if kind in rundir.KINDS else faults.ranks_of(kind)
             if ranks and ranks not in refs:
                 refs[ranks] = reference(workdir, ranks, args.steps)
             for _ in range(args.trials):
                 if kind in ("1", "2"):
                     row = trial(workdir, ranks, args.steps, refs[ranks], rng, kills=rng.randint(1, args.kills))
                     row.update(kind=f"kill9-{kind}", tracebacks=0, resumed=row["ok"])
+                elif kind in rundir.KINDS:
+                    row = rundir.run(kind, workdir, args.steps, refs[ranks], rng)
                 else:
                     row = faults.run(kind, workdir, args.steps, refs.get(ranks), rng)
                 rows.append(row)
@@ -175,11 +180,13 @@ def main() -> int:
                       flush=True)
     passed = sum(r["ok"] for r in rows)
     print(f"\n{passed}/{len(rows)} trials passed; {sum(r['resumed'] for r in rows)} resumed runs bitwise equal to the "
-          f"uninterrupted run; tracebacks seen: {sum(r['tracebacks'] for r in rows)}")
+          f"uninterrupted run; tracebacks seen: {sum(r['tracebacks'] for r in rows)}; files of a user's or of another "
+          f"run lost or changed: {sum(r.get('lost', 0) for r in rows)}")
     return 0 if passed == len(rows) else 1
 
 
 if __name__ == "__main__":
     import chaos_faults as faults  # noqa: E402  (the fault kinds; it imports this module's helpers)
+    import chaos_rundir as rundir  # noqa: E402  (the run-directory kinds)
 
     sys.exit(main())

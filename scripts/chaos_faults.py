@@ -75,7 +75,7 @@ def job_processes(run_dir: str) -> list[int]:
 
 
 def _signal_point(rng, steps: int) -> str:
-    """While the command starts (imports, config), in set-up (a moment after the job holds its run dir), or a
+    """While the command starts (imports, config), in set-up (a moment after the run logs its first line), or a
     moment after a step is logged."""
     draw = rng.random()
     if draw < 0.15:
@@ -86,9 +86,9 @@ def _signal_point(rng, steps: int) -> str:
 
 
 def _wait_for_point(proc, run_dir: str, when: str) -> bool:
-    if when.startswith("set-up"):
-        lock = os.path.join(run_dir, ".lock")
-        while not os.path.exists(lock):
+    if when.startswith("set-up"):  # the run's first log line (its data is read): the engine's set-up is under way
+        log = os.path.join(run_dir, "train.log")
+        while not (os.path.exists(log) and os.path.getsize(log) > 0):
             if proc.poll() is not None:
                 return False
             time.sleep(0.02)

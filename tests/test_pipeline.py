@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 # unpacked: the bundled set packs by default and pp refuses packed rows (one test asks for them after BASE)
 BASE = ["data.packing=false", "train.max_steps=6", "train.log_every=1", "train.global_batch_size=8", "train.val_every=3",
-        "data.val_size=20", "checkpoint.every_steps=2", "checkpoint.keep_last=0"]
+        "checkpoint.every_steps=2", "checkpoint.keep_last=0"]
 PP = ["parallel=pp", "train.micro_batch_size=2", *BASE]
 ONE = ["parallel=none", "train.micro_batch_size=8", *BASE]
 LORA = ["peft=lora", "optim.lr=1e-2"]
