@@ -54,6 +54,12 @@ def _weights_equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _grad_rel(got, ref):
+    """Max relative difference of the steps' grad norms (losses alone miss a gradient scaled wrongly)."""
+    assert len(got) == len(ref) > 0
+    return max(abs(a - b) / b for a, b in zip(got, ref))
+
+
 def _max_weight_diff(a, b):
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
@@ -64,6 +70,7 @@ def test_fsdp2_resume_is_bitwise_identical_to_the_uninterrupted_run(two_ranks):
     assert r["crash"] == {"crashed_at": 4}
     assert r["resumed"]["steps"] == [5, 6]
     assert r["resumed"]["losses"] == r["ref"]["losses"][4:]  # the same floats
+    assert r["resumed"]["grad_norms"] == r["ref"]["grad_norms"][4:]
     assert _weights_equal(load_file(os.path.join(out, "ref.safetensors")), load_file(os.path.join(out, "resumed.safetensors")))
     ckpt = os.path.join(out, "ref", "checkpoints", "step_00000004")
     assert {"rng_rank0.safetensors", "rng_rank1.safetensors", "__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(ckpt))
@@ -75,6 +82,7 @@ def test_reshard_two_ranks_to_one_process(two_ranks, tmp_path):
     one = train(str(tmp_path), "parallel=none", "train.micro_batch_size=8", *RUN, f"checkpoint.resume={ckpt}")
     diffs = [abs(a - b) for a, b in zip(losses(one), r["ref"]["losses"][4:])]
     assert [x["step"] for x in one.records] == [5, 6] and max(diffs) < 1e-5, diffs
+    assert _grad_rel([x["grad_norm"] for x in one.records], r["ref"]["grad_norms"][4:]) < 1e-5
     weights = _max_weight_diff(one.model.state_dict(), load_file(os.path.join(out, "ref.safetensors")))
     assert weights < 1e-5, weights
     print(f"one process: loss diffs {diffs}, max weight diff {weights:.2e}")
@@ -95,6 +103,7 @@ def test_reshard_two_ranks_to_four_ranks(two_ranks, four_ranks, name):
     out, r = two_ranks
     diffs = [abs(a - b) for a, b in zip(four_ranks[name]["losses"], r["ref"]["losses"][4:])]
     assert four_ranks[name]["steps"] == [5, 6] and max(diffs) < 1e-5, diffs
+    assert _grad_rel(four_ranks[name]["grad_norms"], r["ref"]["grad_norms"][4:]) < 1e-5
     weights = _max_weight_diff(load_file(os.path.join(out, f"{name}.safetensors")), load_file(os.path.join(out, "ref.safetensors")))
     assert weights < 1e-5, weights
     print(f"{name}: loss diffs {diffs}, max weight diff {weights:.2e}")
@@ -120,6 +129,7 @@ def test_lora_under_fsdp2_resumes_bitwise_and_exports_a_peft_adapter_that_reload
     out, r = two_ranks
     assert r["lora_resumed"]["steps"] == [3, 4, 5, 6]
     assert r["lora_resumed"]["losses"] == r["lora_ref"]["losses"][2:]
+    assert r["lora_resumed"]["grad_norms"] == r["lora_ref"]["grad_norms"][2:]
     assert _weights_equal(load_file(os.path.join(out, "lora_ref.safetensors")),
                           load_file(os.path.join(out, "lora_resumed.safetensors")))
     final = os.path.join(out, "lora_ref", "final")
@@ -152,6 +162,7 @@ def test_hf_weights_load_straight_into_fsdp2_shards_each_rank_reading_its_part(t
     one = train(str(tmp_path), "parallel=none", "train.micro_batch_size=8", *RUN, f"model.path={folder}")
     diffs = [abs(a - b) for a, b in zip(losses(one), r["hf_shards"]["losses"])]
     assert len(diffs) == 6 and max(diffs) < 1e-5, diffs
+    assert _grad_rel(r["hf_shards"]["grad_norms"], [x["grad_norm"] for x in one.records]) < 1e-5
     print(f"hf shards vs one process from_pretrained: loss diffs {diffs}")
 
 
@@ -160,6 +171,7 @@ def test_async_save_under_fsdp2_writes_the_same_checkpoints(two_ranks):
 
     out, r = two_ranks
     assert r["async"]["losses"] == r["ref"]["losses"]
+    assert r["async"]["grad_norms"] == r["ref"]["grad_norms"]
     names = sorted(os.listdir(os.path.join(out, "async", "checkpoints")))
     assert names == ["step_00000002", "step_00000004", "step_00000006"]
     for name in names:  # written in the background while training went on
