@@ -1,4 +1,5 @@
-"""Checkpoints across ranks (gloo): bitwise resume under 2-rank FSDP2, and resharding 2 ranks -> 1 and 4.
+"""Checkpoints across ranks (gloo): bitwise resume under 2-rank FSDP2 (and under TP with dropout), and resharding
+2 ranks -> 1 and 4.
 
 One 2-rank spawn runs the uninterrupted reference, a crash after step 4 and its resume; a 4-rank spawn
 resumes the reference's step-4 checkpoint; one process resumes it too.
@@ -10,13 +11,16 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import losses, save_micro_hf_model, train
+from helpers import DROPOUT, losses, save_micro_hf_model, train
 from safetensors.torch import load_file
 
 BASE = ["train.max_steps=6", "train.log_every=1", "train.global_batch_size=8", "checkpoint.every_steps=2"]
 RUN = [*BASE, "checkpoint.export_final=false"]
 FSDP2 = ["parallel=fsdp2", "train.micro_batch_size=4", *RUN]
 LORA = ["parallel=fsdp2", "train.micro_batch_size=4", "peft=lora", "optim.lr=1e-2", *BASE]
+# dropout under tensor parallel, with an HF export (rank 0 alone) inside each save
+TP_DROPOUT = ["parallel=tp", "data.packing=false", "train.micro_batch_size=8", *DROPOUT, *RUN, "checkpoint.every_steps=3",
+              "checkpoint.export_every_save=true"]
 
 
 def _spawn(out, world, plan):
@@ -46,6 +50,9 @@ def two_ranks(tmp_path_factory):
         ("lora_ref", "lora_ref", None, [*LORA, "checkpoint.merge_adapter=false"]),
         ("lora_crash", "lora_resumed", 2, [*LORA, "checkpoint.export_final=false"]),
         ("lora_resumed", "lora_resumed", None, [*LORA, "checkpoint.export_final=false", "checkpoint.resume=auto"]),
+        ("tp_dropout_ref", "tp_dropout_ref", None, [*TP_DROPOUT, "checkpoint.keep_last=0"]),
+        ("tp_dropout_crash", "tp_dropout_resumed", 3, TP_DROPOUT),
+        ("tp_dropout_resumed", "tp_dropout_resumed", None, [*TP_DROPOUT, "checkpoint.resume=auto"]),
     ]
     return out, _spawn(out, 2, plan)
 
@@ -178,3 +185,16 @@ def test_async_save_under_fsdp2_writes_the_same_checkpoints(two_ranks):
         a = _load_all(os.path.join(out, "ref", "checkpoints", name))
         b = _load_all(os.path.join(out, "async", "checkpoints", name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_tp_resume_with_dropout_and_an_export_in_each_save_is_bitwise(two_ranks):
+    """Every tp rank must draw the same dropout masks (on the activations they all hold), also after rank 0 alone
+    built the HF copy of a save; and the resumed run draws what the uninterrupted one did."""
+    out, r = two_ranks
+    ref, resumed = r["tp_dropout_ref"], r["tp_dropout_resumed"]
+    assert r["tp_dropout_crash"] == {"crashed_at": 3}
+    assert resumed["steps"] == [4, 5, 6]
+    assert resumed["losses"] == ref["losses"][3:] and resumed["grad_norms"] == ref["grad_norms"][3:]
+    assert _weights_equal(load_file(os.path.join(out, "tp_dropout_ref.safetensors")),
+                          load_file(os.path.join(out, "tp_dropout_resumed.safetensors")))
+    assert ref["replicated_mismatch"] == resumed["replicated_mismatch"] == []  # e.g. LoRA's A beside a colwise base
