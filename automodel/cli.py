@@ -81,8 +81,11 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from automodel import stop_signals
+
     try:
-        _main(argv)
+        with stop_signals.around_the_cli():  # Ctrl-C/SIGTERM outside a run's own handling: one line, 128+signal
+            _main(argv)
     except BrokenPipeError:  # `automodel ... --cfg job | head`: the reader left; nothing more to say, no traceback
         import os
 
@@ -114,15 +117,18 @@ def _main(argv: list[str] | None) -> None:
 
     from automodel import compose
     from automodel.distributed import launch_env
-    from automodel.launch import slurm
+    from automodel.launch import lifetime, local, slurm
 
+    argv = compose.expand_home(argv)  # `data.path=~/x.jsonl`: Hydra's grammar refuses an unquoted ~
     try:
         slurm.export_torch_env()  # under `srun -n N automodel ...`: the N tasks become one world
         slurm.check_can_submit(argv)
         launch_env.share_run_stamp()  # every rank of a torchrun/SLURM job names the same run dir
-        compose.check(argv)
+        target = compose.check(argv)
         if compose.show_sweep_configs(argv):
             return
+        if target and local.is_first_process():  # the other ranks of a launch write under rank 0's lock
+            lifetime.take(*target)  # before Hydra writes anything there: made, noted, locked
     except UserError as e:
         fail(e)
     _hydra_main(argv)
@@ -137,6 +143,11 @@ def _hydra_main(argv: list[str]) -> None:
 
     register_resolvers()
     automodel_slurm.register()  # hydra/launcher=slurm (conf/hydra/launcher/slurm.yaml)
+    if not any(a.lstrip("+~").startswith("hydra.output_subdir=") for a in argv):
+        # the run writes .hydra/ itself when it begins (engine/run_dir.py); placed among the other overrides,
+        # since argparse takes one run of them
+        at = next((i for i, a in enumerate(argv) if "=" in a and not a.startswith("-")), len(argv))
+        argv = [*argv[:at], "hydra.output_subdir=null", *argv[at:]]
     sys.argv = [sys.argv[0] or "automodel", *argv]
     entry = hydra.main(config_path=str(conf_dir()), config_name=CONFIG_NAME, version_base="1.3")(_run_job)
     entry()
@@ -144,23 +155,24 @@ def _hydra_main(argv: list[str]) -> None:
 
 def _run_job(cfg) -> float | None:
     """Hydra's task function: one training job inside Hydra's run (or sweep sub-) directory."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from automodel.engine import run_dir
-    from automodel.launch import lifetime
-
     import os
 
+    from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+
+    from automodel import fs
+    from automodel.engine import run_dir
+    from automodel.launch import lifetime, local
 
     hydra_cfg = HydraConfig.get()
     out = hydra_cfg.runtime.output_dir
-    if os.environ.get("RANK", "0") == "0":
-        run_dir.mask_hydra_record(out, hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None)
+    if local.is_first_process():
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            run_dir.mask_sweep_record(hydra_cfg.sweep.dir)
+        fs.claim(out)  # a sweep's job dir (a single run's was claimed before Hydra started)
     try:
         from automodel.config import validate
         from automodel.engine.preflight import preflight
-        from automodel.launch import local
 
         checked = validate(cfg)
         if local.should_relaunch(checked.launcher):
@@ -175,10 +187,11 @@ def _run_job(cfg) -> float | None:
 
         result = train(cfg, out)
     except lifetime.RunDirBusy as e:  # the dir belongs to the job that holds it: touch nothing
+        fs.release_claim(out)
         fail(e)
     except UserError as e:
         if local.launched_world_size() == 1:  # with several ranks, another may still be writing there
-            run_dir.discard_if_untouched(out)
+            fs.undo(out)
         fail(e)
     return result.final_loss if result is not None else None
 

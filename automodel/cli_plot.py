@@ -63,6 +63,18 @@ def read_metrics(run: str) -> list[dict]:
 
 
 def plot(runs: list[tuple[str, str]], out: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig = draw(runs)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def draw(runs: list[tuple[str, str]]):
+    """The figure: one panel per metric, one colour per run in every panel (a run that logged no validation
+    loss must not shift the others' colours there), and the legend below the panels, inside the figure."""
     try:
         import matplotlib
     except ImportError:
@@ -72,14 +84,15 @@ def plot(runs: list[tuple[str, str]], out: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
-    for label, run in runs:
+    for (label, run), color in zip(runs, run_colors(len(runs))):
         records = read_metrics(run)
         for ax, (key, _) in zip(axes.flat, PANELS):
             points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))
                       and math.isfinite(r[key])]
             if points:
                 steps, values = zip(*points)
-                ax.plot(steps, values, marker="o" if key == "val_loss" else None, markersize=3, label=label)
+                ax.plot(steps, values, marker="o" if key == "val_loss" else None, markersize=3, label=label,
+                        color=color)
     for ax, (key, title) in zip(axes.flat, PANELS):
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -88,13 +101,43 @@ def plot(runs: list[tuple[str, str]], out: str) -> str:
             ax.set_yscale("log")
         if not ax.lines:
             ax.text(0.5, 0.5, f"no {key} logged", ha="center", va="center", transform=ax.transAxes, color="gray")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if len(runs) > 1 and handles:
-        fig.legend(handles, labels, loc="outside lower center", ncol=min(len(runs), 4), fontsize="small")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    if len(runs) > 1:
+        _legend(fig, axes)
+    return fig
+
+
+def run_colors(n: int) -> list:
+    """matplotlib's ten distinct line colours, or for more runs n evenly spaced along one colour map."""
+    import matplotlib
+
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    return [matplotlib.colormaps["viridis"](i / (n - 1)) for i in range(n)]
+
+
+def _legend(fig, axes, wrap: int = 70) -> None:
+    """One entry per run (from every panel: the loss panel may lack a run), below the panels: as many columns as
+    fit the figure's width, labels longer than `wrap` characters wrapped, and the figure taller when the
+    legend needs the room, so that no label runs off the figure."""
+    import textwrap
+
+    entries = {}
+    for ax in axes.flat:
+        for line in ax.lines:
+            entries.setdefault(line.get_label(), line)
+    labels = [textwrap.fill(label, wrap) for label in entries]
+    text_lines = sum(label.count("\n") + 1 for label in labels)
+    for ncol in range(min(len(labels), 4), 0, -1):
+        fig.set_figheight(7 + 0.2 * math.ceil(text_lines / ncol))
+        legend = fig.legend(list(entries.values()), labels, loc="outside lower center", ncol=ncol, fontsize="small")
+        fig.canvas.draw()
+        if within(legend.get_window_extent(), fig.bbox) or ncol == 1:
+            return
+        legend.remove()
+
+
+def within(box, outer) -> bool:
+    return box.x0 >= outer.x0 and box.x1 <= outer.x1 and box.y0 >= outer.y0 and box.y1 <= outer.y1
 
 
 def main(argv: list[str]) -> None:

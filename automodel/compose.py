@@ -7,6 +7,7 @@ and every point is checked, so a sweep does not fail on its fifth job.
 
 from __future__ import annotations
 
+import os
 import re
 
 from automodel.config import CONFIG_NAME, conf_dir, register_resolvers, validate
@@ -29,6 +30,25 @@ def parse_args(argv: list[str]):
         if override.lstrip("+~").startswith("="):
             raise UserError(f"'{override}': an override needs a key: key=value (e.g. train.max_steps=10)")
     return args
+
+
+def expand_home(argv: list[str]) -> list[str]:
+    """argv with every override value that holds `~` made one Hydra's grammar parses: a leading `~` (or
+    `~user`) expanded to the home folder, as a shell would have done had the word not begun with a key, and
+    the value quoted (`data.path=~/x.jsonl` -> `data.path='/home/me/x.jsonl'`). Hydra refuses an unquoted `~`
+    anywhere in a value ("cannot parse the override"), so a path written as it is written everywhere else
+    would never reach the data loader. Each element of a sweep (`a,b`) is treated alike; a value that is
+    already quoted, or holds brackets, braces or quotes, is left for Hydra to read as written."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if arg.startswith("-") or not eq or "~" not in value or any(c in value for c in "'\"[]{}()$"):
+            out.append(arg)
+            continue
+        parts = [os.path.expanduser(v) if v.startswith("~") else v for v in value.split(",")]
+        out.append(f"{key}=" + ",".join(f"'{v}'" if ("~" in o or v != o) else v
+                                         for v, o in zip(parts, value.split(","))))
+    return out
 
 
 def needs_check(args) -> bool:
@@ -69,14 +89,13 @@ def compose(overrides: list[str], with_hydra: bool = False):
                         "are key=value or group=option") from None
 
 
-def check(argv: list[str]) -> None:
-    """Raise UserError (one line) if any job that argv describes has an invalid config, or if the folder it
-    would write cannot be made or belongs to a job still running."""
-    from automodel.launch import lifetime
-
+def check(argv: list[str]) -> tuple[str, str] | None:
+    """Raise UserError (one line) if any job that argv describes has an invalid config. Returns the folder the
+    run would write and the key that names it (hydra.run.dir, or a sweep's hydra.sweep.dir), or None where it
+    writes none (--cfg) or cannot be known before Hydra runs."""
     args = parse_args(argv)
     if not needs_check(args):
-        return
+        return None
     points = sweep_points(args.overrides, args.multirun)
     first = None
     for i, point in enumerate(points):
@@ -85,11 +104,10 @@ def check(argv: list[str]) -> None:
         if i == 0:
             first = cfg
     if args.cfg or not points:
-        return  # shows a config and writes nothing / another sweeper's points: each job checks itself
+        return None  # shows a config and writes nothing / another sweeper's points: each job checks itself
     key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
     folder = _hydra_value(first, key)  # the first point's: every point of a sweep shares hydra.sweep.dir
-    if folder:
-        lifetime.check_can_use(folder, key)
+    return (folder, key) if folder else None
 
 
 def show_sweep_configs(argv: list[str]) -> bool:
@@ -145,10 +163,16 @@ def _hydra_line(e, overrides: list[str]) -> str:
     if m:
         return f"+{m.group(1)}: the key already exists; drop the '+' to override it"
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+    m = re.match(r"Ambiguous value for argument '([^']+)'", first)
+    if m:
+        return (f"{m.group(1)}: a comma-separated value is a sweep: add -m to sweep (automodel -m {m.group(1)}); "
+                "a list is key=[a,b], a text with commas key='a,b'")
     if "LexerNoViableAlt" in first or "mismatched input" in first or "no viable alternative" in first:
         bad = next((o for o in overrides if o in text), " ".join(overrides))
+        quote = (f"; quote a value that holds '~' for Hydra (\"{bad.split('=', 1)[0]}='...'\")" if "~" in
+                 bad.partition("=")[2] else "")
         return (f"cannot parse the override '{bad}': overrides are key=value with a dotted key "
-                "(train.max_steps=10) or group=option (parallel=fsdp2)")
+                f"(train.max_steps=10) or group=option (parallel=fsdp2){quote}")
     return first
 
 

@@ -75,8 +75,22 @@ def _asset(rel: str) -> str:
     return str(path)
 
 
+def _held_out_split(split: str, *, _parent_) -> Optional[str]:
+    """`data.val_split: ${held_out_split:validation}` (data=squad, data=hellaswag): the hub set's split, only where
+    it can apply. One local file, or a folder holding one Dataset, has no splits; and data.val_path or
+    data.val_size set by the user chooses the held-out data instead. Else `data.path=dev.json` stops on a split
+    the user never asked for, and so does the advice `data.val_size=100`."""
+    if _parent_.get("val_path") or _parent_.get("val_size"):
+        return None
+    path = os.path.expanduser(str(_parent_.get("path")))
+    if os.path.isfile(path) or (os.path.isdir(path) and not os.path.isfile(os.path.join(path, "dataset_dict.json"))):
+        return None
+    return split
+
+
 def register_resolvers() -> None:
-    """`${asset:...}` names files shipped inside the package; `${stamp:fmt}` is a run time shared by all ranks.
+    """`${asset:...}` names files shipped inside the package; `${stamp:fmt}` is a run time shared by all ranks;
+    `${held_out_split:name}` is a data preset's held-out split where data.path has splits.
 
     Also registers the search-path plugin that adds installed plugin packages' YAML options."""
     from omegaconf import OmegaConf
@@ -85,7 +99,7 @@ def register_resolvers() -> None:
 
     searchpath.register()
 
-    for name, fn in (("asset", _asset), ("stamp", _stamp)):
+    for name, fn in (("asset", _asset), ("stamp", _stamp), ("held_out_split", _held_out_split)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -152,8 +152,9 @@ class CheckpointPlugin(Protocol):
     seq_len), config_yaml (the resolved config, kept with each checkpoint) and export_hf (collective:
     folder -> an HF folder of the current model written there).
 
-    Optional: `save_now(step, state, run_dir)`, collective: `step` saved and committed before it returns (the
-    checkpoint a preemption signal asks for; without it such a signal is not handled). A SLURM job requeued
+    Optional: `save_now(step, state, run_dir)`, collective: `step` saved and committed before it returns, and
+    the folder (the checkpoint a stop signal asks for: SLURM's warning, Ctrl-C, SIGTERM; without it SLURM's
+    warning is not handled, and Ctrl-C/SIGTERM stop the run with nothing saved). A SLURM job requeued
     after a preemption gets `checkpoint.resume=auto` when the config has a `resume` key: accept `auto` as
     "the latest checkpoint of this run directory"."""
 

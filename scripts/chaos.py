@@ -2,6 +2,15 @@
 
     .venv/bin/python scripts/chaos.py --trials 10            # 10 trials each of 1 process and 2 ranks
     .venv/bin/python scripts/chaos.py --trials 5 --kinds 2   # 2 ranks only
+    .venv/bin/python scripts/chaos.py --trials 5 --kinds sigint-1 sigterm-2 sigint2-2 disk-1 disk-2 stale
+
+Besides kill -9 (kinds 1 and 2: the number of ranks), faults that automodel must turn into one line
+(scripts/chaos_faults.py): `sigint-N` / `sigterm-N` (a Ctrl-C or SIGTERM to the job's process group, as a
+terminal or a scheduler sends it, at a random point of set-up or training; `sigint2-N`: a second one
+soon after), `disk-N` (the disk fills after the first checkpoint: a sync save, an async one, and the final
+export each fail on a small tmpfs, then the run resumes once space is back; root, or skipped with the
+reason) and `stale` (WORLD_SIZE/RANK left in the environment). Each checks: exit code, exactly one line,
+no traceback, no process left, and that resuming ends bitwise equal to the uninterrupted run.
 
 Every process of the job dies at once (the job's whole session gets SIGKILL: the launcher and, with
 `launcher.nproc_per_node=2`, its ranks), at a random point: during start-up, or a random fraction of a second
@@ -31,6 +40,7 @@ MICRO = ["model.config.hidden_size=64", "model.config.intermediate_size=128", "m
          "checkpoint.keep_last=2", "checkpoint.resume=auto"]
 KINDS = {1: [], 2: ["launcher.nproc_per_node=2", "parallel=fsdp2"]}
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from automodel.engine.throughput import MEASURED as TIMING  # noqa: E402  (clocks and memory differ run to run)
 
 
@@ -142,25 +152,34 @@ def trial(workdir: str, ranks: int, steps: int, ref: str, rng: random.Random, ki
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=5)
-    ap.add_argument("--kinds", type=int, nargs="+", default=[1, 2], choices=[1, 2])
+    ap.add_argument("--kinds", nargs="+", default=["1", "2"], choices=["1", "2", *faults.KINDS])
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--kills", type=int, default=2, help="most kills per trial (each trial draws 1..N)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     rng = random.Random(args.seed)
-    rows = []
+    rows, refs = [], {}
     with tempfile.TemporaryDirectory(prefix="chaos_") as workdir:
-        for ranks in args.kinds:
-            ref = reference(workdir, ranks, args.steps)
+        for kind in args.kinds:
+            ranks = faults.ranks_of(kind)
+            if ranks and ranks not in refs:
+                refs[ranks] = reference(workdir, ranks, args.steps)
             for _ in range(args.trials):
-                rows.append(trial(workdir, ranks, args.steps, ref, rng, kills=rng.randint(1, args.kills)))
-                r = rows[-1]
-                print(f"| {r['ranks']} | {r['killed_at_s']} | {'bitwise equal' if r['ok'] else 'FAILED: ' + r['why']} |",
+                if kind in ("1", "2"):
+                    row = trial(workdir, ranks, args.steps, refs[ranks], rng, kills=rng.randint(1, args.kills))
+                    row.update(kind=f"kill9-{kind}", tracebacks=0, resumed=row["ok"])
+                else:
+                    row = faults.run(kind, workdir, args.steps, refs.get(ranks), rng)
+                rows.append(row)
+                print(f"| {row['kind']} | {row['killed_at_s']} | {'ok' if row['ok'] else 'FAILED: ' + row['why']} |",
                       flush=True)
     passed = sum(r["ok"] for r in rows)
-    print(f"\n{passed}/{len(rows)} trials ended bitwise equal to the uninterrupted run")
+    print(f"\n{passed}/{len(rows)} trials passed; {sum(r['resumed'] for r in rows)} resumed runs bitwise equal to the "
+          f"uninterrupted run; tracebacks seen: {sum(r['tracebacks'] for r in rows)}")
     return 0 if passed == len(rows) else 1
 
 
 if __name__ == "__main__":
+    import chaos_faults as faults  # noqa: E402  (the fault kinds; it imports this module's helpers)
+
     sys.exit(main())

@@ -124,6 +124,10 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
 ReturnToService=2
+# RPCs between srun, slurmctld and slurmd on a machine whose cores other work keeps busy (CI's second test worker,
+# a training beside it): past the default 10 s, srun gives up launching the job's step, and the job ends FAILED
+# before any task ran, with nothing in its output
+MessageTimeout=60
 KillWait=5
 MinJobAge=300
 NodeName=localhost NodeAddr=127.0.0.1 $hw RealMemory=$((mem_mb * 9 / 10)) State=UNKNOWN

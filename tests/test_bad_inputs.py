@@ -193,6 +193,35 @@ CASES = [
     case("data_array_of_strings", ["data=instruction", "data.path={fx}/strings.json"], "strings.json",
          "JSON object"),
     case("seq_len_too_short", [*PAIRS, "train.seq_len=1"], "train.seq_len=1"),
+    # ---- data wrong in shape (each trained without a word before)
+    case("data_completion_is_a_list", ["data=instruction", "data.path={fx}/list_completion.jsonl"],
+         "list_completion.jsonl:2: 'completion' is a list ([\" 12\"]), not text"),
+    case("data_prompt_is_an_object", ["data=instruction", "data.path={fx}/object_prompt.jsonl"],
+         "object_prompt.jsonl:1: 'prompt' is an object"),
+    case("data_all_completions_empty", ["data=instruction", "data.path={fx}/empty_completions.jsonl"],
+         "all 64 usable examples have nothing in their completion", "end-of-sequence"),
+    case("data_same_column_twice", [*PAIRS, "data.prompt_column=completion"],
+         "data.prompt_column and data.completion_column are both 'completion'"),
+    case("data_mostly_longer_than_seq_len", ["data=instruction", "data.path={fx}/long.jsonl"],
+         "48 of 64 examples (75%) are longer than train.seq_len=64", "p95", "keeps 95% of them"),
+    case("data_dropped_fraction_above_one", [*PAIRS, "data.max_dropped_fraction=2"], "data.max_dropped_fraction=2.0",
+         "[0, 1]"),
+    case("data_line_over_max_record_bytes", ["data=instruction", "data.path={fx}/big_line.jsonl",
+                                             "data.max_record_bytes=1000"],
+         "big_line.jsonl:3: this line is longer than data.max_record_bytes=1000"),
+    case("data_path_with_a_tilde", ["data=instruction", "data.path=~/automodel-no-such-file.jsonl"],
+         f"data.path='{os.path.expanduser('~/automodel-no-such-file.jsonl')}' does not exist"),
+    case("data_squad_file_with_a_split", ["data=squad", "data.path={fx}/dev-v1.1.json", "data.val_split=validation"],
+         "is one file, which has no split 'validation'", "data.val_split=null data.val_size=N"),
+    case("data_val_split_and_val_size", ["data=squad", "data.val_split=validation", "data.val_size=5"],
+         "both choose the held-out data", "data.val_split=null data.val_size=5"),
+    case("sweep_without_multirun", ["optim.lr=1e-3,3e-3"], "optim.lr=1e-3,3e-3", "add -m to sweep"),
+    case("tokenizer_json_truncated", ["model=hf", "model.path={fx}/truncated_tokenizer"],
+         "truncated_tokenizer': tokenizer.json is not valid JSON"),
+    case("tokenizer_json_not_a_tokenizer", ["model=hf", "model.path={fx}/odd_tokenizer"],
+         "the tokenizer in this folder could not be loaded", "'added_tokens'"),
+    case("lora_target_string_missing", ["peft=lora", "peft.target_modules=nosuch_proj"],
+         "'nosuch_proj' names no module", "q_proj"),
     # ---- checkpoints
     case("resume_path_missing", ["checkpoint.resume=/nonexistent/run"], "/nonexistent/run", "does not exist"),
     case("resume_not_a_checkpoint", [*MICRO, "checkpoint.resume={fx}/empty_dir"], "no complete checkpoint",
@@ -264,6 +293,20 @@ def _fixtures(fx: str) -> None:
     _write(f"{fx}/blank.jsonl", "\n   \n\t\n\n")
     _write(f"{fx}/wrong.csv", "question,answer\nwhat,that\nwho,them\n")
     _write(f"{fx}/strings.json", json.dumps(["one", "two"]))
+    lines = [json.dumps({"prompt": f"add {i} 1 =>", "completion": f" {i + 1}"}) for i in range(64)]
+    _write(f"{fx}/list_completion.jsonl", "\n".join([lines[0], json.dumps({"prompt": "x", "completion": [" 12"]}),
+                                                     *lines[2:]]) + "\n")
+    _write(f"{fx}/object_prompt.jsonl", "\n".join([json.dumps({"prompt": {"text": "x"}, "completion": " 1"}),
+                                                   *lines[1:]]) + "\n")
+    _write(f"{fx}/empty_completions.jsonl", "".join(json.dumps({"prompt": f"q{i} =>", "completion": ""}) + "\n"
+                                                    for i in range(64)))
+    _write(f"{fx}/long.jsonl", "".join(json.dumps({"prompt": "sort: " + "9 " * (10 + 40 * (i % 4 != 0)) + "=>",
+                                                   "completion": " 9"}) + "\n" for i in range(64)))
+    _write(f"{fx}/big_line.jsonl", "\n".join([*lines[:2], json.dumps({"prompt": "x" * 5000, "completion": "y"}),
+                                              *lines[3:]]) + "\n")
+    _write(f"{fx}/dev-v1.1.json", json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": [
+        {"context": "Box 1 is red.", "qas": [{"id": "q1", "question": "Colour?",
+                                              "answers": [{"text": "red", "answer_start": 9}]}]}]}]}, indent=1))
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -280,6 +323,11 @@ def _fixtures(fx: str) -> None:
              "max_position_embeddings": 256, "tie_word_embeddings": False, "architectures": ["LlamaForCausalLM"]}
     _write(f"{fx}/corrupt_weights/config.json", json.dumps(micro))
     _write(f"{fx}/garbled_config/config.json", "{\"model_type\": \"llama\", ")
+    # model folders whose tokenizer is broken: a truncated copy, and JSON that is not a tokenizer
+    for name, tokenizer_json in (("truncated_tokenizer", '{"version": "1.0", "model": '),
+                                 ("odd_tokenizer", '{"version": "1.0", "model": {"type": "Nope"}}')):
+        _write(f"{fx}/{name}/config.json", json.dumps(micro))
+        _write(f"{fx}/{name}/tokenizer.json", tokenizer_json)
     _write(f"{fx}/remote_code/config.json", json.dumps({
         "model_type": "my_arch", "auto_map": {"AutoConfig": "configuration_my.MyConfig"}}))
     _write(f"{fx}/corrupt_weights/model.safetensors", struct.pack("<Q", 10 ** 6) + b"{\"oops\": tru")
@@ -371,3 +419,37 @@ def test_a_sweep_asked_for_its_config_prints_it_or_refuses_in_one_line(results):
         lines = [ln for ln in r["stderr"].splitlines() if ln.strip()]
         assert r["code"] == 2 and len(lines) == 1 and lines[0].startswith(PREFIX), shown
     assert r["left_in_cwd"] == [], r["left_in_cwd"]
+
+
+# ------------------------------------------------------------------ what used to be refused, and is not
+def test_an_override_holding_a_tilde_parses_and_expands():
+    """Hydra's grammar refuses `~` in an unquoted value; the CLI quotes it, and expands a leading one."""
+    from automodel.compose import compose, expand_home
+
+    home = os.path.expanduser("~")
+    argv = ["data=instruction", "data.path=~/d.jsonl", "hydra.run.dir=~/runs/x", "-m", "data.val_path=/a~b.jsonl",
+            "data.split=train", "'data.prompt_column=~q'"]
+    assert expand_home(argv) == ["data=instruction", f"data.path='{home}/d.jsonl'", f"hydra.run.dir='{home}/runs/x'",
+                                 "-m", "data.val_path='/a~b.jsonl'", "data.split=train", "'data.prompt_column=~q'"]
+    cfg = compose(expand_home(["data=instruction", "data.path=~/d.jsonl", "data.val_path=/x/a~b.jsonl"]),
+                  with_hydra=False)
+    assert (cfg.data.path, cfg.data.val_path) == (f"{home}/d.jsonl", "/x/a~b.jsonl")
+    assert expand_home(["data.path=~/a.jsonl,~/b.jsonl"]) == [f"data.path='{home}/a.jsonl','{home}/b.jsonl'"]
+
+
+def test_a_target_module_written_as_a_string_is_the_one_module_it_names():
+    """`peft.target_modules=q_proj` adapts q_proj (peft alone reads a string as a pattern of whole names, which
+    matched nothing); a real pattern and all-linear keep peft's meaning."""
+    from helpers import MICRO, compose
+
+    from automodel.config import validate
+
+    def adapted(*overrides):
+        plugins = validate(compose(*MICRO, "peft=lora", *overrides)).plugins
+        model = plugins["peft"].apply(plugins["model"].build("meta"))
+        return sorted({n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_modules() if ".lora_A" in n})
+
+    assert adapted("peft.target_modules=q_proj") == ["q_proj"] == adapted("peft.target_modules=[q_proj]")
+    assert adapted("peft.target_modules=self_attn.v_proj") == ["v_proj"]
+    assert adapted("peft.target_modules='.*\\.(k|o)_proj'") == ["k_proj", "o_proj"]
+    assert adapted() == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]  # all-linear

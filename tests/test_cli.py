@@ -4,6 +4,8 @@ import json
 import os
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -26,8 +28,7 @@ def test_default_run_writes_config_metrics_and_a_loadable_hf_folder(tmp_path):
     run = tmp_path / "run"
     proc = cli(*FAST, "train.sample_prompts=2", f"hydra.run.dir={run}", cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    answered = re.search(r"(\d+)/2 sample prompts answered exactly\. Try your own:  (automodel generate .*)",
-                         proc.stdout)
+    answered = re.search(r"(\d+)/2 sample prompts answered exactly\. Try your own:  (.*)", proc.stdout)
     assert answered, proc.stdout[-2000:]
     assert len(re.findall(r"^  [✓✗] ", proc.stdout, re.M)) == 2  # the two prompts, each with its answer
     resolved = (run / "config.yaml").read_text()
@@ -40,12 +41,72 @@ def test_default_run_writes_config_metrics_and_a_loadable_hf_folder(tmp_path):
     tok = AutoTokenizer.from_pretrained(final)
     ids = torch.tensor([tok("max: 3 9 1 =>")["input_ids"]])
     assert model(input_ids=ids).logits.shape == (1, ids.shape[1], model.config.vocab_size)
-    gen = cli("generate", str(final), "max: 3 9 1 =>", "--max-new-tokens", "4", cwd=str(tmp_path))
-    assert gen.returncode == 0 and gen.stdout.startswith("max: 3 9 1 =>"), gen.stderr[-2000:]
+    # plain transformers as the README shows it (tokenizer(prompt), generate) answers as `automodel generate`
+    # does: the exported tokenizer puts the bos first, as training did, and the answers agree token for token
+    prompts = ["max: 3 9 1 =>", "last: elk bee rock =>", "sort: 8 9 2 4 1 =>", "add: 6 + 0 =>"]
+    for prompt in prompts:
+        assert tok(prompt)["input_ids"] == [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+    gen = cli("generate", str(final), *prompts, "--max-new-tokens", "6", cwd=str(tmp_path))
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    plain = []
+    for prompt in prompts:
+        inputs = tok(prompt, return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        plain.append(prompt + tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    assert gen.stdout.splitlines() == plain, (gen.stdout, plain)
     hint = shlex.split(answered.group(2))  # the printed try-your-own command, as a shell would split it
-    assert hint[:3] == ["automodel", "generate", str(final)], hint
-    tried = cli(*hint[1:], "--max-new-tokens", "4", cwd=str(tmp_path))
-    assert tried.returncode == 0 and tried.stdout.startswith(hint[3]), tried.stderr[-2000:]
+    # run as `python -m automodel` (cli()), so that is what it prints; it runs as printed, from the same folder
+    assert hint[:5] == [sys.executable, "-m", "automodel", "generate", str(final)], hint
+    tried = subprocess.run([*hint, "--max-new-tokens", "4"], cwd=str(tmp_path), capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "AUTOMODEL_NO_PROGRESS": "1"})
+    assert tried.returncode == 0 and tried.stdout.startswith(hint[5]), tried.stderr[-2000:]
+
+
+def test_the_exported_tokenizer_encodes_as_training_did(tmp_path):
+    """[bos] + the text's tokens, nothing after (data/text.py, data/pairs.py, `automodel generate`), whatever the
+    run's tokenizer adds by itself: nothing (the bundled one), or an eos; the run's own tokenizer is not changed."""
+    from transformers import AutoTokenizer
+
+    from automodel.config import RESOURCES
+    from automodel.engine.export import encoding_as_trained
+    from automodel.model.hf import BUNDLED_TOKENIZER
+
+    text = "last: elk bee rock =>"
+    bundled = AutoTokenizer.from_pretrained(str(RESOURCES / BUNDLED_TOKENIZER))
+    adds_eos = AutoTokenizer.from_pretrained(str(RESOURCES / BUNDLED_TOKENIZER))
+    adds_eos.add_eos_token = True
+    tokens = bundled(text, add_special_tokens=False)["input_ids"]
+    assert bundled(text)["input_ids"] == tokens and adds_eos(text)["input_ids"] == tokens + [adds_eos.eos_token_id]
+    for name, tok in (("bundled", bundled), ("adds_eos", adds_eos)):
+        before = tok(text)["input_ids"]
+        encoding_as_trained(tok).save_pretrained(tmp_path / name)
+        assert tok(text)["input_ids"] == before  # a copy was changed
+        exported = AutoTokenizer.from_pretrained(tmp_path / name)
+        assert exported(text)["input_ids"] == [exported.bos_token_id, *tokens], name
+        assert exported([text, "max: 3 9 1 =>"], padding=True)["input_ids"][0][0] == exported.bos_token_id
+
+
+def test_the_printed_command_runs_where_it_was_printed(tmp_path, monkeypatch):
+    """The Quick start runs .venv/bin/automodel without activating .venv: `automodel` alone is not on PATH."""
+    from automodel.engine.export import automodel_command
+
+    script = tmp_path / "venv" / "bin" / "automodel"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(script)])
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert automodel_command() == os.path.join("venv", "bin", "automodel")  # inside the working folder: relative
+    monkeypatch.chdir(script.parent)
+    assert automodel_command() == "./automodel"  # a bare name would be looked up on PATH
+    monkeypatch.chdir("/")
+    assert automodel_command() == str(script)
+    monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")  # an activated venv, or a pip install
+    assert automodel_command() == "automodel"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "__main__.py")])  # python -m automodel
+    assert automodel_command() == f"{sys.executable} -m automodel"  # outside the working folder: absolute
 
 
 @pytest.mark.parametrize("args,expected", [

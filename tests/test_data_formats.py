@@ -119,8 +119,13 @@ def test_bad_csv_and_parquet_columns(tmp_path):
 def test_every_example_too_long_says_so_with_counts(tmp_path, tok):
     p = tmp_path / "long.jsonl"
     p.write_text("".join(json.dumps({"prompt": "word " * 60, "completion": " yes"}) + "\n" for _ in range(5)))
-    with pytest.raises(UserError) as e:
+    n = len(tok("word " * 60 + " yes")["input_ids"]) + 1  # + bos + eos - the shift
+    with pytest.raises(UserError) as e:  # all of them too long: stopped by data.max_dropped_fraction first
         _first_batch(InstructionData(InstructionConfig(path=str(p))), tok)
+    assert str(e.value).startswith(f"data.path='{p}': 5 of 5 examples (100%) are longer than train.seq_len=32 "
+                                   f"tokens") and f"max {n}; train.seq_len={n} keeps 95%" in str(e.value)
+    with pytest.raises(UserError) as e:  # every one allowed to drop: still not a set to train on
+        _first_batch(InstructionData(InstructionConfig(path=str(p), max_dropped_fraction=1.0)), tok)
     assert str(e.value) == (f"data.path='{p}' has no usable example: of 5 examples: 5 longer than train.seq_len=32 "
                             f"were truncated, 5 dropped (no target token left); raise train.seq_len or check the data")
 
@@ -247,9 +252,12 @@ def test_every_plugin_trains_through_the_engine(tmp_path, plugin):
         "sharegpt": lambda i: {"conversations": [{"from": "human", "value": f"hi {i}"}, {"from": "gpt", "value": f"yo {i}"}]},
     }[plugin]
     p.write_text("".join(json.dumps(rows(i)) + "\n" for i in range(64)))
-    extra = {"chat": ["data.chat_template=chatml"], "squad": ["data.val_split=null", "data.val_size=8"],
-             "hellaswag": ["data.val_split=null", "data.val_size=8"], "text": ["data.val_size=4"],
-             "alpaca": ["data.val_size=8"], "sharegpt": ["data.chat_template=chatml"]}[plugin]
+    # chat, sharegpt and alpaca examples are up to 61 tokens: a seq_len that holds them (MICRO's 48 would cut
+    # most of them, which data.max_dropped_fraction refuses)
+    extra = {"chat": ["data.chat_template=chatml", "train.seq_len=64"], "squad": ["data.val_size=8"],
+             "hellaswag": ["data.val_size=8"], "text": ["data.val_size=4"],
+             "alpaca": ["data.val_size=8", "train.seq_len=64"],
+             "sharegpt": ["data.chat_template=chatml", "train.seq_len=64"]}[plugin]
     overrides = [f"data={plugin}", f"data.path={p}", *extra, "train.max_steps=6", "train.log_every=1",
                  "train.val_every=6" if "chat" not in plugin and plugin != "sharegpt" else "train.val_every=0",
                  "train.global_batch_size=4", "train.micro_batch_size=4", "optim.warmup_steps=0",
@@ -268,14 +276,6 @@ def test_every_plugin_trains_through_the_engine(tmp_path, plugin):
     losses = [r["loss"] for r in result.records]
     assert all(loss > 0 for loss in losses) and losses[-1] < losses[0] - 0.4, losses
     assert "val_loss" not in result.records[-1] or result.records[-1]["val_loss"] < losses[0] - 0.4
-
-
-def test_a_split_of_a_single_file_is_refused(tmp_path, tok):
-    path = _write(tmp_path, "jsonl")
-    # val_split=validation by default: fine for the hub id, not a file; refused as the config is read
-    with pytest.raises(UserError, match=r"is one file, which has no split 'validation'; use data.val_path"):
-        SquadData(SquadConfig(path=path))
-    SquadData(SquadConfig(path=path, val_path=path))  # a held-out file of its own: the split is not asked for
 
 
 @pytest.mark.parametrize("fmt", ["txt", "parquet", "save_to_disk"])
@@ -313,3 +313,236 @@ def test_hub_id_without_network_fails_at_once_without_offline_flag(monkeypatch):
     with pytest.raises(UserError, match=r"failed: the hub cannot be reached from here \(offline\? use a local"):
         InstructionData(InstructionConfig(path="nobody/no-such-set")).records()
     assert time.perf_counter() - t0 < 5  # huggingface_hub's own retries would take about 25 s
+
+
+# ------------------------------------------------------------------ data wrong in shape (issue 25)
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _chat(content):
+    return {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": content}]}
+
+
+NOT_TEXT = [  # (plugin, config keys, the bad record, where the message points, the type found)
+    ("instruction", {}, {"prompt": "add 1 =>", "completion": [" 12"]}, "completion", "a list ([\" 12\"])"),
+    ("instruction", {}, {"prompt": {"text": "add 1 =>"}, "completion": " 12"}, "prompt", "an object"),
+    ("instruction", {}, {"prompt": "add 1 =>", "completion": True}, "completion", "a boolean"),
+    ("alpaca", {"completion_column": "output", "prompt_template": "{instruction}\n\n{input}"},
+     {"instruction": "add", "input": ["1", "2"], "output": "3"}, "input", "a list"),
+    ("squad", {}, {"context": ["Box 1 is red."], "question": "Colour?", "answers": {"text": ["red"]}}, "context",
+     "a list"),
+    ("squad", {}, {"context": "Box 1 is red.", "question": "Colour?", "answers": {"text": [["red"]]}},
+     "answers.text", "a list"),
+    ("hellaswag", {}, {"ctx": {"a": 1}, "endings": ["x", "y"], "label": "0"}, "ctx", "an object"),
+    ("hellaswag", {}, {"ctx": "He", "endings": [["x"], "y"], "label": "0"}, "endings", "a list"),
+    ("chat", {"chat_template": "chatml"}, _chat({"text": "yo"}), "content", "an object"),
+    ("sharegpt", {"chat_template": "chatml"}, {"conversations": [{"from": "human", "value": "hi"},
+                                                                 {"from": "gpt", "value": ["yo"]}]}, "value", "a list"),
+    ("text", {}, {"text": ["a", "b"]}, "text", "a list"),
+]
+
+
+def _plugin(name, path, **kw):
+    from automodel.data.sharegpt import SharegptConfig, SharegptData
+
+    cls, cfg = {"instruction": (InstructionData, InstructionConfig), "alpaca": (InstructionData, InstructionConfig),
+                "squad": (SquadData, SquadConfig), "hellaswag": (HellaSwagData, HellaSwagConfig),
+                "chat": (ChatData, ChatConfig), "sharegpt": (SharegptData, SharegptConfig),
+                "text": (TextData, TextConfig)}[name]
+    return cls(cfg(path=path, **kw))
+
+
+@pytest.mark.parametrize("plugin,keys,bad,column,kind", NOT_TEXT, ids=[f"{c[0]}-{c[3]}-{c[4].split()[1]}"
+                                                                        for c in NOT_TEXT])
+def test_a_value_that_is_not_text_is_refused_by_file_and_line(tmp_path, tok, plugin, keys, bad, column, kind):
+    good = {"instruction": {"prompt": "add 1 =>", "completion": " 2"},
+            "alpaca": {"instruction": "add", "input": "1 1", "output": "2"},
+            "squad": {"context": "Box 1 is red.", "question": "Colour?", "answers": {"text": ["red"]}},
+            "hellaswag": {"ctx": "He", "endings": ["x", "y"], "label": "0"}, "chat": _chat("yo"),
+            "sharegpt": {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+            "text": {"text": "a b c d e f g h i j k l m n o p q r s t u v"}}[plugin]
+    path = _jsonl(tmp_path / "d.jsonl", [good, good, bad, good])
+    data = _plugin(plugin, path, **keys)
+    with pytest.raises(UserError) as e:
+        data.encode(tok, data.records(), 64)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:3: ") and f"'{column}' is {kind}" in msg and "\n" not in msg, msg
+    # a parquet file of such records (a column holds one type): named by record number, parquet has no lines
+    if plugin in ("instruction", "text"):
+        import datasets
+
+        pq = str(tmp_path / "d.parquet")
+        datasets.Dataset.from_list([bad, bad]).to_parquet(pq)
+        data = _plugin(plugin, pq, **keys)
+        with pytest.raises(UserError, match=rf"d.parquet: record 1: '{column}' is {kind.split(' (')[0]} "):
+            data.encode(tok, data.records(), 64)
+
+
+def test_numbers_become_text_and_content_parts_are_joined(tmp_path, tok):
+    data = _plugin("instruction", _jsonl(tmp_path / "n.jsonl", [{"prompt": 7, "completion": 12},
+                                                                 {"prompt": "x", "completion": 0.5}]))
+    assert data.pairs(data.records())[:2] == (["7", "x"], ["12", "0.5"])
+    parts = [{"type": "text", "text": "yo"}, {"type": "text", "text": " there"}]
+    joined = _plugin("chat", _jsonl(tmp_path / "p.jsonl", [_chat(parts)]), chat_template="chatml")
+    plain = _plugin("chat", _jsonl(tmp_path / "s.jsonl", [_chat("yo there")]), chat_template="chatml")
+    assert joined.encode(tok, joined.records(), 64)[0] == plain.encode(tok, plain.records(), 64)[0]
+    image = _plugin("chat", _jsonl(tmp_path / "i.jsonl", [_chat([{"type": "image"}])]), chat_template="chatml")
+    with pytest.raises(UserError, match=r"i.jsonl:1: message 2: a content part of type 'image'; .*data=vlm"):
+        image.encode(tok, image.records(), 64)
+
+
+def test_empty_completions_are_counted_and_a_set_of_only_those_is_refused(tmp_path, tok, caplog):
+    rows = [{"prompt": f"q{i} =>", "completion": "" if i % 4 == 0 else f" a{i}"} for i in range(12)]
+    data = _plugin("instruction", _jsonl(tmp_path / "some.jsonl", rows))
+    with caplog.at_level("WARNING", logger="automodel"):
+        examples = data._checked(tok, data.records(), 32, "data.path")
+    assert len(examples) == 12
+    assert any("12 examples: 0 longer than train.seq_len=32 were truncated, 0 dropped (no target token left), 3 "
+               "with an empty completion (only the end-of-sequence token to learn)" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    path = _jsonl(tmp_path / "none.jsonl", [{"prompt": f"q{i} =>", "completion": ""} for i in range(5)])
+    with pytest.raises(UserError) as e:
+        _first_batch(_plugin("instruction", path), tok)
+    assert str(e.value) == (f"data.path='{path}': all 5 usable examples have nothing in their completion, so there "
+                            "is nothing to learn but the end-of-sequence token; check the data (map yours with "
+                            "data.prompt_column / data.completion_column)")
+    chats = _plugin("chat", _jsonl(tmp_path / "c.jsonl", [_chat("")] * 3), chat_template="chatml")
+    with pytest.raises(UserError, match="all 3 usable examples have nothing in their assistant turns"):
+        chats._checked(tok, chats.records(), 64, "data.path")
+
+
+def test_the_same_column_as_prompt_and_completion_is_refused(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", ROWS)
+    with pytest.raises(UserError) as e:
+        InstructionData(InstructionConfig(path=path, prompt_column="answer", completion_column="answer"))
+    assert str(e.value) == ("data.prompt_column and data.completion_column are both 'answer': the model would learn "
+                            "to repeat its prompt; name the prompt's column and the answer's column")
+    with pytest.raises(UserError, match="data.prompt_template names 'answer', which is data.completion_column"):
+        InstructionData(InstructionConfig(path=path, completion_column="answer", prompt_template="{question} {answer}"))
+
+
+def _lengths(tok, rows):
+    return sorted(len(tok(r["prompt"] + r["completion"], add_special_tokens=False)["input_ids"]) + 1 for r in rows)
+
+
+def test_a_set_mostly_longer_than_seq_len_stops_with_percentiles_and_the_advice_works(tmp_path, tok):
+    rows = [{"prompt": "word " * (2 + i), "completion": " yes"} for i in range(40)]  # 1 + 2..41 words + yes + eos
+    path = _jsonl(tmp_path / "long.jsonl", rows)
+    lengths = _lengths(tok, rows)
+    seq_len = lengths[len(lengths) // 2]  # about half of them longer
+    longer = sum(n > seq_len for n in lengths)
+    with pytest.raises(UserError) as e:
+        _first_batch(_plugin("instruction", path), tok, seq_len=seq_len)
+    p = {q: lengths[-(-q * 40 // 100) - 1] for q in (50, 90, 95)}
+    assert str(e.value) == (
+        f"data.path='{path}': {longer} of 40 examples ({100 * longer / 40:.0f}%) are longer than "
+        f"train.seq_len={seq_len} tokens and would be cut or left out, more than data.max_dropped_fraction=0.2; their "
+        f"lengths in tokens: p50 {p[50]}, p90 {p[90]}, p95 {p[95]}, max {lengths[-1]}; train.seq_len={p[95]} keeps "
+        "95% of them (or raise data.max_dropped_fraction to train on what fits)")
+    # both pieces of advice work when followed (an example cut before its completion has no target left)
+    def no_target(n):
+        return sum(1 + len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) > n for r in rows)
+
+    data = _plugin("instruction", path)
+    assert len(data._checked(tok, data.records(), p[95], "data.path")) == 40 - no_target(p[95])
+    assert sum(n > p[95] for n in lengths) == 2  # 95% of 40 fit whole
+    data = _plugin("instruction", path, max_dropped_fraction=longer / 40)
+    assert len(data._checked(tok, data.records(), seq_len, "data.path")) == 40 - no_target(seq_len)
+    # at the limit it trains, with the warning it always had
+    few = _plugin("instruction", path, max_dropped_fraction=0.2)
+    at = lengths[31]  # 8 of 40 longer: exactly 0.2
+    assert sum(n > at for n in lengths) == 8
+    assert len(few._checked(tok, few.records(), at, "data.path")) == 40 - no_target(at)
+    with pytest.raises(UserError, match=r"data.max_dropped_fraction=1.5 must be in \[0, 1\]"):
+        _plugin("instruction", path, max_dropped_fraction=1.5)
+
+
+def test_long_chats_count_as_long_examples(tmp_path, tok):
+    rows = [_chat("yo " * (3 * i)) for i in range(10)]
+    data = _plugin("chat", _jsonl(tmp_path / "c.jsonl", rows), chat_template="chatml")
+    lengths = sorted(data.encode(tok, data.records(), 4096)[1].lengths)
+    assert len(set(lengths)) == 10
+    with pytest.raises(UserError, match=rf"c.jsonl': 5 of 10 examples \(50%\) are longer than "
+                                        rf"train.seq_len={lengths[4]} .* p95 {lengths[9]}, max {lengths[9]}"):
+        data._checked(tok, data.records(), lengths[4], "data.path")
+    assert len(data._checked(tok, data.records(), lengths[9], "data.path")) == 10
+
+
+def test_the_default_data_keeps_every_example_at_the_default_seq_len():
+    """data=tiny_tasks (the no-argument run) at its train.seq_len: nothing is cut, so nothing can be refused."""
+    from helpers import compose
+
+    from automodel.config import validate
+
+    cfg = compose()
+    data, seq_len = validate(cfg).plugins["data"], cfg.train.seq_len
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(RESOURCES / "tiny_tasks" / "tokenizer"))
+    for which in ("train", "val"):
+        _, stats = data.encode(tok, data.records(which), seq_len)
+        assert stats.lengths and max(stats.lengths) <= seq_len and stats.truncated == stats.dropped == 0
+
+
+def test_a_line_over_max_record_bytes_is_refused_before_it_is_read_whole(tmp_path, tok):
+    import tracemalloc
+
+    limit, big = 1000, 8 << 20  # an 8 MiB line against a 1000-byte limit
+    for name, head, line in [("d.jsonl", json.dumps(ROWS[0]) + "\n", json.dumps({"question": "x" * big,
+                                                                                 "answer": "y"})),
+                             ("c.txt", "a short line\n", "z" * big)]:
+        path = tmp_path / name
+        path.write_text(head * 2 + line + "\n" + head)
+        plugin = _plugin("text", str(path), max_record_bytes=limit) if name.endswith(".txt") else \
+            _plugin("instruction", str(path), max_record_bytes=limit, **COLS)
+        tracemalloc.start()
+        try:
+            with pytest.raises(UserError) as e:
+                plugin.records()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert str(e.value) == (f"{path}:3: this line is longer than data.max_record_bytes=1000 (1000 bytes); split "
+                                "it into smaller records or remove it, or raise data.max_record_bytes")
+        assert peak < big // 2, peak  # read in bounded pieces, never the whole line
+    # a line exactly at the limit is read
+    at = tmp_path / "at.jsonl"
+    row = {"question": "", "answer": "a"}
+    row["question"] = "q" * (limit - len(json.dumps(row)))
+    at.write_text(json.dumps(row) + "\n")
+    assert len(json.dumps(row).encode()) == limit
+    assert len(_plugin("instruction", str(at), max_record_bytes=limit, **COLS).records()) == 1
+
+
+def test_a_record_over_max_record_bytes_never_reaches_the_tokenizer(tmp_path, tok):
+    """Formats without lines (parquet here), and streams: measured before tokenizing, named by record."""
+    import datasets
+
+    class Guard:  # the tokenizer, refusing to see a text that long
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def __call__(self, texts, **kw):
+            assert all(len(t) < 3000 for t in ([texts] if isinstance(texts, str) else texts))
+            return tok(texts, **kw)
+
+    rows = [dict(r) for r in ROWS[:4]]
+    rows[2]["answer"] = " " + "é" * 2000  # 4001 bytes in UTF-8, 2001 characters
+    pq = str(tmp_path / "d.parquet")
+    datasets.Dataset.from_list(rows).to_parquet(pq)
+    data = _plugin("instruction", pq, max_record_bytes=4000, **COLS)
+    with pytest.raises(UserError) as e:
+        data.encode(Guard(), data.records(), 64)
+    size = len((rows[2]["question"] + rows[2]["answer"]).encode())
+    assert str(e.value) == (f"{pq}: record 3: this record's text is {size} bytes, more than data.max_record_bytes=4000 "
+                            "(3.9 KiB); split it into smaller records or remove it, or raise data.max_record_bytes")
+    default = _plugin("instruction", pq, **COLS)  # 64 MiB
+    assert len(default.encode(Guard(), default.records(), 4096)[0]) == 4
+    stream = _jsonl(tmp_path / "s.jsonl", [{"text": "ok " * 10}] * 5 + [{"text": "w" * 5000}] + [{"text": "ok"}] * 5)
+    text = TextData(TextConfig(path=stream, streaming=True, shuffle_buffer=4, max_record_bytes=4000))
+    with pytest.raises(UserError, match=r"s.jsonl: record 6: this record's text is 5000 bytes, more than"):
+        next(text.build(Guard(), seq_len=16, seed=1, dp_rank=0, dp_size=1, global_batch_size=2, micro_batch_size=2))
+    with pytest.raises(UserError, match=r"data.max_record_bytes=0 must be at least 1"):
+        _plugin("text", stream, max_record_bytes=0)

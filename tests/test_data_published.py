@@ -6,6 +6,7 @@ Most checks run the data plugins in process on tiny files; three run the CLI as 
 
 import json
 import logging
+import re
 import shlex
 import subprocess
 
@@ -134,16 +135,75 @@ def test_squad_answers_as_a_list_of_objects_and_bad_shapes(tmp_path, tok):
     bad = write(lambda i: 5 if i == 2 else [])
     with pytest.raises(UserError) as e:
         bad.pairs(bad.records())
-    assert str(e.value) == (f"{tmp_path / 'naive.jsonl'}: record 3: 'answers' is a int; expected "
+    assert str(e.value) == (f"{tmp_path / 'naive.jsonl'}:3: 'answers' is a int; expected "
                             '{"text": [...], "answer_start": [...]} or a list of {"text": ..., "answer_start": ...}')
     bad = write(lambda i: [{"answer": "red"}])
-    with pytest.raises(UserError, match=r"record 1: 'answers' is a list of dict; expected \{\"text\""):
+    with pytest.raises(UserError, match=r"naive.jsonl:1: 'answers' is a list of dict; expected \{\"text\""):
         bad.pairs(bad.records())
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps({"version": "v1.1", "data": [{"title": "t", "paragraphs": "none"}]}, indent=1))
     with pytest.raises(UserError, match=r"broken.json: data\[0\] has no list of objects 'paragraphs', so it is not "
                                         r"the SQuAD layout"):
         SquadData(SquadConfig(path=str(broken), val_split=None)).records()
+
+
+def _follow(message: str, **values) -> list[list[str]]:
+    """The overrides each piece of advice in an error line names (`..., or ...`), placeholders filled in."""
+    advice = message.split("; ", 1)[1]
+    out = []
+    for alternative in advice.split(", or "):
+        found = re.findall(r"data\.\w+=[^\s,;)]+", alternative)
+        out.append([f"{a.split('=')[0]}={values.get(a.split('=')[1], a.split('=')[1])}" for a in found])
+    return [o for o in out if o]
+
+
+def test_one_local_squad_file_trains_with_a_part_held_out_and_every_advice_works(tmp_path, tok):
+    import datasets
+
+    dev = tmp_path / "dev-v1.1.json"
+    dev.write_text(json.dumps(squad_file("v1.1"), indent=1))  # 5 questions
+    kw = dict(seq_len=64, dp_rank=0, dp_size=1, micro_batch_size=2)
+
+    def held_out(data) -> int | None:
+        next(data.build(tok, seed=1, global_batch_size=2, **kw))
+        val = data.val_batches(tok, **kw)
+        return None if val is None else sum(int((b.micro_batches[0]["labels"] != IGNORE_INDEX).any(-1).sum())
+                                            for b in val)
+
+    # the preset's split is the hub's: one local file trains without it, or with a part held out by size
+    assert held_out(_option("data=squad", f"data.path={dev}")) is None
+    assert _option("data=hellaswag", f"data.path={dev}").cfg.val_split is None  # the same preset default
+    assert held_out(_option("data=squad", f"data.path={dev}", "data.val_size=2")) == 2
+    # a split asked of one file by hand is refused, and each piece of advice works when followed
+    with pytest.raises(UserError) as e:
+        _option("data=squad", f"data.path={dev}", "data.val_split=validation")
+    followed = _follow(str(e.value), N="2", FILE=str(dev))
+    assert len(followed) == 2, str(e.value)
+    for advice in followed:
+        assert held_out(_option("data=squad", f"data.path={dev}", "data.val_split=validation", *advice)) in (2, 5)
+    # a folder with splits keeps the preset's split, unless val_size or val_path chooses the held-out data
+    rows = [{"context": f"Box {i} is red.", "question": "Colour?", "answers": {"text": ["red"], "answer_start": [7]}}
+            for i in range(6)]
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "validation": datasets.Dataset.from_list(rows[:3])}).save_to_disk(str(folder))
+    assert held_out(_option("data=squad", f"data.path={folder}")) == 3
+    assert held_out(_option("data=squad", f"data.path={folder}", "data.val_size=2")) == 2
+    assert held_out(_option("data=squad", f"data.path={folder}", f"data.val_path={dev}")) == 5
+    with pytest.raises(UserError) as e:  # two choices by hand: one would be silently unused
+        _option("data=squad", f"data.path={folder}", "data.val_split=validation", "data.val_size=2")
+    assert str(e.value) == ("data.val_split='validation' and data.val_size=2 both choose the held-out data; keep "
+                            "one, e.g. data.val_split=null data.val_size=2")
+    [advice] = _follow(str(e.value))
+    assert held_out(_option("data=squad", f"data.path={folder}", "data.val_split=validation", "data.val_size=2",
+                            *advice)) == 2
+    # a folder of one Dataset has no splits either: its rows are not served as the validation split
+    one = tmp_path / "one"
+    datasets.Dataset.from_list(rows).save_to_disk(str(one))
+    assert held_out(_option("data=squad", f"data.path={one}")) is None
+    data = _option("data=squad", f"data.path={one}", "data.val_split=validation")
+    with pytest.raises(UserError, match=r"holds one Dataset, which has no split 'validation'"):
+        data.records("val")
 
 
 # ------------------------------------------------------------------ Alpaca and prompt templates
@@ -167,9 +227,9 @@ def test_alpaca_option_drops_the_sections_of_empty_columns(tmp_path, tok):
     assert tok.decode(ids[1:]).startswith(prompts[1]) and _targets(tok, labels) == "5" + tok.eos_token
     # a template typed on a command line: `\n` is a newline, {{ }} are braces, a section may hold two columns
     data = _option("data=instruction", f"data.path={p}", "data.completion_column=output",
-                   r"data.prompt_template='{{task}} {instruction}\n\n[{input}|{output}]\n\nanswer:'")
+                   r"data.prompt_template='{{task}} {instruction}\n\n[{input}|{instruction}]\n\nanswer:'")
     assert data.pairs(data.records())[0][:2] == ["{task} Sort: c a b\n\nanswer:",
-                                                 "{task} Add\n\n[2 + 3|5]\n\nanswer:"]
+                                                 "{task} Add\n\n[2 + 3|Add]\n\nanswer:"]
 
 
 def test_a_template_column_that_no_record_has_is_one_line(tmp_path):
@@ -282,10 +342,23 @@ def test_sample_prompts_come_from_held_out_records_and_fit_the_model(tmp_path, t
               {"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"yo {i}"}] for i in range(4)]
     c = tmp_path / "chat.jsonl"
     c.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs))
-    chat = ChatData(ChatConfig(path=str(c), chat_template="chatml", val_size=1))
+    chat = ChatData(ChatConfig(path=str(c), chat_template="chatml", val_size=1, max_dropped_fraction=1.0))  # all cut
     next(chat.build(tok, seq_len=96, seed=1, dp_rank=0, dp_size=1, global_batch_size=2, micro_batch_size=2))
     [(prompt, answer)] = chat.sample_prompts(1)
     assert prompt == f"<|im_start|>user\nhi {answer[3:]}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_held_out_data_that_training_would_refuse_never_fails_the_run_after_training(tmp_path, tok):
+    """With train.val_every=0 the held-out file is first read for the sample prompts, after training: a value
+    that is not text there gives the training data's prompts, not a failure at the very end."""
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("".join(json.dumps({"prompt": f"item {i} is", "completion": f" {i}"}) + "\n" for i in range(8)))
+    bad.write_text(json.dumps({"prompt": "x", "completion": [" 1"]}) + "\n")
+    data = InstructionData(InstructionConfig(path=str(good), val_path=str(bad)))
+    next(data.build(tok, seq_len=32, seed=1, dp_rank=0, dp_size=1, global_batch_size=4, micro_batch_size=4))
+    with pytest.raises(UserError, match=r"bad.jsonl:1: 'completion' is a list"):
+        data.val_batches(tok, seq_len=32, dp_rank=0, dp_size=1, micro_batch_size=4)
+    assert data.sample_prompts(2) == [("item 0 is", " 0"), ("item 1 is", " 1")]
 
 
 def test_try_your_own_hint_is_a_command_a_shell_runs(tmp_path, monkeypatch, logged):
@@ -297,6 +370,7 @@ def test_try_your_own_hint_is_a_command_a_shell_runs(tmp_path, monkeypatch, logg
     (final / "config.json").write_text("{}")
     monkeypatch.setattr(automodel.generate, "load", lambda d: (None, None))
     monkeypatch.setattr(automodel.generate, "greedy", lambda model, tok, prompt: "fine")
+    monkeypatch.setattr(export, "automodel_command", lambda: "automodel")  # how it is found: tests/test_cli.py
     prompt = "<|im_start|>user\nsay \"hi\", it's $HOME `now`\\n<|im_end|>\n<|im_start|>assistant\n"
     export.show_samples(str(final), [(prompt, "fine")])
     hint = next(m for m in logged if "Try your own:" in m)
@@ -310,7 +384,9 @@ def test_try_your_own_hint_is_a_command_a_shell_runs(tmp_path, monkeypatch, logg
 
 # ------------------------------------------------------------------ the CLI, as a user runs it
 def _output_after(text: str, marker: str) -> list[str]:
-    return shlex.split(text.split(marker, 1)[1], posix=True)[:4]
+    """The printed command from `generate` on (the program before it is the running automodel, as found)."""
+    words = shlex.split(text.split(marker, 1)[1], posix=True)
+    return words[words.index("generate"):][:3]
 
 
 def test_cli_sharegpt_and_official_squad_train_and_alpaca_names_a_missing_column(tmp_path):
@@ -325,16 +401,19 @@ def test_cli_sharegpt_and_official_squad_train_and_alpaca_names_a_missing_column
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     words = _output_after(out, "Try your own:  ")
-    assert words[:3] == ["automodel", "generate", str(tmp_path / "sg" / "final")]
-    assert words[3].startswith("<|im_start|>user\nit's ") and words[3].endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert words[:2] == ["generate", str(tmp_path / "sg" / "final")]
+    assert words[2].startswith("<|im_start|>user\nit's ") and words[2].endswith("<|im_end|>\n<|im_start|>assistant\n")
 
     squad = tmp_path / "train-v2.0.json"
     squad.write_text(BOM + json.dumps(squad_file("v2.0", impossible=2), indent=2), encoding="utf-8")
-    proc = cli(*MICRO, *run, "data=squad", f"data.path={squad}", "data.val_split=null", "checkpoint.export_final=false",
-               f"hydra.run.dir={tmp_path / 'sq'}", cwd=str(tmp_path))
+    # one local file with a part held out by size, as a user types it (the preset's hub split is not asked for)
+    proc = cli(*MICRO, *run, "data=squad", f"data.path={squad}", "data.val_size=1", "train.val_every=2",
+               "checkpoint.export_final=false", f"hydra.run.dir={tmp_path / 'sq'}", cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert f"{squad}: skipped 2 unanswerable questions (SQuAD v2.0)" in out and "no target token left" not in out
+    metrics = [json.loads(line) for line in (tmp_path / "sq" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in m for m in metrics), metrics
 
     alpaca = tmp_path / "alpaca.jsonl"
     alpaca.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")

@@ -75,7 +75,8 @@ def test_a_busy_run_dir_is_refused_and_ranks_die_with_their_launcher(tmp_path):
         steps = _logged_steps(run)
         time.sleep(1.0)
         assert _logged_steps(run) == steps  # nothing writes into the run dir any more
-        lifetime.check_can_use(str(run))  # and the dir is free: the kernel dropped the dead job's lock
+        lifetime.acquire(str(run))  # and the dir is free: the kernel dropped the dead job's lock
+        lifetime.release(str(run))
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)

@@ -121,6 +121,29 @@ def test_no_secret_reaches_any_file_or_line_the_runs_wrote(runs):
         assert db.execute("select count(*) from params").fetchone()[0] > 50
 
 
+def test_mlflow_keeps_its_default_store_in_the_run_folder(tmp_path, monkeypatch):
+    """No tracking_uri and no MLFLOW_TRACKING_URI: MLflow's own default would write mlflow.db into the folder the
+    run was started from (a repo checkout); the store goes into the run folder, where a resume finds it again."""
+    from mlflow import MlflowClient
+
+    from automodel.loggers.mlflow_run import MlflowLogger
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    logger = MlflowLogger(MlflowLogger.Config())
+    logger.prepare()
+    logger.start(RunInfo(run_dir="run", config={"optim": {"lr": 0.001}}, start_step=0, name=None, group=None))
+    logger.log({"step": 5, "loss": 2.5})
+    logger.finish(True)
+    assert sorted(os.listdir(tmp_path)) == ["run"]  # nothing in the working folder
+    assert sorted(os.listdir(tmp_path / "run")) == ["mlflow.db", "mlflow_run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/run/mlflow.db")
+    run_id = (tmp_path / "run" / "mlflow_run_id").read_text()
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(5, 2.5)]
+    assert client.get_run(run_id).data.params == {"optim.lr": "0.001"}
+
+
 def test_a_refusal_that_names_a_secret_masks_it(tmp_path):
     r = cli("model=hf", "model.path=/models/${oc.env:HF_TOKEN}", cwd=str(tmp_path), env=SECRETS)
     assert r.returncode == 2

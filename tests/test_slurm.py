@@ -13,6 +13,7 @@ import fcntl
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,14 @@ from helpers import MICRO, cli
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "slurm_local.sh")
 SLURM_DIR = os.environ.get("AUTOMODEL_SLURM_DIR", "/tmp/automodel-slurm")
+# Bounds for waits on the cluster, sized for two CPU cores that other work keeps busy (CI runs a second test
+# worker beside these, and may train something else beside that). With 8 CPU-bound processes beside the tests
+# (load average 10-14), `automodel -m` took 70-80 s to submit, a 2-rank job ran ~1 min, the job to be signalled
+# logged its first step 142 s after the submission began (the bound was 180 s) and the whole signalled run took
+# ~250 s (the bound was 400 s); quiet, these tests take 35-80 s each. The bounds catch a stuck job, no more.
+SUBMIT_TIMEOUT_S = {"job": 600, "requeue": 900}  # submit, run (requeued: twice), collect the result
+FIRST_STEP_TIMEOUT_S = 480  # until the job to be signalled has logged a step
+PROBE_TIMEOUT_S = 300  # the fixture's 1-second job, queued behind a job an earlier session left running
 FAST = [*MICRO, "train.max_steps=4", "train.log_every=2", "train.global_batch_size=8", "checkpoint.export_final=false"]
 
 
@@ -50,10 +59,11 @@ def _skip_reason() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def slurm():
+def slurm(tmp_path_factory):
     """The environment to submit with (SLURM_CONF ...); the cluster is up while the module runs."""
     if os.environ.get("AUTOMODEL_TEST_SLURM", "1") == "0":
         _cannot_run("AUTOMODEL_TEST_SLURM=0")
+    outputs_before = set(glob.glob(os.path.join(ROOT, "slurm-*.out")))  # checked at the end: the tests add none
     os.makedirs(os.path.dirname(SLURM_DIR) or "/", exist_ok=True)
     # one test session at a time uses (and may stop) the cluster; read-only: a lock file root made serves others too
     lock = os.fdopen(os.open(SLURM_DIR + ".lock", os.O_RDONLY | os.O_CREAT, 0o666), "r")
@@ -87,10 +97,13 @@ def slurm():
     # jobs left by an earlier session (a killed run) would queue ahead of these tests' jobs: the cluster is the
     # tests' own (its own ports and directory) and this session holds its lock
     _cancel_all(job_env)
-    # a cluster that answers but does not run jobs fails here once, with SLURM's reason, not in each test after 300s
+    # a cluster that answers but does not run jobs fails here once, with SLURM's reason, not in each test after 300s.
+    # Every job runs in a folder of the test's own: SLURM writes slurm-<job>.out into the submitting folder (the
+    # repository, under pytest) whenever a job's output is not named
     try:
         probe = subprocess.run(["sbatch", "--wait", "-Q", "-t", "1", "-J", "probe", "-o", "/dev/null", "--wrap", "true"],
-                               env={**os.environ, **job_env}, capture_output=True, text=True, timeout=120)
+                               env={**os.environ, **job_env}, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
+                               cwd=str(tmp_path_factory.mktemp("slurm_probe")))
         ran = probe.returncode == 0
     except subprocess.TimeoutExpired:
         ran = False
@@ -100,11 +113,14 @@ def slurm():
         if not was_up:
             subprocess.run(["bash", SCRIPT, "stop"], env=env, capture_output=True, timeout=120)
         lock.close()
-        _cannot_run(f"the local SLURM cluster did not run a 1-second job within 120s; SLURM says: {state}")
+        _cannot_run(f"the local SLURM cluster did not run a 1-second job within {PROBE_TIMEOUT_S}s; SLURM says: "
+                    f"{state}")
     yield job_env
     if not was_up:
         subprocess.run(["bash", SCRIPT, "stop"], env=env, capture_output=True, timeout=120)
     lock.close()
+    written = set(glob.glob(os.path.join(ROOT, "slurm-*.out"))) - outputs_before
+    assert not written, f"a SLURM job of these tests wrote its output into the repository: {sorted(written)}"
 
 
 def _sweep_dir(cwd) -> str:
@@ -148,6 +164,26 @@ def _submit(env, cwd, *args, timeout: int):
         pytest.fail(f"not done after {timeout}s; SLURM says:\n{state}\nautomodel printed:\n{out}", pytrace=False)
 
 
+def _why(env, cwd, proc=None) -> str:
+    """Everything a failed SLURM test leaves to go on: automodel's output, SLURM's record of each of the test's jobs
+    (every run of a requeued one), what slurmctld logged of them, and the end of each task's log (srun's own
+    errors, e.g. a step it could not launch, are in the first task's .err)."""
+    parts = [] if proc is None else [f"automodel exited with {proc.returncode}:\n{proc.stdout[-1500:]}\n"
+                                     f"{proc.stderr[-2500:]}"]
+    logs = sorted(glob.glob(os.path.join(str(cwd), "multirun", "*", "*", ".submitit", "*", "*_log.*")))
+    jobs = sorted({os.path.basename(os.path.dirname(p)).split("_")[0] for p in logs})
+    if jobs:
+        parts.append(_sh(env, "sacct", "-D", "-X", "-P", "-o", "JobID,State,ExitCode,Reason,Submit,Start,End",
+                         "-j", ",".join(jobs)))
+        ctld = os.path.join(SLURM_DIR, "log", "slurmctld.log")
+        if os.path.isfile(ctld):
+            mentions = re.compile(r"(JobId|StepId)=(%s)\b" % "|".join(jobs))
+            lines = open(ctld, errors="replace").read().splitlines()
+            parts.append("\n".join([ln for ln in lines if mentions.search(ln)][-40:]))
+    parts += [f"--- {log}:\n{open(log, errors='replace').read()[-1200:]}" for log in logs]
+    return "\n".join(parts)
+
+
 def _sacct(env, job_id: str, *extra: str, fields: str = "State") -> list[str]:
     """sacct's lines for the job, once SLURM has finished it (its result comes back slightly before)."""
     deadline = time.time() + 60
@@ -161,8 +197,8 @@ def _sacct(env, job_id: str, *extra: str, fields: str = "State") -> list[str]:
 
 def test_a_two_task_job_is_one_fsdp2_world(slurm, tmp_path):
     proc = _submit(slurm, tmp_path, "-m", "hydra/launcher=slurm", "launcher.nproc_per_node=2", "parallel=fsdp2", *FAST,
-                   timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+                   timeout=SUBMIT_TIMEOUT_S["job"])
+    assert proc.returncode == 0, _why(slurm, tmp_path, proc)
     sweep = _sweep_dir(tmp_path)
     (job_id,) = _job_ids(sweep)
     rank0_log = open(os.path.join(sweep, ".submitit", job_id, f"{job_id}_0_log.out")).read()
@@ -183,8 +219,9 @@ def test_a_two_task_job_is_one_fsdp2_world(slurm, tmp_path):
 
 def test_a_sweep_is_a_job_array_with_a_summary(slurm, tmp_path):
     # hydra-submitit-launcher's own name for the launcher works the same (automodel takes it over)
-    proc = _submit(slurm, tmp_path, "-m", "hydra/launcher=submitit_slurm", *FAST, "optim.lr=1e-3,3e-3", timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    proc = _submit(slurm, tmp_path, "-m", "hydra/launcher=submitit_slurm", *FAST, "optim.lr=1e-3,3e-3",
+                   timeout=SUBMIT_TIMEOUT_S["job"])
+    assert proc.returncode == 0, _why(slurm, tmp_path, proc)
     assert "sweep summary (2 jobs)" in proc.stdout
     sweep = _sweep_dir(tmp_path)
     (array_id,) = {d.split("_")[0] for d in _job_ids(sweep)}
@@ -198,8 +235,6 @@ def test_a_sweep_is_a_job_array_with_a_summary(slurm, tmp_path):
 
 
 def test_a_signalled_job_saves_at_the_signal_requeues_resumes_and_ends_like_an_uninterrupted_run(slurm, tmp_path):
-    import re
-
     from helpers import train
 
     steps = [*MICRO, "train.max_steps=100", "train.log_every=5", "train.global_batch_size=8"]
@@ -207,27 +242,43 @@ def test_a_signalled_job_saves_at_the_signal_requeues_resumes_and_ends_like_an_u
     args = ["-m", "hydra/launcher=slurm", "launcher.nproc_per_node=2", "parallel=fsdp2", *steps,
             "checkpoint.every_steps=0", "checkpoint.export_final=false"]
     box = {}
-    submitter = threading.Thread(target=lambda: box.update(proc=cli(*args, cwd=str(tmp_path), env=slurm, timeout=400)))
+    started = time.time()
+
+    def submit():
+        try:
+            box["proc"] = cli(*args, cwd=str(tmp_path), env=slurm, timeout=SUBMIT_TIMEOUT_S["requeue"])
+        except subprocess.TimeoutExpired:
+            box["proc"] = None
+
+    submitter = threading.Thread(target=submit)
     submitter.start()
     # once training is under way (a step logged), preempt: USR2 to the job's tasks, as SLURM does before a time limit
-    deadline = time.time() + 180
     logged = []
-    while not logged and time.time() < deadline and submitter.is_alive():
+    while not logged and time.time() < started + FIRST_STEP_TIMEOUT_S and submitter.is_alive():
         logged = [p for p in glob.glob(os.path.join(str(tmp_path), "multirun", "*", "*", "0", "metrics.jsonl"))
                   if os.path.getsize(p) > 0]
         time.sleep(0.05)
-    assert logged, "no step was logged within 180s"
+    if not logged:
+        state = _slurm_state(slurm)
+        _cancel_all(slurm)  # the submission then ends too, instead of running on after this test
+        why = _why(slurm, tmp_path, box.get("proc"))
+        pytest.fail(f"no step was logged within {FIRST_STEP_TIMEOUT_S}s; SLURM says:\n{state}\n{why}", pytrace=False)
     (job_id,) = _job_ids(_sweep_dir(tmp_path))
     _sh(slurm, "scancel", "--signal=USR2", job_id)
-    # SLURM holds a requeued job back (BeginTime, ~2 min); release it at once so the test stays short
-    deadline = time.time() + 60
+    # SLURM holds a requeued job back (BeginTime, ~2 min); release it at once so the test stays short. Saving at the
+    # next step and requeueing took 7 s at a load average of 12 on two cores; the bound is for a stuck job only
+    deadline = time.time() + 240
     while time.time() < deadline and "BeginTime" not in _sh(slurm, "squeue", "-h", "-j", job_id, "-o", "%r"):
         time.sleep(0.2)
     _sh(slurm, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
-    submitter.join(timeout=300)
-    assert not submitter.is_alive(), "the requeued job did not finish within 300s"
-    proc = box["proc"]
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    submitter.join(timeout=max(0.0, started + SUBMIT_TIMEOUT_S["requeue"] + 10 - time.time()))
+    proc = box.get("proc")
+    if proc is None:  # still running, or timed out
+        state = _slurm_state(slurm)
+        _cancel_all(slurm)
+        pytest.fail(f"not done after {SUBMIT_TIMEOUT_S['requeue']}s; SLURM says:\n{state}\n{_why(slurm, tmp_path)}",
+                    pytrace=False)
+    assert proc.returncode == 0, _why(slurm, tmp_path, proc)
 
     sweep = _sweep_dir(tmp_path)
     log = "".join(open(p).read() for p in glob.glob(os.path.join(sweep, ".submitit", job_id, f"{job_id}_0_log.*")))

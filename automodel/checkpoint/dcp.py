@@ -25,6 +25,7 @@ plugin restarts at the checkpoint's step.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -34,13 +35,17 @@ import time
 from typing import Any, Optional
 
 from automodel.errors import UserError
+from automodel.write_errors import agree, attempt
 
 log = logging.getLogger("automodel")
+_IF_FULL = ("; the previous checkpoint is kept and this partial one removed: free space (or lower "
+            "checkpoint.keep_last), then resume with checkpoint.resume=auto")
 
 from automodel.checkpoint.files import (  # noqa: F401  (read_meta, latest_valid ... are this plugin's API too)
     FORMAT, META, _crc32, _fsync_dir, _load_rng, _save_rng, _write_synced, checkpoint_dirs, find_checkpoint,
-    latest_valid, read_meta, verify_checksums,
+    latest_valid, read_meta, refuse_foreign_outputs, verify_checksums,
 )
+from automodel.checkpoint.settings import check_resumable
 
 
 @dataclasses.dataclass
@@ -55,6 +60,9 @@ class DCPConfig:
     dirname: str = "final"
     export_every_save: bool = False  # also write an HF folder into every checkpoint (checkpoints/step_N/hf/)
     merge_adapter: bool = True  # under PEFT: also write the merged full model (the adapter is always in adapter/)
+    # settings a resumed run may change (keys such as optim.lr, or whole sections such as optim); any other
+    # change from the checkpoint's settings is refused (checkpoint/settings.py)
+    allow_changed: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -62,19 +70,6 @@ class ResumePoint:
     path: str
     step: int
     meta: dict
-
-
-def describe_difference(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Every key whose value differs between two fingerprints, as 'key is X in the checkpoint but Y in this run'."""
-    found = []
-    for key in sorted(set(saved) | set(current), key=lambda k: (k != "plugin", k)):  # a plugin change first
-        a, b = saved.get(key, "<unset>"), current.get(key, "<unset>")
-        name = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            found += describe_difference(a, b, name + ".")
-        elif a != b:
-            found.append(f"{name} is {a!r} in the checkpoint but {b!r} in this run")
-    return found
 
 
 class DCPCheckpoint:
@@ -87,10 +82,14 @@ class DCPCheckpoint:
             raise UserError(f"checkpoint.keep_last={config.keep_last} must be 0 (keep all) or positive")
         if config.resume is not None and not str(config.resume).strip():
             raise UserError("checkpoint.resume is empty; use null, auto, or a checkpoint path")
+        if config.allow_changed and not _resuming(config.resume):
+            log.warning("checkpoint.allow_changed=%s has no effect: this run does not resume (checkpoint.resume=null)",
+                        list(config.allow_changed))
         self.cfg = config
         self._pending = None  # (future, staging, final, meta) of an async save not yet committed
         self._async_pg = None
         self._saved_step = None  # the step of the latest save this run started
+        self._drop_at_exit = False
 
     # ------------------------------------------------------------------ resume
     def resume_point(self, run_dir: str, fingerprint: dict) -> ResumePoint | None:
@@ -104,23 +103,21 @@ class DCPCheckpoint:
 
     def _resume_point(self, run_dir: str, fingerprint: dict) -> ResumePoint | None:
         want = self.cfg.resume
-        if want is None or str(want).lower() in ("null", "none", "false"):
+        if not _resuming(want):
+            refuse_foreign_outputs(run_dir, self.cfg.folder, self.cfg.dirname, None, "null")
             return None
         if str(want) == "auto":
             path = latest_valid(os.path.join(run_dir, self.cfg.folder))
             if path is None:
+                refuse_foreign_outputs(run_dir, self.cfg.folder, self.cfg.dirname, None, "auto")
                 log.info("checkpoint.resume=auto: no checkpoint in %s yet; starting at step 0",
                          os.path.join(run_dir, self.cfg.folder))
                 return None
         else:
             path = find_checkpoint(str(want), self.cfg.folder)
         meta = read_meta(path)
-        diff = describe_difference(meta.get("fingerprint", {}), fingerprint)
-        if diff:
-            more = f"; and {len(diff) - 3} more" if len(diff) > 3 else ""
-            raise UserError(f"cannot resume from '{path}': it was made by another model or an incompatible config "
-                            f"({'; '.join(diff[:3])}{more}); resume with the same settings or start fresh "
-                            "(checkpoint.resume=null)")
+        check_resumable(path, meta.get("fingerprint", {}), fingerprint, list(self.cfg.allow_changed))
+        refuse_foreign_outputs(run_dir, self.cfg.folder, self.cfg.dirname, (path, meta["step"]), str(want))
         return ResumePoint(path, meta["step"], meta)
 
     def restore(self, point: ResumePoint, state) -> int:
@@ -134,8 +131,8 @@ class DCPCheckpoint:
         t0 = time.perf_counter()
         rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
-        try:
-            bad = verify_checksums(point.path, point.meta, rank, world)  # each rank checks its share of the files
+        try:  # each rank checks its share of the files (sizes are always checked, by read_meta)
+            bad = verify_checksums(point.path, point.meta, rank, world) if self.cfg.checksums else None
         except OSError as e:  # removed or unreadable under us (another process pruning it, a failing disk)
             bad = f"cannot read checkpoint '{point.path}': {_first_line(e)}"
         if world > 1:
@@ -154,9 +151,15 @@ class DCPCheckpoint:
         except Exception as e:  # DCP wraps per-rank failures; keep one line
             raise UserError(f"cannot load checkpoint '{point.path}': {_first_line(e)}") from None
         set_model_state_dict(state.model, payload["model"])
-        groups = _param_groups_from_json(point.meta["param_groups"], state.optimizer, optim_sd["param_groups"])
-        set_optimizer_state_dict(state.model, state.optimizer, {"state": payload["optim"], "param_groups": groups})
+        _check_groups(point.meta["param_groups"], optim_sd["param_groups"])
+        # this run's hyper-parameters (equal to the checkpoint's unless a change was accepted by name: then the
+        # new value is the one that trains), the checkpoint's moments and step counts
+        set_optimizer_state_dict(state.model, state.optimizer,
+                                 {"state": payload["optim"], "param_groups": optim_sd["param_groups"]})
+        peak_lrs = list(getattr(state.scheduler, "base_lrs", []))
         state.scheduler.load_state_dict(point.meta["scheduler"])
+        if peak_lrs:
+            state.scheduler.base_lrs = peak_lrs
         _lr_from_schedule(state.scheduler, state.optimizer)
         if getattr(state, "extra", None) is not None and "extra" in point.meta:
             state.extra.load_state_dict(point.meta["extra"])
@@ -171,11 +174,14 @@ class DCPCheckpoint:
         if self.cfg.every_steps and step % self.cfg.every_steps == 0:
             self.save(step, state, run_dir)
 
-    def save_now(self, step: int, state, run_dir: str) -> None:
-        """Collective: `step` saved and committed before returning (the preemption signal's checkpoint)."""
+    def save_now(self, step: int, state, run_dir: str) -> str:
+        """Collective: `step` saved and committed before returning (the checkpoint a stop signal asks for);
+        returns its folder."""
+        final = os.path.join(run_dir, self.cfg.folder, f"step_{step:08d}")
         if self._saved_step != step:
             self.save(step, state, run_dir, background=False)
         self._wait()
+        return final
 
     def finish(self, state, run_dir: str) -> None:
         """Collective: wait for an async save in flight and commit it."""
@@ -186,7 +192,10 @@ class DCPCheckpoint:
             dist.barrier()
 
     def save(self, step: int, state, run_dir: str, background: bool | None = None) -> str:
-        """Collective. `background`: write in a background thread (default: checkpoint.async_save)."""
+        """Collective. `background`: write in a background thread (default: checkpoint.async_save).
+
+        Every part that writes is followed by the ranks agreeing on its outcome (write_errors.agree): a full
+        disk ends every rank with the same line, the previous checkpoint untouched and the partial removed."""
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -199,13 +208,10 @@ class DCPCheckpoint:
         staging = final + ".partial"
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-            os.makedirs(staging)
-        if dist.is_initialized():
-            dist.barrier()
+        agree(_attempt(lambda: os.makedirs(staging), final) if rank == 0 else None, staging)
         t0 = time.perf_counter()
         optim_sd = get_optimizer_state_dict(state.model, state.optimizer)
         payload = {"model": get_model_state_dict(state.model), "optim": optim_sd["state"]}
-        _save_rng(staging, rank)
         meta = {
             "format": FORMAT, "step": step, "time": time.time(),
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
@@ -217,46 +223,91 @@ class DCPCheckpoint:
         if getattr(state, "extra", None) is not None:
             meta["extra"] = state.extra.state_dict()
         json.dumps(meta)  # fail now, in every rank, if something is not JSON
+        agree(_attempt(lambda: _save_rng(staging, rank), final), staging)
         if self.cfg.export_every_save and state.export_hf is not None:
-            state.export_hf(os.path.join(staging, "hf"))  # inside the staging folder: committed with it
+            try:  # inside the staging folder: committed with it
+                state.export_hf(os.path.join(staging, "hf"))
+            except UserError:  # every rank (the export agrees on its outcome): the partial goes with it
+                if rank == 0:
+                    shutil.rmtree(staging, ignore_errors=True)
+                raise
         if self.cfg.async_save if background is None else background:
             if self._async_pg is None:  # the background thread's collectives must not share the training group
                 self._async_pg = dist.new_group(backend="gloo") if dist.is_initialized() else None
             future = dcp.async_save(payload, checkpoint_id=staging, process_group=self._async_pg)
             self._pending = (future, staging, final, meta, t0)
+            if rank == 0 and not self._drop_at_exit:  # the run may end (fail) before this save is committed
+                atexit.register(self._drop_uncommitted)
+                self._drop_at_exit = True
             log.info("checkpoint of step %d: copied for a background save in %.2fs", step, time.perf_counter() - t0)
-        else:
-            dcp.save(payload, checkpoint_id=staging)
-            crcs = {}
-            if self.cfg.checksums:  # each rank sums the files it wrote; rank 0 adds the rest at the commit
-                mine = [n for n in os.listdir(staging) if n.startswith(f"__{rank}_") or n == f"rng_rank{rank}.safetensors"]
-                crcs = {n: _crc32(os.path.join(staging, n)) for n in mine}
-                if dist.is_initialized() and dist.get_world_size() > 1:
-                    parts = [None] * dist.get_world_size()
-                    dist.all_gather_object(parts, crcs)
-                    crcs = {k: v for part in parts for k, v in part.items()}
-            if rank == 0:
-                self._commit(staging, final, meta, crcs)
-                log.info("saved checkpoint %s in %.2fs", final, time.perf_counter() - t0)
-            if dist.is_initialized():
-                dist.barrier()
+            return final
+        # DCP raises the same error on every rank; agreeing makes the diagnosis (no space, say) the same too
+        agree(_attempt(lambda: dcp.save(payload, checkpoint_id=staging), final), staging)
+        crcs = self._gather_crcs(staging, final, rank)
+        agree(_attempt(lambda: self._commit(staging, final, meta, crcs), final) if rank == 0 else None, staging)
+        if rank == 0:
+            log.info("saved checkpoint %s in %.2fs", final, time.perf_counter() - t0)
         return final
 
+    def _gather_crcs(self, staging: str, final: str, rank: int) -> dict:
+        """Each rank sums the files it wrote; rank 0 adds the rest at the commit."""
+        import torch.distributed as dist
+
+        if not self.cfg.checksums:
+            return {}
+        crcs = {}
+
+        def mine():
+            for n in os.listdir(staging):
+                if n.startswith(f"__{rank}_") or n == f"rng_rank{rank}.safetensors":
+                    crcs[n] = _crc32(os.path.join(staging, n))
+
+        agree(_attempt(mine, final), staging)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, crcs)
+            crcs = {k: v for part in parts for k, v in part.items()}
+        return crcs
+
+    def _drop_uncommitted(self) -> None:
+        """At exit (rank 0): a background save the run never committed (it failed first) leaves no partial."""
+        if self._pending is not None:
+            future, staging = self._pending[0], self._pending[1]
+            try:
+                future.result()  # the write ends first (Python has already joined its thread)
+            except BaseException:
+                pass
+            shutil.rmtree(staging, ignore_errors=True)
+
     def _poll(self) -> None:
-        if self._pending is not None and self._pending[0].done():
+        """Collective: commit a background save once it has finished on every rank (the ranks agree, so a
+        failed one ends them all at the same step)."""
+        if self._pending is None:
+            return
+        import torch
+        import torch.distributed as dist
+
+        done = self._pending[0].done()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([1 if done else 0], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            done = bool(flag.item())
+        if done:
             self._wait()
 
     def _wait(self) -> None:
+        """Collective: wait for the background save, then commit it (rank 0)."""
         if self._pending is None:
             return
         import torch.distributed as dist
 
         future, staging, final, meta, t0 = self._pending
         self._pending = None
-        future.result()  # re-raises a failed background save
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            # the coordinator's future ends after every rank's data and the global .metadata are written
-            self._commit(staging, final, meta)
+        agree(_attempt(future.result, final), staging)  # a failed background save: on every rank, at the same step
+        main = not dist.is_initialized() or dist.get_rank() == 0
+        # the coordinator's future ends after every rank's data and the global .metadata are written
+        agree(_attempt(lambda: self._commit(staging, final, meta), final) if main else None, staging)
+        if main:
             log.info("saved checkpoint %s in the background (%.2fs after the step)", final, time.perf_counter() - t0)
 
     def _commit(self, staging: str, final: str, meta: dict, crcs: dict | None = None) -> None:
@@ -272,11 +323,14 @@ class DCPCheckpoint:
             shutil.rmtree(final)
         os.replace(staging, final)
         _fsync_dir(os.path.dirname(final))
-        self._prune(os.path.dirname(final))
+        self._prune(os.path.dirname(final), meta["step"])
 
-    def _prune(self, root: str) -> None:
+    def _prune(self, root: str, step: int) -> None:
+        """keep_last among this run's history (steps up to the one just saved): a later step's folder is never
+        a reason to delete the checkpoint this run just made."""
         if self.cfg.keep_last:
-            for _, path in checkpoint_dirs(root)[:-self.cfg.keep_last]:
+            history = [(s, path) for s, path in checkpoint_dirs(root) if s <= step]
+            for _, path in history[:-self.cfg.keep_last]:
                 shutil.rmtree(path, ignore_errors=True)
         in_flight = self._pending[1] if self._pending else None
         for name in os.listdir(root):
@@ -297,6 +351,10 @@ class DCPCheckpoint:
         else:
             model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
+
+
+def _attempt(fn, final: str):
+    return attempt(fn, final, "save the checkpoint", _IF_FULL)
 
 
 def _before_commit(staging: str) -> None:
@@ -322,20 +380,14 @@ class _TensorsOnlyLoadPlanner:
         return Planner()
 
 
-def _param_groups_from_json(saved: list[dict], optimizer, current_groups: list[dict]) -> list[dict]:
-    """The saved hyper-parameters of each group, over this rank's parameters (`current_groups`' names: under
-    pipeline parallel each rank holds other parameters than the rank that wrote the JSON)."""
-    groups = []
-    for group, current, names in zip(saved, optimizer.param_groups, current_groups):
-        fixed = dict(group, params=names["params"])
-        for k, v in group.items():  # JSON turned tuples (betas) into lists
-            if isinstance(current.get(k), tuple) and isinstance(v, list):
-                fixed[k] = tuple(v)
-        groups.append(fixed)
-    if len(saved) != len(optimizer.param_groups):
+def _check_groups(saved: list[dict], current: list[dict]) -> None:
+    if len(saved) != len(current):
         raise UserError(f"the checkpoint's optimizer has {len(saved)} parameter groups, this run's has "
-                        f"{len(optimizer.param_groups)}; resume with the same model, peft and optimizer settings")
-    return groups
+                        f"{len(current)}; resume with the same model, peft and optimizer settings")
+
+
+def _resuming(want) -> bool:
+    return want is not None and str(want).lower() not in ("null", "none", "false")
 
 
 def _lr_from_schedule(scheduler, optimizer) -> None:

@@ -150,3 +150,44 @@ def _load_rng(folder: str, rank: int) -> None:
             torch.cuda.set_rng_state(f.get_tensor("cuda"))
         version, state, gauss = json.loads(f.metadata()["python"])
     random.setstate((version, tuple(state), gauss))
+
+
+def refuse_foreign_outputs(run_dir: str, folder: str, dirname: str, source: tuple[str, int] | None,
+                           resume: str) -> None:
+    """Refuse (one line) a run whose run dir holds what another run made: its checkpoints or its final export.
+
+    A fresh run there would lose them or mix with them (keep_last would delete the new run's checkpoints in
+    favour of the old, higher-numbered ones; a later resume=auto would export the old weights). `source` is the
+    (path, step) this run resumes from, None for a fresh start. Resuming the run dir's own checkpoint is the run
+    continuing, unless the dir holds later checkpoints too: training on from an earlier one would mix two
+    histories, so that is refused as well."""
+    root = os.path.join(run_dir, folder)
+    ours = checkpoint_dirs(root)
+    final = os.path.join(run_dir, dirname)
+    elsewhere = "choose another hydra.run.dir (e.g. a new one, with checkpoint.resume=PATH to start from a checkpoint)"
+    if source is not None and os.path.dirname(os.path.abspath(source[0])) == os.path.abspath(root):
+        later = [s for s, path in ours if s > source[1] and _complete(path)]  # a broken one is never resumed
+        if later:
+            raise UserError(f"checkpoint.resume={resume} is step {source[1]}, but {root} also holds step "
+                            f"{later[-1]}: training on from the earlier one here would mix two histories; "
+                            f"{elsewhere}")
+        return
+    held = ([f"checkpoints up to step {ours[-1][0]} in {folder}/"] if ours else []) + \
+        ([f"a final export in {dirname}/"] if os.path.exists(final) else [])
+    if not held:
+        return
+    if source is None and resume == "auto":
+        what = f"{' and '.join(held)}, but no complete checkpoint to resume from"
+    else:
+        what = " and ".join(held)
+    advice = elsewhere if source is not None or resume == "auto" else \
+        f"continue that run with checkpoint.resume=auto, or {elsewhere}"
+    raise UserError(f"the run dir {run_dir} holds another run ({what}); {advice}")
+
+
+def _complete(path: str) -> bool:
+    try:
+        read_meta(path)
+        return True
+    except UserError:
+        return False

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from automodel.checkpoint.files import refuse_foreign_outputs
+
 
 @dataclasses.dataclass
 class HFExportConfig:
@@ -22,7 +24,10 @@ class HFExport:
         self.cfg = config
 
     def resume_point(self, run_dir: str, fingerprint: dict):
-        return None  # this plugin never saves training state, so there is nothing to resume
+        """Nothing to resume (this plugin never saves training state); a run dir holding another run's export
+        is refused rather than overwritten at the end."""
+        refuse_foreign_outputs(run_dir, "checkpoints", self.cfg.dirname, None, "null")
+        return None
 
     def restore(self, point, state) -> int:
         raise AssertionError("hf_export has no resume points")

@@ -7,6 +7,9 @@ the generation prompt) and up to its end, and the tokens whose characters fall i
 targets (the template's closing tag included, so the model learns to stop). data.chat_template overrides
 the tokenizer's template ("chatml" names a built-in one); the template used is saved with the export.
 A conversation with a null message content is left out (and counted), not trained on as the text "None".
+A content is a string or, as OpenAI's format allows, a list of {"type": "text", "text": ...} parts (joined, as
+the chat templates of transformers join them); a number becomes its text; anything else (an object, an
+image part: that is data=vlm) stops the run naming the record and the message.
 `sharegpt` (sharegpt.py) is this plugin reading ShareGPT's {"conversations": [{"from", "value"}]} records.
 """
 
@@ -17,7 +20,8 @@ from typing import Optional
 
 from automodel.batch import IGNORE_INDEX
 from automodel.data import samples
-from automodel.data.examples import EncodeStats, ExampleData, SourceConfig
+from automodel.data.checks import check_size, text_of
+from automodel.data.examples import EncodeStats, ExampleData, ExamplesConfig
 from automodel.errors import UserError
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -25,7 +29,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 
 
 @dataclasses.dataclass
-class ChatConfig(SourceConfig):
+class ChatConfig(ExamplesConfig):
     messages_column: str = "messages"
     chat_template: Optional[str] = None  # null: the tokenizer's own; "chatml"; or a Jinja template
     packing: bool = False
@@ -35,6 +39,7 @@ class ChatData(ExampleData):
     Config = ChatConfig
     hint = "name yours with data.messages_column"
     option = "chat"  # named in messages
+    target = "assistant turns"
 
     def __init__(self, config: ChatConfig):
         super().__init__(config)
@@ -65,7 +70,9 @@ class ChatData(ExampleData):
             if any(m["content"] is None for m in conv):
                 stats.skip("conversations with a null message content")
                 continue
-            out.append((i, [{"role": str(m["role"]), "content": str(m["content"])} for m in conv]))
+            where = records.where(i)
+            out.append((i, [{"role": str(m["role"]), "content": content_text(m["content"], f"{where}: message {k + 1}")}
+                            for k, m in enumerate(conv)]))
         return out
 
     def _conversations(self, records) -> list[list[dict]]:
@@ -80,7 +87,8 @@ class ChatData(ExampleData):
         stats = EncodeStats(rows=len(records))
         convs = self.conversations(records, stats)
         texts, spans = [], []
-        for _, conv in convs:
+        for row, conv in convs:
+            check_size([m["content"] for m in conv], records.where(row), self.cfg.max_record_bytes)
             full = self.render(tokenizer, template, conv)
             mine = []
             for i, m in enumerate(conv):
@@ -97,8 +105,9 @@ class ChatData(ExampleData):
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {
             "input_ids": [], "offset_mapping": []}
         examples = []
-        for (row, _), ids, offsets, mine in zip(convs, enc["input_ids"], enc["offset_mapping"], spans):
+        for (row, conv), ids, offsets, mine in zip(convs, enc["input_ids"], enc["offset_mapping"], spans):
             target = [any(s <= a < e for s, e in mine) for a, _ in offsets]
+            stats.lengths.append(len(ids) - 1)
             if len(ids) - 1 > seq_len:
                 stats.truncated += 1
                 ids, target = ids[: seq_len + 1], target[: seq_len + 1]
@@ -108,6 +117,7 @@ class ChatData(ExampleData):
                 continue
             examples.append((ids[:-1], labels))
             stats.origin.append(row)
+            stats.empty += not any(m["content"] for m in conv if m["role"] == "assistant")
         return examples, stats
 
     def prompts(self, records, n):
@@ -134,3 +144,16 @@ class ChatData(ExampleData):
             if len(out) == n:
                 break
         return out
+
+
+def content_text(content, where: str) -> str:
+    """A message's content as text: a string, a number's text, or the texts of a list of text parts, joined."""
+    if isinstance(content, list) and content and all(isinstance(p, dict) for p in content):
+        texts = []
+        for p in content:
+            if p.get("type") != "text" or "text" not in p:
+                raise UserError(f"{where}: a content part of type {p.get('type')!r}; data=chat trains on text parts "
+                                "{\"type\": \"text\", \"text\": ...} (conversations with images: data=vlm)")
+            texts.append(text_of(p["text"], where, "content"))
+        return "".join(texts)
+    return text_of(content, where, "content")

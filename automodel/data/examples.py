@@ -14,7 +14,7 @@ import logging
 from typing import Optional
 
 from automodel.batch import IGNORE_INDEX, pack, packed_step_batch, step_batch
-from automodel.data import loading, samples
+from automodel.data import checks, loading, samples
 from automodel.errors import UserError
 from automodel.sampling import GlobalBatchSampler
 
@@ -31,6 +31,16 @@ class SourceConfig:
     val_path: Optional[str] = None  # held-out data in its own file/folder/hub id
     val_split: Optional[str] = None  # ... or a split of `path` (e.g. validation)
     val_size: int = 0  # ... or this many examples held out of the training data (seeded)
+    # a record (a line of a JSON-lines or .txt file) larger than this is refused before it is tokenized
+    max_record_bytes: int = 64 << 20
+
+
+@dataclasses.dataclass
+class ExamplesConfig(SourceConfig):
+    """The source of a plugin whose examples are records (pairs, conversations), each cut to train.seq_len."""
+
+    # more than this fraction of the examples longer than train.seq_len (cut, or left out) stops the run
+    max_dropped_fraction: float = 0.2
 
 
 @dataclasses.dataclass
@@ -44,6 +54,10 @@ class EncodeStats:
     # the record each example came from (filled by plugins whose examples are records): the held-out
     # examples' records are where the sample prompts come from
     origin: list = dataclasses.field(default_factory=list)
+    # the input length in tokens of every example tokenized (kept, cut or left out): its percentiles say which
+    # train.seq_len the data needs
+    lengths: list = dataclasses.field(default_factory=list)
+    empty: int = 0  # examples kept whose completion is empty: the end-of-sequence token is their only target
 
     def skip(self, reason: str, n: int = 1) -> None:
         if n:
@@ -55,8 +69,10 @@ class EncodeStats:
 
     def message(self, seq_len: int) -> str:
         no_target = self.dropped - sum(self.skipped.values())
+        empty = (f", {self.empty} with an empty completion (only the end-of-sequence token to learn)"
+                 if self.empty else "")
         return "; ".join([f"{self.rows} examples: {self.truncated} longer than train.seq_len={seq_len} were "
-                          f"truncated, {no_target} dropped (no target token left)", *self.skip_notes()])
+                          f"truncated, {no_target} dropped (no target token left){empty}", *self.skip_notes()])
 
 
 class ExampleData:
@@ -64,14 +80,10 @@ class ExampleData:
 
     packing = False  # subclasses whose Config has `packing` read it from there
     hint = ""  # appended to a missing-column message, e.g. which keys map columns
+    target = "completion"  # what the loss is on, as messages name it
 
     def __init__(self, config):
-        if getattr(config, "val_size", 0) < 0:
-            raise UserError(f"data.val_size={config.val_size} must be >= 0 (examples held out for validation; 0: none)")
-        path, val_split = getattr(config, "path", None), getattr(config, "val_split", None)
-        if val_split and path and not getattr(config, "val_path", None) and os.path.isfile(str(path)):
-            raise UserError(f"data.val_split={val_split!r}: data.path='{path}' is one file, which has no split "
-                            f"'{val_split}'; use data.val_path (a held-out file) or data.val_size")
+        _check_source(config)
         self.cfg = config
         self._cache: dict = {}
         self._fit = (None, None)  # (tokenizer, seq_len) of the last build: the sample prompts are cut to it
@@ -106,7 +118,8 @@ class ExampleData:
             where = dict(path=c.path, key="data.path", split=c.val_split)
         else:
             return None
-        return self.reshape(loading.load(where.pop("path"), **where, required=self.read_columns(), hint=self.hint))
+        return self.reshape(loading.load(where.pop("path"), **where, required=self.read_columns(), hint=self.hint,
+                                         max_record_bytes=c.max_record_bytes))
 
     def _encoded(self, tokenizer, seq_len: int, which: str) -> list[Example] | None:
         self._fit = (tokenizer, seq_len)
@@ -128,12 +141,18 @@ class ExampleData:
 
     def _checked(self, tokenizer, records: loading.Records, seq_len: int, key: str) -> list[Example]:
         examples, stats = self.encode(tokenizer, records, seq_len)
+        checks.refuse_too_long(stats.lengths, seq_len, getattr(self.cfg, "max_dropped_fraction", None),
+                               f"{key}='{records.source}'")
         if not examples:
             raise UserError(f"{key}='{records.source}' has no usable example: of {stats.message(seq_len)}; "
                             f"raise train.seq_len or check the data")
+        if stats.empty == len(examples):
+            raise UserError(f"{key}='{records.source}': all {len(examples)} usable examples have nothing in their "
+                            f"{self.target}, so there is nothing to learn but the end-of-sequence token; check the "
+                            f"data{f' ({self.hint})' if self.hint else ''}")
         for note in stats.skip_notes():
             log.warning("%s: %s", records.source, note)
-        if stats.truncated or stats.dropped > sum(stats.skipped.values()):
+        if stats.truncated or stats.empty or stats.dropped > sum(stats.skipped.values()):
             log.warning("%s: of %s", records.source, stats.message(seq_len))
         self._origin = stats.origin if len(stats.origin) == len(examples) else None
         return examples
@@ -207,23 +226,44 @@ class ExampleData:
         the records val_size held out), else from the training data; no prompt longer than train.seq_len
         tokens. Asked for after training: a problem here never fails the run."""
         tokenizer, seq_len = self._fit
-        records = None
-        try:
+        wanted = n if tokenizer is None else n * samples.CANDIDATES
+        pairs = None
+        try:  # held-out data that validation never read may hold what training refuses: then the training data
             if self.cfg.val_path or self.cfg.val_split:
-                records = self.records("val")
+                pairs = self.prompts(self.records("val"), wanted)
             elif self.cfg.val_size and tokenizer is not None:
                 self._held_out(tokenizer, seq_len)
                 rows = self._held_rows
                 train = self.records("train")
                 if rows:
-                    records = loading.Records([train.rows[i] for i in rows], f"{train.source} (held out)",
-                                              train.columns)
+                    pairs = self.prompts(train.subset(rows, f"{train.source} (held out)"), wanted)
         except UserError:
-            records = None
-        records = records or self.records("train")
-        if tokenizer is None:
-            return self.prompts(records, n)
-        return samples.fitting(tokenizer, self.prompts(records, n * samples.CANDIDATES), n, seq_len)
+            pairs = None
+        pairs = pairs or self.prompts(self.records("train"), wanted)
+        return pairs if tokenizer is None else samples.fitting(tokenizer, pairs, n, seq_len)
+
+
+def _check_source(config) -> None:
+    """The source settings that are wrong whatever the data holds."""
+    if config.val_size < 0:
+        raise UserError(f"data.val_size={config.val_size} must be >= 0 (examples held out for validation; 0: none)")
+    if config.max_record_bytes < 1:
+        raise UserError(f"data.max_record_bytes={config.max_record_bytes} must be at least 1 (bytes; default 64 MiB)")
+    fraction = getattr(config, "max_dropped_fraction", 0.0)
+    if not 0 <= fraction <= 1:
+        raise UserError(f"data.max_dropped_fraction={fraction} must be in [0, 1] (the share of examples longer than "
+                        "train.seq_len that may be cut or left out)")
+    chosen = [k for k in ("val_path", "val_split", "val_size") if getattr(config, k)]
+    if len(chosen) > 1:
+        given = " and ".join(f"data.{k}={getattr(config, k)!r}" for k in chosen)
+        keep = " ".join([*(f"data.{k}={0 if k == 'val_size' else 'null'}" for k in chosen[:-1]),
+                         f"data.{chosen[-1]}={getattr(config, chosen[-1])}"])
+        raise UserError(f"{given} both choose the held-out data; keep one, e.g. {keep}")
+    path, val_split = str(config.path), config.val_split
+    if val_split and os.path.isfile(os.path.expanduser(path)):
+        raise UserError(f"data.val_split={val_split!r}: data.path='{path}' is one file, which has no split "
+                        f"'{val_split}'; hold examples out of it with data.val_split=null data.val_size=N, or give "
+                        "a held-out file with data.val_split=null data.val_path=FILE")
 
 
 def _pad_id(tokenizer) -> int:
@@ -235,6 +275,7 @@ def _pad_id(tokenizer) -> int:
 
 def mask_before(full: list[int], start: int, seq_len: int, stats: EncodeStats) -> Example | None:
     """(input_ids, labels) for a token sequence whose targets begin at token `start`, cut to seq_len."""
+    stats.lengths.append(len(full) - 1)
     if len(full) - 1 > seq_len:
         stats.truncated += 1
         full = full[: seq_len + 1]

@@ -12,6 +12,12 @@ larger than memory; otherwise a `Records` table held in memory.
 
 Text is read as UTF-8 with or without a byte-order mark: Windows editors start a UTF-8 file with one, and
 it would otherwise make the first line invalid JSON (or the first document begin with U+FEFF).
+
+A line longer than `max_record_bytes` (data.max_record_bytes) of a JSON-lines or .txt file is refused by file
+and line before anything else reads it: a JSON-lines line is read at most that many bytes deep, and a .txt
+file is scanned in bounded chunks before `datasets` reads it, so a 1 GB line costs neither 1 GB of memory nor
+a tokenizer's out-of-memory abort. (A whole JSON document, an array or one object, is parsed whole; its
+records' texts are measured before tokenizing, as every other format's are: see examples.check_size.)
 """
 
 from __future__ import annotations
@@ -27,10 +33,21 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "c
 
 
 class Records:
-    """An in-memory table: rows as dicts, with the source named for messages."""
+    """An in-memory table: rows as dicts, with the source named for messages. `lines` holds the line of the
+    file each row was read from, where rows are lines (JSON lines, .txt), so a message can say file:line."""
 
-    def __init__(self, rows: list[dict], source: str, columns: list[str]):
-        self.rows, self.source, self.columns = rows, source, columns
+    def __init__(self, rows: list[dict], source: str, columns: list[str], lines: list[int] | None = None):
+        self.rows, self.source, self.columns, self.lines = rows, source, columns, lines
+
+    def where(self, i: int) -> str:
+        """Row i as a message names it: `file:line`, or `source: record N` where rows are not lines."""
+        if self.lines is not None:
+            return f"{self.source}:{self.lines[i]}"
+        return f"{self.source}: record {i + 1}"
+
+    def subset(self, indices: list[int], source: str) -> "Records":
+        return Records([self.rows[i] for i in indices], source, self.columns,
+                       [self.lines[i] for i in indices] if self.lines is not None else None)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -61,21 +78,26 @@ def _datasets():
 
 
 def load(path: str, *, key: str = "data.path", split: str = "train", streaming: bool = False,
-         required: tuple[str, ...] = (), hint: str = "") -> Any:
-    """The records at `path` (a Records table, or an IterableDataset when streaming); never empty."""
+         required: tuple[str, ...] = (), hint: str = "", max_record_bytes: int | None = None) -> Any:
+    """The records at `path` (a Records table, or an IterableDataset when streaming); never empty.
+    `~` is the user's home, as in a shell (a quoted override or a YAML value reaches here unexpanded)."""
+    path = os.path.expanduser(path)
     if os.path.isdir(path):
         data = _from_disk(path, key, split, streaming)
     elif os.path.isfile(path):
         if split != "train":
             raise UserError(f"{key}='{path}' is one file, which has no split '{split}' (hub ids and save_to_disk "
-                            f"folders have splits); use data.val_path or data.val_size for held-out data")
+                            f"folders have splits): it is all data.split=train; held-out data: data.val_path or "
+                            "data.val_size")
         ext = os.path.splitext(path)[1].lower()
         if ext not in BUILDERS:
             raise UserError(f"{key}='{path}': unknown file type '{ext or '(none)'}'; use one of: "
                             f"{', '.join(sorted(BUILDERS))}, or a save_to_disk folder")
         if BUILDERS[ext] == "json" and not streaming:
-            data = _read_json(path, required, hint)
+            data = _read_json(path, required, hint, max_record_bytes)
         else:
+            if BUILDERS[ext] == "text" and max_record_bytes and not streaming:  # streams are checked as read
+                _refuse_long_line(path, max_record_bytes)
             data = _builder(BUILDERS[ext], path, key, streaming)
     elif _looks_local(path):
         raise UserError(f"{key}='{path}' does not exist or is not a file")
@@ -100,51 +122,128 @@ def load(path: str, *, key: str = "data.path", split: str = "train", streaming: 
         return data
     if len(data) == 0:
         raise UserError(f"{key}='{path}' holds no examples")
-    return Records(data.to_list(), path, names)
+    lines = list(range(1, len(data) + 1)) if read_as_lines(path) else None
+    return Records(data.to_list(), path, names, lines)  # a .txt file's rows are its lines, empty ones included
 
 
-def _read_json(path: str, required: tuple[str, ...], hint: str) -> Records:
-    try:
-        with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is dropped, not refused
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x}); JSON lines must be "
-                        "UTF-8 text, one JSON object per line") from None
-    whole = _one_object(text)
-    if whole is not None:  # one JSON object over many lines (a published file: {"version", "data": [...]})
-        return Records([whole], path, list(whole))
-    if text.lstrip().startswith("["):  # one JSON array of objects
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        for i, row in enumerate(rows):
+def read_as_lines(path: str) -> bool:
+    """A .txt file: `datasets` reads one row per line, empty lines included, so row i is line i + 1."""
+    return os.path.isfile(path) and BUILDERS.get(os.path.splitext(path)[1].lower()) == "text"
+
+
+def too_long(where: str, limit: int, size: int | None = None, what: str = "line") -> UserError:
+    """One line for a record over data.max_record_bytes (`size` when it is known: a line is not read whole)."""
+    how = f"is {size} bytes, more than" if size is not None else "is longer than"
+    return UserError(f"{where}: this {what} {how} data.max_record_bytes={limit} ({_human(limit)}); split it into "
+                     "smaller records or remove it, or raise data.max_record_bytes")
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _refuse_long_line(path: str, limit: int, chunk: int = 1 << 20) -> None:
+    """Stop at the first line longer than `limit` bytes, reading the file in chunks (never a whole line)."""
+    lineno, run = 1, 0  # the line being read, and its bytes so far
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            pieces = block.split(b"\n")
+            if run + len(pieces[0]) > limit or max(map(len, pieces[1:]), default=0) > limit:
+                for k, piece in enumerate(pieces):  # rare: find which line
+                    run = (run if k == 0 else 0) + len(piece)
+                    if run > limit:
+                        raise too_long(f"{path}:{lineno + k}", limit)
+            lineno += len(pieces) - 1
+            run = run + len(pieces[0]) if len(pieces) == 1 else len(pieces[-1])
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def _read_json(path: str, required: tuple[str, ...], hint: str, max_bytes: int | None) -> Records:
+    """A JSON-lines file line by line (each line read at most max_bytes deep), or a whole JSON document: an
+    array of objects, or one object over many lines (a published file such as SQuAD's)."""
+    with open(path, "rb") as f:
+        first = _first_char(f)
+        if first == b"[":
+            return _read_array(path, f.read())
+        rows, lines = [], []
+        for lineno, raw in _lines(f, path, max_bytes):
+            line = _decode(raw, path, lineno)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                if not rows and first == b"{" and e.pos >= len(line.rstrip()):  # a first line that is only the
+                    whole = _one_object(_decode(raw + f.read(), path, lineno))  # start of one document
+                    if whole is not None:
+                        return Records([whole], path, list(whole))
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise UserError(f"{path}: item {i} of the array is a {type(row).__name__}, expected a JSON object")
-        return Records(rows, path, list(rows[0]) if rows else [])
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            missing = [c for c in required if c not in row]
+            if missing:
+                raise UserError(f"{path}:{lineno}: no column '{missing[0]}'; the columns are: {', '.join(row)}"
+                                + (f" ({hint})" if hint else ""))
+            rows.append(row)
+            lines.append(lineno)
+    return Records(rows, path, list(rows[0]) if rows else [], lines)
+
+
+def _first_char(f) -> bytes:
+    """The first byte that is not white space (b"" for none), the file left at its start past a BOM."""
+    start = 3 if f.read(3) == BOM else 0
+    f.seek(start)
+    while block := f.read(1 << 16):
+        stripped = block.lstrip()
+        if stripped:
+            f.seek(start)
+            return stripped[:1]
+    f.seek(start)
+    return b""
+
+
+def _lines(f, path: str, max_bytes: int | None):
+    """(line number, bytes) of each line; a line longer than max_bytes is refused after max_bytes + 1 bytes."""
+    lineno = 0
+    while True:
+        raw = f.readline(max_bytes + 1) if max_bytes else f.readline()
+        if not raw:
+            return
+        lineno += 1
+        if max_bytes and len(raw.rstrip(b"\r\n")) > max_bytes:
+            raise too_long(f"{path}:{lineno}", max_bytes)
+        yield lineno, raw
+
+
+def _decode(raw: bytes, path: str, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line is 0x{raw[e.start]:02x}); "
+                        "JSON lines must be UTF-8 text, one JSON object per line") from None
+
+
+def _read_array(path: str, raw: bytes) -> Records:
+    try:
+        rows = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start} is 0x{raw[e.start]:02x}); a JSON file must be "
+                        "UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        missing = [c for c in required if c not in row]
-        if missing:
-            raise UserError(f"{path}:{lineno}: no column '{missing[0]}'; the columns are: {', '.join(row)}"
-                            + (f" ({hint})" if hint else ""))
-        rows.append(row)
+            raise UserError(f"{path}: item {i} of the array is a {type(row).__name__}, expected a JSON object")
     return Records(rows, path, list(rows[0]) if rows else [])
 
 
 def _one_object(text: str) -> dict | None:
-    """The object, when the whole text is one JSON object spread over several lines; else None.
-
-    A JSON-lines file fails this at once (json stops at the end of the first object: "Extra data"), and
-    a one-line object is left to the line reader, which gives the same single record."""
+    """The object, when the whole text is one JSON object spread over several lines; else None."""
     stripped = text.strip()
     if not stripped.startswith("{") or "\n" not in stripped:
         return None
@@ -185,6 +284,9 @@ def _from_disk(path: str, key: str, split: str, streaming: bool):
         if split not in ds:
             raise UserError(f"{key}='{path}' has no split '{split}'; its splits are: {', '.join(ds)}")
         ds = ds[split]
+    elif split != "train":  # one Dataset: taking it for any split would validate on the training data
+        raise UserError(f"{key}='{path}' holds one Dataset, which has no split '{split}' (a DatasetDict folder has "
+                        "splits): it is all data.split=train; held-out data: data.val_path or data.val_size")
     return ds.to_iterable_dataset() if streaming else ds
 
 

@@ -3,11 +3,16 @@
 
 A subclass turns records into (record index, prompt, completion) items and counts, by reason, the records it
 leaves out (a null completion, an unanswerable question), so each reason is logged with its own count instead
-of vanishing into "no target token left".
+of vanishing into "no target token left". Values reach the items through `checks.text_of` (a list or an
+object is refused, a number becomes its text), and each record's texts are measured against
+data.max_record_bytes before the tokenizer sees them. A completion that is empty leaves the end-of-sequence
+token as the only target: such examples are counted, and a set of nothing else is refused (checked in
+ExampleData._checked).
 """
 
 from __future__ import annotations
 
+from automodel.data.checks import check_size
 from automodel.data.examples import EncodeStats, ExampleData, mask_before
 
 Item = tuple[int, str, str]  # (index of the record, prompt, completion)
@@ -38,6 +43,8 @@ class PairData(ExampleData):
     def encode(self, tokenizer, records, seq_len):
         stats = EncodeStats(rows=len(records))
         items = self.items(records, stats)
+        for row, p, c in items:
+            check_size((p, c), records.where(row), self.cfg.max_record_bytes)
         p_ids = tokenizer([p for _, p, _ in items], add_special_tokens=False)["input_ids"] if items else []
         c_ids = tokenizer([c for _, _, c in items], add_special_tokens=False)["input_ids"] if items else []
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -48,6 +55,7 @@ class PairData(ExampleData):
             if ex is not None:
                 examples.append(ex)
                 stats.origin.append(row)
+                stats.empty += not c
         return examples, stats
 
     def prompts(self, records, n):

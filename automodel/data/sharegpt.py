@@ -13,7 +13,8 @@ import dataclasses
 from typing import Optional
 
 from automodel.data.chat import ChatData
-from automodel.data.examples import EncodeStats, SourceConfig
+from automodel.data.checks import text_of
+from automodel.data.examples import EncodeStats, ExamplesConfig
 from automodel.errors import UserError
 
 ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -21,7 +22,7 @@ TURN = '{"from": "human" | "gpt" | "system", "value": ...}'
 
 
 @dataclasses.dataclass
-class SharegptConfig(SourceConfig):
+class SharegptConfig(ExamplesConfig):
     conversations_column: str = "conversations"
     chat_template: Optional[str] = None  # null: the tokenizer's own; "chatml"; or a Jinja template
     packing: bool = False
@@ -48,5 +49,7 @@ class SharegptData(ChatData):
             if any(t["value"] is None for t in conv):
                 stats.skip("conversations with a null turn")
                 continue
-            out.append((i, [{"role": ROLES[t["from"]], "content": str(t["value"])} for t in conv]))
+            where = records.where(i)
+            out.append((i, [{"role": ROLES[t["from"]], "content": text_of(t["value"], f"{where}: turn {k + 1}", "value")}
+                            for k, t in enumerate(conv)]))
         return out

@@ -19,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from automodel.data.examples import SourceConfig
+from automodel.data.checks import text_of
+from automodel.data.examples import ExamplesConfig
 from automodel.data.loading import Records
 from automodel.data.pairs import PairData, is_null
 from automodel.errors import UserError
@@ -31,9 +32,9 @@ UNANSWERABLE = "unanswerable questions (SQuAD v2.0)"
 
 
 @dataclasses.dataclass
-class SquadConfig(SourceConfig):
+class SquadConfig(ExamplesConfig):
     path: str = "rajpurkar/squad"
-    val_split: Optional[str] = "validation"
+    val_split: Optional[str] = None  # the preset (conf/data) picks the hub's "validation" where data.path has splits
     add_eos: bool = True
     packing: bool = False
 
@@ -62,20 +63,20 @@ def flatten(records: Records) -> Records:
     return Records(rows, records.source, list(rows[0]))
 
 
-def answer_texts(answers, source: str, record: int) -> list[str]:
-    """The answer texts of one record, whichever of the published shapes `answers` has."""
+def answer_texts(answers, where: str) -> list[str]:
+    """The answer texts of one record (`where` names it), whichever of the published shapes `answers` has."""
     if is_null(answers):
         return []
     if isinstance(answers, dict) and "text" in answers:
         texts = answers["text"]
         texts = [texts] if isinstance(texts, str) else texts
         if isinstance(texts, list):
-            return [str(t) for t in texts if not is_null(t)]
+            return [text_of(t, where, "answers.text") for t in texts if not is_null(t)]
     elif isinstance(answers, list) and all(isinstance(x, str) or (isinstance(x, dict) and "text" in x)
                                            for x in answers):
-        return [str(x["text"] if isinstance(x, dict) else x) for x in answers
-                if not is_null(x["text"] if isinstance(x, dict) else x)]
-    raise UserError(f"{source}: record {record + 1}: 'answers' is {_shape(answers)}; expected {ANSWERS}")
+        texts = [x["text"] if isinstance(x, dict) else x for x in answers]
+        return [text_of(t, where, "answers.text") for t in texts if not is_null(t)]
+    raise UserError(f"{where}: 'answers' is {_shape(answers)}; expected {ANSWERS}")
 
 
 def _shape(value) -> str:
@@ -105,12 +106,14 @@ class SquadData(PairData):
     def items(self, records, stats):
         out = []
         for i, r in enumerate(records.rows):
-            texts = [t.strip() for t in answer_texts(r["answers"], records.source, i)]
+            where = records.where(i)
+            texts = [t.strip() for t in answer_texts(r["answers"], where)]
             if r.get("is_impossible") or not any(texts):  # nothing to train on
                 stats.skip(UNANSWERABLE)
                 continue
             if is_null(r["context"]) or is_null(r["question"]):
                 stats.skip("records with a null context or question")
                 continue
-            out.append((i, f"{r['context']} {r['question']} ", next(t for t in texts if t)))
+            context, question = text_of(r["context"], where, "context"), text_of(r["question"], where, "question")
+            out.append((i, f"{context} {question} ", next(t for t in texts if t)))
         return out

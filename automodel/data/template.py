@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import string
 
+from automodel.data.checks import text_of
 from automodel.data.pairs import is_null
 from automodel.errors import UserError
 
@@ -60,12 +61,13 @@ class PromptTemplate:
                 raise UserError(f"{records.source}: data.prompt_template names column '{c}', which no record has; "
                                 f"the columns are: {', '.join(present)}")
 
-    def render(self, row: dict) -> str | None:
-        """The prompt for one record; None when every section naming a column vanished (nothing to ask)."""
+    def render(self, row: dict, where: str) -> str | None:
+        """The prompt for one record (`where` names it in a message about a value that is not text); None when
+        every section naming a column vanished (nothing to ask)."""
         kept, asked = [], False
         for section, names in zip(self.sections, self.names):
             if any(_empty(row.get(n)) for n in names):
                 continue
             asked = asked or bool(names)
-            kept.append(section.format(**{n: str(row[n]) for n in names}))
+            kept.append(section.format(**{n: text_of(row[n], where, n) for n in names}))
         return SEPARATOR.join(kept) if asked else None

@@ -8,15 +8,21 @@ labels = block[1:]), so every token pair is trained on once per epoch and no blo
 order is a seeded shuffle buffer per epoch, every rank reads the stream and keeps its slice of each global
 batch, and a run resumed at step k re-reads (and discards) the first k global batches, so it sees exactly
 the batches an uninterrupted run saw. Without streaming the blocks are made once and sampled like examples.
+
+A document that is not text (a list, an object) stops the run naming its record; a number becomes its text.
+One larger than data.max_record_bytes is refused by its line (or record) before it is tokenized: a stream is
+checked in file order, before its shuffle, so the line named is the file's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 from automodel.batch import step_batch
 from automodel.data import loading
+from automodel.data.checks import check_size, text_of
 from automodel.data.examples import EncodeStats, ExampleData, SourceConfig, _pad_id
 from automodel.errors import UserError
 
@@ -37,17 +43,35 @@ class TextData(ExampleData):
     def columns(self):
         return (self.cfg.text_column,)
 
-    def _doc_tokens(self, tokenizer, texts: list) -> list[list[int]]:
-        texts = [str(t) for t in texts if t is not None and str(t).strip()]
+    def _doc_tokens(self, tokenizer, texts: list, where=None) -> list[list[int]]:
+        """[bos] tokens [eos] of each non-empty document; `where(i)` names the i-th one's record in a message
+        (None: already checked as the stream was read)."""
+        if where is not None:
+            texts = [self._text(t, where(i)) for i, t in enumerate(texts)]
+        texts = [t for t in texts if t is not None and t.strip()]
         if not texts:
             return []
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         return [bos + ids + eos for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
+    def _text(self, value, where: str) -> str | None:
+        if value is None:
+            return None
+        text = text_of(value, where, self.cfg.text_column)
+        check_size((text,), where, self.cfg.max_record_bytes)
+        return text
+
+    def _checked_row(self, row: dict, index: int) -> dict:
+        """A streamed row, checked in file order (before the shuffle): the line named is the file's."""
+        path = self.cfg.path
+        lines = loading.read_as_lines(os.path.expanduser(path))
+        where = f"{path}:{index + 1}" if lines else f"{path}: record {index + 1}"
+        return {self.cfg.text_column: self._text(row[self.cfg.text_column], where)}
+
     def encode(self, tokenizer, records, seq_len):
         stream: list[int] = []
-        docs = self._doc_tokens(tokenizer, records.column(self.cfg.text_column))
+        docs = self._doc_tokens(tokenizer, records.column(self.cfg.text_column), records.where)
         for d in docs:
             stream.extend(d)
         n_blocks = (len(stream) - 1) // seq_len if stream else 0
@@ -72,7 +96,7 @@ class TextData(ExampleData):
     def blocks(self, tokenizer, seq_len: int, seed: int):
         """Endless blocks of seq_len + 1 tokens from the stream, epoch after epoch (a new shuffle each)."""
         ds = loading.load(self.cfg.path, split=self.cfg.split, streaming=True, required=self.columns(), hint=self.hint)
-        ds = ds.shuffle(seed=seed, buffer_size=self.cfg.shuffle_buffer)
+        ds = ds.map(self._checked_row, with_indices=True).shuffle(seed=seed, buffer_size=self.cfg.shuffle_buffer)
         epoch = 0
         while True:
             ds.set_epoch(epoch)

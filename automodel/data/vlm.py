@@ -22,7 +22,8 @@ import os
 from typing import NamedTuple, Optional
 
 from automodel.batch import IGNORE_INDEX, StepBatch, collate as collate_text
-from automodel.data.examples import EncodeStats, ExampleData, SourceConfig
+from automodel.data.checks import check_size, text_of
+from automodel.data.examples import EncodeStats, ExampleData, ExamplesConfig
 from automodel.errors import UserError
 from automodel.images import open_image
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class VLMConfig(SourceConfig):
+class VLMConfig(ExamplesConfig):
     messages_column: str = "messages"
     images_column: str = "images"
     image_root: Optional[str] = None  # relative image paths are under this folder; null: the data file's folder
@@ -76,7 +77,7 @@ class VLMData(ExampleData):
         examples, first_bad = [], None
         never = self._image_token_ids()  # never a target
         for row, record in enumerate(records.rows):
-            messages = _messages(record.get(self.cfg.messages_column), records.source, row, self.cfg.messages_column)
+            messages = _messages(record.get(self.cfg.messages_column), records.where(row), self.cfg.messages_column)
             images = _references(record.get(self.cfg.images_column), records.source, row, self.cfg.images_column,
                                  root)
             wanted = sum(1 for m in messages for part in _parts(m) if part.get("type") == "image")
@@ -91,6 +92,8 @@ class VLMData(ExampleData):
                 first_bad = first_bad or where
                 stats.skip("records with an unreadable image")
                 continue
+            check_size([p["text"] if isinstance(p, dict) else p for m in messages for p in _texts(m)],
+                       records.where(row), self.cfg.max_record_bytes)
             example = self._encode_one(messages, images, seq_len, stats, records.source, row, never)
             if example is not None:
                 examples.append(example)
@@ -102,6 +105,7 @@ class VLMData(ExampleData):
     def _encode_one(self, messages, images, seq_len, stats, source, row, never: set) -> VLMExample | None:
         text = self._render(messages)
         full = self._ids(text, images)
+        stats.lengths.append(len(full) - 1)
         if len(full) - 1 > seq_len:
             stats.skip(f"examples longer than train.seq_len={seq_len} (an image-text example is not cut)")
             return None
@@ -211,21 +215,36 @@ def _common_prefix(a: list, b: list) -> int:
     return n
 
 
-def _messages(value, source: str, row: int, column: str) -> list[dict]:
+def _messages(value, where: str, column: str) -> list[dict]:
+    """The record's messages; a content is text (a number becomes its text) or a list of parts whose text
+    parts hold text: anything else would reach the chat template as its Python repr."""
     if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        raise UserError(f"{source}: record {row + 1}: '{column}' must be a list of {{\"role\": ..., \"content\": ...}} "
-                        "messages")
+        raise UserError(f"{where}: '{column}' must be a list of {{\"role\": ..., \"content\": ...}} messages")
     out = []
-    for m in value:
-        content = m["content"]
+    for n, m in enumerate(value):
+        content, at = m["content"], f"{where}: message {n + 1}"
         if isinstance(content, list):
-            content = [{k: v for k, v in part.items() if v is not None} for part in content if isinstance(part, dict)]
+            if not all(isinstance(part, dict) for part in content):
+                raise UserError(f"{at}: a content part is not an object; parts are {{\"type\": \"image\"}} or "
+                                "{\"type\": \"text\", \"text\": ...}")
+            content = [{k: v for k, v in part.items() if v is not None} for part in content]
+            for part in content:
+                if part.get("type") == "text":
+                    part["text"] = text_of(part.get("text"), at, "text")
+        elif content is not None:
+            content = text_of(content, at, "content")
         out.append({"role": str(m["role"]), "content": content})
     return out
 
 
 def _parts(message: dict) -> list:
     return message["content"] if isinstance(message["content"], list) else []
+
+
+def _texts(message: dict) -> list:
+    """The message's texts: its content, or its text parts."""
+    return [message["content"]] if isinstance(message["content"], str) else [
+        p for p in _parts(message) if p.get("type") == "text"]
 
 
 def _images_in(messages: list[dict], images: list) -> list:

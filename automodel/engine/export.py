@@ -31,14 +31,18 @@ def export_to(model, tokenizer, plugins, folder: str, env, pp_group=None) -> str
     `pp_group`: under pipeline parallel each stage holds part of the model; the parts are gathered too."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from automodel.write_errors import agree, attempt
+
     if pp_group is None:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         full = _gather_stages(model, pp_group)
-    if not env.is_main:
-        return None
-    write_hf_folder(_unaliased(full, model), tokenizer, plugins, folder)
-    return folder
+    # rank 0 writes; every rank then learns how that went (a full disk ends them all with its line, none waits)
+    outcome = attempt(lambda: write_hf_folder(_unaliased(full, model), tokenizer, plugins, folder), folder,
+                      "write the export", "; the run's checkpoints are kept: free space, then run again with "
+                      "checkpoint.resume=auto to export") if env.is_main else None
+    agree(outcome)
+    return folder if env.is_main else None
 
 
 def _gather_stages(model, pp_group) -> dict:
@@ -81,7 +85,38 @@ def write_hf_folder(full: dict, tokenizer, plugins, final_dir: str) -> None:
         plain.tie_weights()  # assign=True loads tied tensors separately; re-tie as the config says
         with atomic_dir(final_dir) as staging:
             plain = plugins["peft"].export(plain, full, staging)
-            plugins["checkpoint"].export_final(plain.to(torch.float32), tokenizer, staging)
+            plugins["checkpoint"].export_final(plain.to(torch.float32), encoding_as_trained(tokenizer), staging)
+
+
+def encoding_as_trained(tokenizer):
+    """The tokenizer to export: one whose plain call, `tokenizer(text)`, encodes as training and `automodel
+    generate` did: the bos token first (when the tokenizer has one), then the text's tokens, nothing after.
+
+    Training puts the bos in itself and tokenizes without special tokens (data/text.py, data/pairs.py), so a
+    tokenizer whose own template adds nothing (the bundled one, GPT-2's) or something else (an eos) would make
+    plain transformers prompt the model differently from how it was trained, and it would answer differently.
+    A copy is changed, never the run's own tokenizer. An image-text model's processor is exported as it is: its
+    chat template is its encoding (`automodel generate --image` uses it that way too)."""
+    import copy
+
+    if hasattr(tokenizer, "image_processor") or _encodes_as_trained(tokenizer):
+        return tokenizer
+    exported = copy.deepcopy(tokenizer)
+    if hasattr(type(exported), "add_bos_token") and hasattr(exported, "update_post_processor"):
+        add_bos = exported.bos_token_id is not None
+        exported.add_eos_token = False  # each setter rebuilds the tokenizers post-processor (saved in tokenizer.json)
+        exported.add_bos_token = add_bos
+        exported.init_kwargs.update(add_bos_token=add_bos, add_eos_token=False)  # and tokenizer_config.json says so
+    if not _encodes_as_trained(exported):
+        log.warning("the exported tokenizer (%s) cannot be made to add the bos token as training did: with plain "
+                    "transformers, put tokenizer.bos_token_id before a prompt's ids yourself", type(tokenizer).__name__)
+        return tokenizer
+    return exported
+
+
+def _encodes_as_trained(tokenizer, text: str = "a b 1") -> bool:
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    return tokenizer(text)["input_ids"] == bos + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _unaliased(state_dict: dict, model) -> dict:
@@ -113,5 +148,30 @@ def show_samples(final_dir: str, samples: list[tuple[str, str]]) -> None:
         ok = got.strip() == expected.strip()
         right += ok
         log.info("  %s %r -> %r%s", "✓" if ok else "✗", prompt, got, "" if ok else f" (expected {expected!r})")
-    log.info("%d/%d sample prompts answered exactly. Try your own:  automodel generate %s %s", right, len(samples),
-             shlex.quote(final_dir), shlex.quote(samples[0][0]))
+    log.info("%d/%d sample prompts answered exactly. Try your own:  %s generate %s %s", right, len(samples),
+             automodel_command(), shlex.quote(final_dir), shlex.quote(samples[0][0]))
+
+
+def automodel_command() -> str:
+    """`automodel` as the user can run it from here: the bare name when that is this installation on PATH, else
+    the running executable's path (relative when it lies inside the working folder: the Quick start installs into
+    .venv/ without activating it, so `automodel` alone would not be found), else `python -m automodel`."""
+    import shlex
+    import shutil
+    import sys
+
+    def shortest(path: str) -> str:
+        """Relative when it lies inside the working folder (not the filesystem's root), else absolute."""
+        path, here = os.path.abspath(path), os.getcwd()
+        if os.path.dirname(here) == here or not path.startswith(os.path.join(here, "")):
+            return path
+        relative = os.path.relpath(path, here)
+        return relative if os.sep in relative else os.path.join(os.curdir, relative)  # a bare name: looked up on PATH
+
+    script = sys.argv[0] if sys.argv and os.path.basename(sys.argv[0]) == "automodel" else ""
+    if script and os.path.isfile(script):
+        on_path = shutil.which("automodel")
+        if on_path and os.path.realpath(on_path) == os.path.realpath(script):
+            return "automodel"
+        return shlex.quote(shortest(script))
+    return f"{shlex.quote(shortest(sys.executable))} -m automodel"  # `python -m automodel`, a launcher's rank

@@ -23,6 +23,7 @@ from automodel.engine.preemption import SignalCheckpoint
 from automodel.engine.preflight import preflight
 from automodel.engine.step_guard import BadSteps, StepGuard
 from automodel.errors import UserError
+from automodel.stop_signals import Stopped
 
 log = logging.getLogger("automodel")
 
@@ -41,27 +42,39 @@ class TrainResult:
 
 
 def train(cfg, out_dir: str) -> TrainResult:
+    from automodel import fs
     from automodel.launch import lifetime
 
     checked = validate(cfg)
-    env = launch_env.init(checked.train.device, fake_world_size=checked.launcher.fake_world_size)
+    env = launch_env.init(checked.train.device, fake_world_size=checked.launcher.fake_world_size,
+                          join_timeout_s=checked.launcher.join_timeout_s)
+    signals = SignalCheckpoint(out_dir, checked.train.max_steps)  # Ctrl-C/SIGTERM from here on: preemption.py
     opened = []  # the run's loggers, once started: closed as failed if anything below raises
     try:
         rehearsal = checked.launcher.fake_world_size > 0  # one real process: nothing to tell other ranks
         lifetime.acquire_for_job(out_dir, env.is_main, 1 if rehearsal else env.world_size)
-        result = _train(cfg, checked, env, out_dir, opened)
+        result = _train(cfg, checked, env, out_dir, opened, signals)
     except BaseException as e:
         for loggers in opened:  # wandb/MLflow runs are marked failed; every line already logged is kept
             loggers.close(ok=False)
         launch_env.shutdown()
-        lifetime.release(out_dir, refused=isinstance(e, UserError))
-        raise
+        refused = isinstance(e, UserError) and not isinstance(e, lifetime.RunDirBusy)
+        if (refused or isinstance(e, Stopped)) and env.world_size == 1:  # stopped before it began writing: the
+            fs.undo(out_dir)  # folder as the invocation found it (fs.undo), while still holding its lock
+        lifetime.release(out_dir, refused=refused)
+        signals.close()
+        ended = signals.ending(e)  # after a stop signal: the stop, said once
+        if ended is e:
+            raise
+        raise ended from None
     lifetime.release(out_dir)
     launch_env.shutdown(clean=result.preempted_at is None)  # a preempted rank 0 has exited to requeue
+    signals.close()
+    signals.end()  # stopped by Ctrl-C/SIGTERM: one line, and the process ends with 128+signal
     return result
 
 
-def _train(cfg, checked, env, out_dir: str, opened: list) -> TrainResult:
+def _train(cfg, checked, env, out_dir: str, opened: list, signals: SignalCheckpoint) -> TrainResult:
     import torch
 
     from automodel.engine import checkpointing, export, loggers, metrics, run_dir, teacher, validate
@@ -186,7 +199,7 @@ def _train(cfg, checked, env, out_dir: str, opened: list) -> TrainResult:
                     "nothing to train (raise train.max_steps to train on)", start, t.max_steps)
 
     if env.is_main:
-        run_dir.write_resolved_config(cfg, out_dir)
+        run_dir.begin(cfg, out_dir)  # .hydra/ and config.yaml: from here on the folder holds this run
         log.info("model %s: %.2fM parameters (%.2fM trainable); layout %s; %d rank(s); global batch %d = "
                  "%d micro x %d dp x %d accumulation; device %s", p["model"].name, total / 1e6, trainable / 1e6,
                  dims.describe(), env.world_size, t.global_batch_size, micro, dims.dp, accum,
@@ -217,15 +230,11 @@ def _train(cfg, checked, env, out_dir: str, opened: list) -> TrainResult:
         run_loggers.open_record()
     progress = metrics.Progress(t.max_steps, enabled=env.is_main)
     ckpt = _NoCheckpoint() if rehearsal else p["checkpoint"]
-    signalled = SignalCheckpoint(SignalCheckpoint.wanted() and hasattr(ckpt, "save_now"))
-    stopped_at = []
+    signals.arm(ckpt, alone=rehearsal or env.world_size == 1, unsaved="a rehearsal saves nothing" if rehearsal
+                else f"checkpoint={cfg.checkpoint.plugin} saves no training state mid-run")
 
-    def stop(s: int) -> bool:  # collective when a preemption signal can come: any rank signalled?
-        if signalled.requested():
-            ckpt.save_now(s, state, out_dir)
-            stopped_at.append(s)
-            return True
-        return False
+    def stop(s: int) -> bool:  # collective: did a stop signal (Ctrl-C, SIGTERM, SLURM's warning) reach any rank?
+        return signals.stop_here(s, ckpt, state)
 
     t0 = time.perf_counter()
     try:
@@ -239,16 +248,17 @@ def _train(cfg, checked, env, out_dir: str, opened: list) -> TrainResult:
         raise
     finally:
         progress.close()
-        if not stopped_at:
-            signalled.close()
+        signals.training_over()
     ckpt.finish(state, out_dir)
     if run_loggers is not None:
         run_loggers.close(ok=True)
-    if stopped_at:
+    if signals.preempted_at is not None:
         log.warning("preemption signal: saved a checkpoint of step %d; stopping here (the job is requeued and "
-                    "resumes from it)", stopped_at[0])
-        signalled.hand_over()  # submitit's handler: requeue (rank 0) and exit
-        return TrainResult(records, None, model, tokenizer, preempted_at=stopped_at[0])
+                    "resumes from it)", signals.preempted_at)
+        signals.hand_over()  # submitit's handler: requeue (rank 0) and exit
+        return TrainResult(records, None, model, tokenizer, preempted_at=signals.preempted_at)
+    if signals.report is not None:  # Ctrl-C/SIGTERM stopped the loop (its step saved): train() says so
+        return TrainResult(records, None, model, tokenizer)
     if env.is_main and records:
         log.info("trained %d steps in %.1fs; final loss %.4f", t.max_steps - start, time.perf_counter() - t0,
                  records[-1]["loss"])

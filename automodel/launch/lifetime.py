@@ -48,40 +48,33 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def check_can_use(run_dir: str, key: str = "hydra.run.dir") -> None:
-    """Before Hydra writes anything there: a run dir that cannot be made, or that another job holds, is refused.
-
-    Hydra's first act in a run dir is to (over)write its `.hydra/` files, so a busy or impossible dir must be
-    caught before Hydra starts; `acquire` then takes the lock for real (a race between the two ends there)."""
-    import fcntl
+def take(run_dir: str, key: str = "hydra.run.dir") -> None:
+    """Before Hydra writes anything there: claim the run dir (automodel.fs.claim: make it, noting what was in it)
+    and hold its lock for this process's lifetime; or refuse in one line, touching nothing: a folder that cannot
+    be made, or that another job holds. Taking the lock first is what keeps a job started at the same instant
+    from writing into the folder of the one that won."""
+    from automodel import fs
 
     path = os.path.abspath(run_dir)
     if os.environ.get(_HELD_ENV) == path:  # a rank of the launcher that holds it
         return
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"{key}={run_dir} cannot be made: {existing} is a file, not a folder; choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{key}={run_dir} cannot be made: {existing} is not writable by this user; choose a writable "
-                        "folder")
-    lock = os.path.join(path, LOCK_NAME)
-    if existing != path or not os.path.isfile(lock):
-        return
     try:
-        fd = os.open(lock, os.O_RDONLY)
-    except OSError:
-        return
+        fs.claim(path)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename and os.path.abspath(e.filename) != path else ""
+        raise UserError(f"{key}={run_dir} cannot be made ({where}{e.strerror.lower()}); choose a folder this user "
+                        "can write") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a probe: released at once below
-    except OSError:
-        raise _busy(run_dir, _read_holder(fd)) from None
-    finally:
-        os.close(fd)
+        acquire(path, key)
+    except RunDirBusy:
+        fs.release_claim(path)  # the folder is the other job's: a refusal here must not touch it
+        raise
+    except UserError:  # e.g. a folder this user may not write into: the folders made for it go again
+        fs.undo(path)
+        raise
 
 
-def acquire(run_dir: str) -> None:
+def acquire(run_dir: str, key: str = "hydra.run.dir") -> None:
     """Hold `run_dir` for this process's lifetime, or raise UserError naming the job that holds it."""
     import fcntl
 
@@ -91,7 +84,7 @@ def acquire(run_dir: str) -> None:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise UserError(f"cannot write into the run dir {run_dir}: {e.strerror}; choose a writable hydra.run.dir") \
+        raise UserError(f"cannot write into the run dir {run_dir}: {e.strerror.lower()}; choose a writable {key}") \
             from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -116,7 +109,7 @@ def release(run_dir: str, refused: bool = False) -> None:
     fd = _HELD.pop(os.path.abspath(run_dir), None)
     if fd is None:
         return
-    if refused and os.listdir(run_dir) == [LOCK_NAME]:
+    if refused and os.path.isdir(run_dir) and os.listdir(run_dir) == [LOCK_NAME]:
         os.unlink(os.path.join(run_dir, LOCK_NAME))  # while still held: no other job can have taken it
     os.close(fd)
 

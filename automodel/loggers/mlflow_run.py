@@ -1,8 +1,8 @@
 """`logger=mlflow`: an MLflow run (params: the flattened config; metrics per step).
 
-The tracking server is `logger.mlflow.tracking_uri`, else MLFLOW_TRACKING_URI, else MLflow's default (a
-sqlite file, mlflow.db, in the working folder). A resumed run continues the same MLflow run: its id is kept in
-the run folder (mlflow_run_id)."""
+The tracking server is `logger.mlflow.tracking_uri`, else MLFLOW_TRACKING_URI, else a sqlite file in the run
+folder (mlflow.db: MLflow's own default would put it in whatever folder the run was started from). A resumed
+run continues the same MLflow run: its id is kept in the run folder (mlflow_run_id)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class MlflowLogger:
 
     @dataclasses.dataclass
     class Config:
-        tracking_uri: Optional[str] = None  # null: MLFLOW_TRACKING_URI, else MLflow's default (./mlflow.db)
+        tracking_uri: Optional[str] = None  # null: MLFLOW_TRACKING_URI, else <run folder>/mlflow.db
         experiment: str = "automodel"
         run_name: Optional[str] = None  # null: a sweep point's overrides, else MLflow's generated name
         tags: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -37,21 +37,32 @@ class MlflowLogger:
 
     def check(self) -> None:
         require("mlflow", "mlflow", "mlflow")
-        uri = self.cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        uri = self._configured_uri()
         if (not uri or uri.startswith("sqlite:")) and _missing("sqlalchemy"):
-            raise UserError("logger=mlflow with a local sqlite store (MLflow's default) needs sqlalchemy and alembic: "
+            raise UserError("logger=mlflow with a local sqlite store (its default) needs sqlalchemy and alembic: "
                             "pip install 'automodel[mlflow]', or point logger.mlflow.tracking_uri (or "
                             "MLFLOW_TRACKING_URI) at a tracking server")
 
+    def _configured_uri(self) -> str | None:
+        return self.cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
     def prepare(self) -> None:
-        """The imports and the store's set-up (its schema checked or created), while the trainer sets up."""
+        """The imports and, for a configured store, its set-up (its schema checked or created), while the trainer
+        sets up. The default store lives in the run folder, which start() is told: it is set up there."""
         import logging
 
-        from mlflow import MlflowClient
+        import mlflow.tracking  # noqa: F401  (the seconds of import, now)
 
         for noisy in ("mlflow", "alembic"):  # the store's set-up (creating tables) at INFO: not the run's news
             logging.getLogger(noisy).setLevel(logging.WARNING)
-        self._client = client = MlflowClient(tracking_uri=self.cfg.tracking_uri)
+        uri = self._configured_uri()
+        if uri and self._client is None:
+            self._open(uri)
+
+    def _open(self, uri: str) -> None:
+        from mlflow import MlflowClient
+
+        self._client = client = MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name(self.cfg.experiment)
         self._experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.cfg.experiment)
 
@@ -60,6 +71,8 @@ class MlflowLogger:
 
         if self._client is None:
             self.prepare()
+            if self._client is None:
+                self._open(f"sqlite:///{os.path.abspath(os.path.join(run.run_dir, 'mlflow.db'))}")
         client, experiment_id = self._client, self._experiment_id
         id_path = os.path.join(run.run_dir, ID_FILE)
         if run.start_step > 0 and os.path.isfile(id_path):

@@ -74,6 +74,34 @@ def _hub_failure(key: str, value: str, err: Exception) -> UserError:
     return UserError(f"{key}='{value}' is not a local folder and {where}: {reason}")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json")
+
+
+def _unreadable_tokenizer(key: str, value: str, err: Exception) -> UserError:
+    """One line for a local folder whose tokenizer does not load: the file that is not valid JSON (a truncated
+    copy), else the loader's own words; never "not a local folder" (it is one)."""
+    import json
+
+    folder = os.path.expanduser(value)
+    for name in TOKENIZER_FILES:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            return UserError(f"{key}='{value}': {name} is not valid JSON ({' '.join(str(e).split())[:200]}); the "
+                             "tokenizer cannot be loaded: copy the file again or re-save it with save_pretrained")
+    reason = " ".join(str(err).split())[:200] or type(err).__name__
+    if isinstance(err, KeyError):
+        reason = f"missing key {reason}"
+    present = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, n))]
+    return UserError(f"{key}='{value}': the tokenizer in this folder could not be loaded ({reason}); its tokenizer "
+                     f"files: {', '.join(present) or 'none'} (set model.tokenizer to a folder or hub id that has one)")
+
+
 class HFModel:
     Config = HFModelConfig
 
@@ -189,8 +217,13 @@ class HFModel:
                     os.path.expanduser(source), revision=self.cfg.revision if source == self.cfg.path else None,
                     trust_remote_code=self.cfg.trust_remote_code,
                 )
-            except (OSError, ValueError) as e:
-                raise _hub_failure("model.tokenizer", source, e) from None
+            except Exception as e:  # transformers/tokenizers raise OSError, ValueError, KeyError, ... for a bad file
+                key = "model.tokenizer" if self.cfg.tokenizer else "model.path"
+                if _is_local(source):  # a folder here: what is wrong is in it, not on the hub
+                    raise _unreadable_tokenizer(key, source, e) from None
+                if isinstance(e, (OSError, ValueError)):
+                    raise _hub_failure(key, source, e) from None
+                raise
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok

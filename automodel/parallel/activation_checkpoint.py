@@ -62,7 +62,21 @@ def apply_activation_checkpointing(model: nn.Module, blocks: list[nn.Module], mo
 
 
 def compile_blocks(blocks: list[nn.Module]) -> list[nn.Module]:
+    """`module.compile()` on every block, each call traced with side effects kept out of the recompute.
+
+    A checkpointed block is one checkpoint region in Dynamo's graph, and Dynamo refuses a region whose forward
+    changes Python state outside it: it then runs the whole block eagerly, without a word (fullgraph=False).
+    transformers 5 does that in every attention forward (the `kernels` package sets and resets a context
+    variable), so `parallel.compile=true` with activation checkpointing compiled nothing. That state is
+    bookkeeping to do once per forward, not again in the backward's recompute, which is what this Dynamo
+    setting says; it applies to these blocks' calls only, not to the process."""
+    import torch._dynamo.config
+
+    side_effects = "skip_fwd_side_effects_in_bwd_under_checkpoint"
     for block in blocks:
         block.compile(fullgraph=False)
+        if hasattr(torch._dynamo.config, side_effects):  # torch >= 2.5
+            patch = torch._dynamo.config.patch(**{side_effects: True})
+            block._compiled_call_impl = patch(block._compiled_call_impl)
     log.info("torch.compile on %d blocks", len(blocks))
     return blocks

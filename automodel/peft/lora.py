@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 from typing import Any, Optional
 
 from automodel.errors import UserError
@@ -52,6 +53,7 @@ class LoRA:
             raise UserError(f"peft.init={config.init!r}: choose one of {', '.join(INITS)} (inits computed from the base "
                             "weights, such as pissa or olora, need each whole base matrix and are not supported)")
         _check(config)
+        config.target_modules = module_names(config.target_modules)
         if config.quantize_base:
             _require_bitsandbytes()
 
@@ -223,6 +225,17 @@ def _check(c: LoRAConfig) -> None:
     if not ok:
         raise UserError(f"peft.target_modules={targets!r} must be all-linear, a regular expression, or a non-empty "
                         "list of module names, e.g. [q_proj, v_proj]")
+
+
+def module_names(targets):
+    """`peft.target_modules=q_proj` as [q_proj]. peft reads a string as a regular expression that must match a
+    module's whole dotted name (model.layers.0.self_attn.q_proj), so a bare name, the way every list entry is
+    written, matched nothing, and the refusal listed that very name among the model's layers. A string that is
+    a module name (letters, digits, _ and dots) is the one-element list it stands for: a name or a dotted
+    suffix of one, as every list entry is read; all-linear and true patterns (.*, |, [...]) stay as written."""
+    if isinstance(targets, str) and targets != "all-linear" and re.fullmatch(r"[A-Za-z_][\w.]*", targets):
+        return [targets]
+    return targets
 
 
 def _linear_names(model) -> list[str]:
