@@ -134,6 +134,9 @@ def run_plan(rank: int, world: int, store_path: str, out_dir: str, plan: list, m
             results[name] = {"losses": [r["loss"] for r in result.records], "steps": [r["step"] for r in result.records],
                              "grad_norms": [r["grad_norm"] for r in result.records], "final_dir": result.final_dir,
                              "records": result.records}
+            from layout_workers import replicated_mismatches
+
+            results[name]["replicated_mismatch"] = replicated_mismatches(result.model)
             reads, experts = [None] * world, [None] * world
             dist.all_gather_object(reads, _READ["numel"])
             dist.all_gather_object(experts, local_expert_numel(result.model))

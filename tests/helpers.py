@@ -21,6 +21,11 @@ GRANITE = [
     "+model.config.residual_multiplier=0.22", "+model.config.logits_scaling=8.0",
     "+model.config.attention_multiplier=0.015625", "model.config.tie_word_embeddings=false",
 ]
+# Every kind of dropout a decoder has (phi3: attention, residual, embedding), and LoRA's: runs that draw random
+# numbers while training, so that an exact resume must restore (and nothing else may consume) the RNG state.
+DROPOUT = ["model.config.model_type=phi3", "+model.config.pad_token_id=0", "+model.config.attention_dropout=0.1",
+           "+model.config.resid_pdrop=0.1", "+model.config.embd_pdrop=0.1", "peft=lora", "peft.dropout=0.1",
+           "optim.lr=1e-2"]
 
 
 def compose(*overrides: str):

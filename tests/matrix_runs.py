@@ -94,11 +94,18 @@ def run_train(out_dir: str, over: list[str]) -> dict:
     from automodel.compose import compose
     from automodel.engine.run import train
 
+    import torch.distributed as dist
+
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     result = train(compose(list(over)), out_dir)
-    return {"losses": [r["loss"] for r in result.records], "grad_norms": [r["grad_norm"] for r in result.records],
-            "final_dir": result.final_dir, "seconds": time.perf_counter() - t0, "records": result.records}
+    out = {"losses": [r["loss"] for r in result.records], "grad_norms": [r["grad_norm"] for r in result.records],
+           "final_dir": result.final_dir, "seconds": time.perf_counter() - t0, "records": result.records}
+    if dist.is_initialized() and dist.get_world_size() > 1:  # collective: every rank of the group trained
+        from layout_workers import replicated_mismatches
+
+        out["replicated_mismatch"] = replicated_mismatches(result.model)
+    return out
 
 
 def short_error(exc: BaseException, tb=None) -> str:
@@ -179,6 +186,8 @@ def compare(got: dict, ref: dict, logits_cache: dict | None = None) -> dict:
         return {**out, "status": "error", "error": "exported final/ folder: " + short_error(e)}
     problems = [f"{k}={out[k]:.2e} > {tol:g}" for k, tol in (("loss_diff", TOL_LOSS), ("grad_rel", TOL_GRAD_REL),
                                                               ("logits_diff", TOL_LOGITS)) if not out[k] <= tol]
+    if got.get("replicated_mismatch"):  # e.g. a norm's copies on the tp ranks drifted apart
+        problems.append(f"replicated parameters differ between ranks: {', '.join(got['replicated_mismatch'][:3])}")
     if problems:
         out["status"] = "mismatch"
         out["error"] = ", ".join(problems)

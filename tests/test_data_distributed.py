@@ -1,4 +1,4 @@
-"""Packed data and validation on 2 FSDP2 ranks (gloo) against one process: same losses, same val_loss."""
+"""Packed data and validation on 2 FSDP2 ranks (gloo) against one process: same losses, grad norms and val_loss."""
 
 import json
 import os
@@ -41,6 +41,7 @@ def test_packed_training_and_validation_on_two_ranks_match_one_process(runs):
     one, two = runs
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4, 5, 6]
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two)) < 1e-5
+    assert max(abs(a["grad_norm"] - b["grad_norm"]) / a["grad_norm"] for a, b in zip(one, two)) < 1e-5
     assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
     vals = [(a["val_loss"], b["val_loss"]) for a, b in zip(one, two) if "val_loss" in a]
     assert len(vals) == 2 and all("val_loss" in b for a, b in zip(one, two) if "val_loss" in a)

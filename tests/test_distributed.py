@@ -43,10 +43,12 @@ def _entry(rank, world, store, out, checks):
 def reference(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ref"))
     fp32 = train(out, *STEPS, "train.micro_batch_size=8", NO_EXPORT)
+    lora = train(out, "peft=lora", "optim.lr=1e-2", *STEPS, "train.micro_batch_size=8", NO_EXPORT)
     return {
         "fp32": losses(fp32),
         "fp32_records": fp32.records,
-        "lora": losses(train(out, "peft=lora", "optim.lr=1e-2", *STEPS, "train.micro_batch_size=8", NO_EXPORT)),
+        "lora": losses(lora),
+        "lora_records": lora.records,
     }
 
 
@@ -55,13 +57,23 @@ def _max_diff(a, b):
     return max(abs(x - y) for x, y in zip(a, b))
 
 
+def _grad_rel(records, ref_records):
+    """Max relative difference of the steps' grad norms: a gradient scaled wrongly on dp ranks (halved, say)
+    keeps the losses within 1e-5, since AdamW's step barely depends on the gradient's scale."""
+    got, ref = [r["grad_norm"] for r in records], [r["grad_norm"] for r in ref_records]
+    assert len(got) == len(ref) == 6
+    return max(abs(a - b) / b for a, b in zip(got, ref))
+
+
 def test_fsdp2_two_ranks_match_one_process(two_ranks, reference):
     assert _max_diff(two_ranks["fsdp2_micro4"]["losses"], reference["fp32"]) < 1e-5
+    assert _grad_rel(two_ranks["fsdp2_micro4"]["records"], reference["fp32_records"]) < 1e-5
     assert reference["fp32"][-1] < reference["fp32"][0]
 
 
 def test_fsdp2_with_gradient_accumulation_matches_one_process(two_ranks, reference):
     assert _max_diff(two_ranks["fsdp2_micro1_accum4"]["losses"], reference["fp32"]) < 1e-5
+    assert _grad_rel(two_ranks["fsdp2_micro1_accum4"]["records"], reference["fp32_records"]) < 1e-5
 
 
 def test_grad_norm_and_throughput_are_global(two_ranks, reference):
@@ -73,6 +85,7 @@ def test_grad_norm_and_throughput_are_global(two_ranks, reference):
     for name in ("fsdp2_micro4", "fsdp2_micro1_accum4"):
         got = [r["grad_norm"] for r in two_ranks[name]["records"]]
         assert _max_diff(got, [r["grad_norm"] for r in ref]) < 1e-5, (name, got, [r["grad_norm"] for r in ref])
+        assert _grad_rel(two_ranks[name]["records"], ref) < 1e-5, name
     # tokens: the global batch's (both ranks' together), the same count one process sees
     assert [r["tokens"] for r in records] == [r["tokens"] for r in ref], (records, ref)
     assert all(r["tokens"] > 0 for r in records)
@@ -87,6 +100,7 @@ def test_grad_norm_and_throughput_are_global(two_ranks, reference):
 
 def test_lora_under_fsdp2_matches_one_process_and_exports_the_trained_model(two_ranks, reference):
     assert _max_diff(two_ranks["fsdp2_lora"]["losses"], reference["lora"]) < 1e-5
+    assert _grad_rel(two_ranks["fsdp2_lora"]["records"], reference["lora_records"]) < 1e-5
     assert two_ranks["fsdp2_lora"]["logits_check"] < 1e-4
 
 

@@ -1,8 +1,11 @@
 """Every implemented DTensor preset against one process on the same global batches (gloo, CPU).
 
-Per-step losses over 6 steps must equal the single-process run within 1e-5 (fp32). One spawned group
-each of 2, 4 and 8 ranks runs every multi-rank check (spawning costs seconds here); the references run in
-this process first. Also FSDP2's per-rank memory; refusals and presets are tests/test_layout_refusals.py.
+Per-step losses over 6 steps must equal the single-process run within 1e-5 (fp32). A layout bug can keep the
+losses that close (AdamW barely feels a gradient's scale), so `_parity` asks for more: each step's grad norm within
+1e-5 relative, every trained weight within 1e-5, and a replicated parameter's copies on the ranks (the
+sequence-parallel norms on each tp rank) bitwise equal. One spawned group each of 2, 4 and 8 ranks runs the
+multi-rank checks the selected tests need (spawning costs seconds here); each one-process reference runs in this
+process when first compared with. Also FSDP2's per-rank memory; refusals and presets are tests/test_layout_refusals.py.
 
 Two tiers. CI runs each mechanism once (every layout, composition, schedule, loss, adapter and precision that
 changes how a step is laid out). The full matrix (AUTOMODEL_LAYOUTS=full, what `scripts/layout_matrix.py` runs)
@@ -21,6 +24,8 @@ from helpers import GRANITE, losses, save_micro_hf_model, train, with_extras
 STEPS = ["train.max_steps=6", "train.log_every=1", "train.global_batch_size=8", "checkpoint.export_final=false",
          "data.packing=false"]
 TOL = 1e-5
+GRAD_REL = 1e-5  # max relative grad-norm diff of a step
+WEIGHT_TOL = 1e-5  # max |weight diff| after the 6 steps
 LORA = ["peft=lora", "optim.lr=1e-2"]
 DORA = ["peft=dora", "optim.lr=1e-2"]
 
@@ -152,35 +157,64 @@ def teacher(tmp_path_factory) -> str:
     return save_micro_hf_model(str(tmp_path_factory.mktemp("teacher")))
 
 
+class _References(dict):
+    """{reference name: its one-process run's losses, grad norms, KD losses and final weights}, each trained in this
+    process the first time a test asks for it (a selection of tests trains only the references it compares with)."""
+
+    def __init__(self, out, runs: dict):
+        super().__init__()
+        self.out, self.runs = out, runs
+
+    def __missing__(self, name):
+        os.makedirs(self.out / name)
+        result = train(str(self.out / name), *self.runs[name], *STEPS, "train.micro_batch_size=8")
+        self[name] = {"losses": losses(result), "grad_norms": [r["grad_norm"] for r in result.records],
+                      "kd_losses": [r.get("kd_loss") for r in result.records],
+                      "weights": {k: v.detach().float().clone() for k, v in result.model.state_dict().items()}}
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, teacher):
-    out = tmp_path_factory.mktemp("ref")
-    refs = {}
     kd = [o.replace("{teacher}", teacher) for o in KD]
-    families = FAMILIES.items() if FULL else [(f, FAMILIES[f]) for f in ("gemma2", "gemma3")]  # what CI compares to
-    for name, over in [("llama", []), *([("llama_kv4", KV4)] if FULL else []), ("gemma2_sliding", GEMMA2_SLIDING),
-                       ("granite", GRANITE), ("lora", LORA), ("dora", DORA), ("kd", kd), *families]:
-        os.makedirs(out / name)
-        result = train(str(out / name), *over, *STEPS, "train.micro_batch_size=8")
-        refs[name] = {"losses": losses(result), "grad_norms": [r["grad_norm"] for r in result.records],
-                      "kd_losses": [r.get("kd_loss") for r in result.records]}
-    return refs
+    return _References(tmp_path_factory.mktemp("ref"), {
+        "llama": [], "llama_kv4": KV4, "gemma2_sliding": GEMMA2_SLIDING, "granite": GRANITE, "lora": LORA,
+        "dora": DORA, "kd": kd, **FAMILIES})
+
+
+def _selected(request, fixture: str, checks: list) -> list:
+    """The checks of `fixture`'s spawn that the selected tests need: a test parametrized by a check's name needs
+    that one; any other test that uses the fixture needs them all. A whole-file run spawns every check; one test
+    (`pytest 'tests/test_parallel_layouts.py::test_x[tp_lora]'`, as scripts/mutants.py runs them) spawns its own."""
+    names = {c[0] for c in checks}
+    wanted = set()
+    for item in request.session.items:
+        if item.module is not request.module:
+            continue
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        if fixture not in item.fixturenames and fixture not in params.values():
+            continue
+        used = {v for v in params.values() if isinstance(v, str) and v in names}
+        if not used:
+            return checks
+        wanted |= used
+    return [c for c in checks if c[0] in wanted]
 
 
 @pytest.fixture(scope="module")
-def two(tmp_path_factory, reference, teacher):
+def two(request, tmp_path_factory, teacher):
     with_extras()  # torchao, for fsdp2_fp8 (the spawned ranks inherit the path)
-    return _spawn(tmp_path_factory, 2, tier(TWO), teacher)
+    return _spawn(tmp_path_factory, 2, _selected(request, "two", tier(TWO)), teacher)
 
 
 @pytest.fixture(scope="module")
-def four(tmp_path_factory, reference, teacher):
-    return _spawn(tmp_path_factory, 4, tier(FOUR), teacher)
+def four(request, tmp_path_factory, teacher):
+    return _spawn(tmp_path_factory, 4, _selected(request, "four", tier(FOUR)), teacher)
 
 
 @pytest.fixture(scope="module")
-def eight(tmp_path_factory, reference, teacher):
-    return _spawn(tmp_path_factory, 8, tier(EIGHT), teacher)
+def eight(request, tmp_path_factory, teacher):
+    return _spawn(tmp_path_factory, 8, _selected(request, "eight", tier(EIGHT)), teacher)
 
 
 def _diff(a, b):
@@ -188,17 +222,30 @@ def _diff(a, b):
     return max(abs(x - y) for x, y in zip(a, b))
 
 
-def _report(name, got, ref):
+def _parity(name, got, ref):
+    """Assert what every parity check shares and return (max loss diff, max grad-norm diff). Beyond the losses
+    (1e-5, which a layout that sums a norm weight's gradient over half the sequence once passed by 9e-6): every
+    step's grad norm within GRAD_REL of the one-process run's, every trained weight within WEIGHT_TOL of its
+    one-process value, and a replicated parameter's copies (a sequence-parallel norm on each tp rank) bitwise equal."""
+    from safetensors.torch import load_file
+
     d = _diff(got["losses"], ref["losses"])
     g = _diff(got["grad_norms"], ref["grad_norms"])
-    print(f"{name}: max loss diff {d:.2e}, max grad-norm diff {g:.2e}")
+    rel = max(abs(x - y) / y for x, y in zip(got["grad_norms"], ref["grad_norms"]))
+    weights = load_file(got["weights"])
+    assert weights.keys() == ref["weights"].keys(), sorted(set(weights) ^ set(ref["weights"]))[:5]
+    w, worst = max(((weights[k] - v).abs().max().item(), k) for k, v in ref["weights"].items())
+    print(f"{name}: max loss diff {d:.2e}, max grad-norm diff {g:.2e} ({rel:.2e} relative), max weight diff "
+          f"{w:.2e} ({worst}), replicated copies that differ: {got['replicated_mismatch'] or 'none'}")
+    assert d < TOL and g < 1e-4 and rel < GRAD_REL and w < WEIGHT_TOL, name
+    assert got["replicated_mismatch"] == [], name
     return d, g
 
 
 @pytest.mark.parametrize("name", tier(["tp_llama", "tp_loss_parallel", "tp_no_sp", "fsdp2_tp", "fsdp2_ac_full",
                                        "fsdp2_ac_selective"]))
 def test_llama_layouts_on_two_ranks_match_one_process(two, reference, name):
-    d, g = _report(f"2 ranks {name}", two[name], reference["llama"])
+    d, g = _parity(f"2 ranks {name}", two[name], reference["llama"])
     assert d < TOL and g < 1e-4
     assert reference["llama"]["losses"][-1] < reference["llama"]["losses"][0]
 
@@ -206,12 +253,12 @@ def test_llama_layouts_on_two_ranks_match_one_process(two, reference, name):
 @pytest.mark.parametrize("name,ref", [("fsdp2_chunked_ce", "llama"), ("fsdp2_chunked_ce_gemma3", "gemma3"),
                                       ("cp_chunked_ce", "llama")])
 def test_chunked_loss_on_two_ranks_matches_one_process_of_full_logits(two, reference, name, ref):
-    d, g = _report(f"2 ranks {name}", two[name], reference[ref])
+    d, g = _parity(f"2 ranks {name}", two[name], reference[ref])
     assert d < TOL and g < 1e-4
 
 
 def test_dora_under_fsdp2_matches_one_process(two, reference):
-    d, g = _report("2 ranks fsdp2 dora", two["fsdp2_dora"], reference["dora"])
+    d, g = _parity("2 ranks fsdp2 dora", two["fsdp2_dora"], reference["dora"])
     assert d < TOL and g < 1e-4
     assert reference["dora"]["losses"] != reference["lora"]["losses"]  # the magnitudes made it DoRA
 
@@ -227,7 +274,7 @@ def test_distillation_under_pipeline_compositions_on_four_ranks_matches_one_proc
 
 
 def _check_distilled(name, got, reference):
-    d, g = _report(name, got, reference["kd"])
+    d, g = _parity(name, got, reference["kd"])
     kd = _diff(got["kd_losses"], reference["kd"]["kd_losses"])  # the KL part, logged beside the blend
     assert d < TOL and g < 1e-4 and kd < TOL
     assert reference["kd"]["losses"] != reference["llama"]["losses"]  # the teacher changed the objective
@@ -236,7 +283,7 @@ def _check_distilled(name, got, reference):
 
 @pytest.mark.parametrize("name,ref", [("cp_llama", "llama"), ("cp_gemma2", "gemma2")])
 def test_context_parallel_on_two_ranks_matches_one_process(two, reference, name, ref):
-    d, g = _report(f"2 ranks {name}", two[name], reference[ref])
+    d, g = _parity(f"2 ranks {name}", two[name], reference[ref])
     assert d < TOL and g < 1e-4
 
 
@@ -244,34 +291,34 @@ def test_context_parallel_on_two_ranks_matches_one_process(two, reference, name,
                                            ("pp_interleaved_gemma2", "gemma2_sliding"), ("pp_ac_full", "llama"),
                                            ("pp_granite", "granite")]))
 def test_pipeline_on_two_ranks_matches_one_process(two, reference, name, ref):
-    d, g = _report(f"2 ranks {name}", two[name], reference[ref])
+    d, g = _parity(f"2 ranks {name}", two[name], reference[ref])
     rel = max(abs(x - y) / y for x, y in zip(two[name]["grad_norms"], reference[ref]["grad_norms"]))
     assert d < TOL and g < 1e-4 and rel < 1e-4
 
 
 @pytest.mark.parametrize("name", tier(["fsdp2_pp", "tp_pp", "cp_pp", "pp4", "fsdp2_pp_interleaved"]))
 def test_pipeline_compositions_on_four_ranks_match_one_process(four, reference, name):
-    d, g = _report(f"4 ranks {name}", four[name], reference["llama"])
+    d, g = _parity(f"4 ranks {name}", four[name], reference["llama"])
     assert d < TOL and g < 1e-4
 
 
 @pytest.mark.parametrize("name", tier(["fsdp2_tp_pp", "cp_tp_pp"]))
 def test_three_and_four_dimensional_layouts_on_eight_ranks_match_one_process(eight, reference, name):
-    d, g = _report(f"8 ranks {name}", eight[name], reference["llama"])
+    d, g = _parity(f"8 ranks {name}", eight[name], reference["llama"])
     assert d < TOL and g < 1e-4
 
 
 if FULL:  # the full matrix's only (see the module docstring)
     @pytest.mark.parametrize("family", list(FAMILIES))
     def test_tensor_parallel_of_each_family_matches_one_process(two, reference, family):
-        d, g = _report(f"2 ranks tp {family}", two[f"tp_{family}"], reference[family])
+        d, g = _parity(f"2 ranks tp {family}", two[f"tp_{family}"], reference[family])
         assert d < TOL and g < 1e-4
 
 
 @pytest.mark.parametrize("name,ref", tier([("fsdp2", "llama"), ("hsdp", "llama"), ("fsdp2_tp", "llama"),
                                            ("tp4", "llama_kv4"), ("fsdp2_cp", "llama"), ("cp_tp", "llama")]))
 def test_layouts_on_four_ranks_match_one_process(four, reference, name, ref):
-    d, g = _report(f"4 ranks {name}", four[name], reference[ref])
+    d, g = _parity(f"4 ranks {name}", four[name], reference[ref])
     assert d < TOL and g < 1e-4
 
 
@@ -280,7 +327,7 @@ def test_layouts_on_four_ranks_match_one_process(four, reference, name, ref):
                                          if FULL or p[1] not in FULL_ONLY])
 def test_lora_under_tensor_parallel_matches_one_process(request, reference, ranks, name):
     got, ref = request.getfixturevalue(ranks)[name], reference["lora"]
-    d, g = _report(f"{ranks} ranks {name}", got, ref)
+    d, g = _parity(f"{ranks} ranks {name}", got, ref)
     rel = max(abs(x - y) / y for x, y in zip(got["grad_norms"], ref["grad_norms"]))
     print(f"{name}: max relative grad-norm diff {rel:.2e}")
     assert d < TOL and rel < 1e-4
@@ -339,7 +386,7 @@ def test_compile_and_activation_checkpointing_under_fsdp2_match_one_process(tmp_
     checks = [("compile_ac", ["parallel=fsdp2", "parallel.compile=true", "parallel.activation_checkpointing=full",
                               *STEPS, "train.micro_batch_size=4"])]
     got = _spawn(tmp_path_factory, 2, checks, teacher="")["compile_ac"]
-    d, g = _report("2 ranks fsdp2 + compile + full AC", got, reference["llama"])
+    d, g = _parity("2 ranks fsdp2 + compile + full AC", got, reference["llama"])
     assert d < TOL
 
 

@@ -23,6 +23,7 @@ ONE = ["parallel=none", "train.micro_batch_size=8", *BASE]
 LORA = ["peft=lora", "optim.lr=1e-2"]
 PROBE = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
 TOL = 1e-5
+GRAD_REL = 1e-5  # max relative grad-norm diff of a step: the norm over every stage's gradients, as one process's
 
 
 def _entry(rank, world, store, out, plan):
@@ -56,6 +57,7 @@ def _entry(rank, world, store, out, plan):
                 dist.all_gather_object(reads, _READ["numel"])
                 _READ["numel"] = 0
                 results[name] = {"losses": losses(result), "steps": [r["step"] for r in result.records],
+                                 "grad_norms": [r["grad_norm"] for r in result.records],
                                  "val_loss": [r.get("val_loss") for r in result.records], "hf_read_numel": reads}
     except Exception:
         results["error"] = traceback.format_exc()
@@ -75,7 +77,8 @@ def runs(tmp_path_factory):
     for name, over in [("one", ONE), ("one_lora", [*ONE, *LORA]), ("one_pretrained", [*ONE, f"model.path={hf}"])]:
         os.makedirs(os.path.join(out, name))
         result = train(os.path.join(out, name), *over)
-        one[name] = {"losses": losses(result), "val_loss": [r.get("val_loss") for r in result.records]}
+        one[name] = {"losses": losses(result), "val_loss": [r.get("val_loss") for r in result.records],
+                     "grad_norms": [r["grad_norm"] for r in result.records]}
     plan = [
         ("pp", "pp", None, PP),
         ("crash", "pp_resumed", 4, PP),
@@ -97,6 +100,13 @@ def _max_diff(a, b):
     return max(abs(x - y) for x, y in zip(a, b))
 
 
+def _grad_rel(got, ref):
+    """Max relative difference of the steps' grad norms (a pipeline that scaled or reduced its gradients wrongly
+    can keep the losses within 1e-5: AdamW's step barely depends on the gradient's scale)."""
+    assert len(got) == len(ref) > 0
+    return max(abs(a - b) / b for a, b in zip(got, ref))
+
+
 def _logits(folder):
     from transformers import AutoModelForCausalLM
 
@@ -110,14 +120,18 @@ def test_pipeline_losses_validation_and_export_match_one_process(runs):
     val = [v for v in pp["pp"]["val_loss"] if v is not None]
     ref_val = [v for v in one["one"]["val_loss"] if v is not None]
     logit_diff = (_logits(f"{out}/pp/final") - _logits(f"{out}/one/final")).abs().max().item()
-    print(f"pp=2: max loss diff {d:.2e}, val_loss {val} vs {ref_val}, final logits diff {logit_diff:.2e}")
+    g = _grad_rel(pp["pp"]["grad_norms"], one["one"]["grad_norms"])
+    print(f"pp=2: max loss diff {d:.2e}, grad norms {g:.2e} relative, val_loss {val} vs {ref_val}, final logits diff "
+          f"{logit_diff:.2e}")
     assert d < TOL and len(val) == 2 and _max_diff(val, ref_val) < TOL and logit_diff < TOL
+    assert g < GRAD_REL
 
 
 def test_pipeline_resume_is_bitwise_identical(runs):
     out, _, pp = runs
     assert pp["pp_resumed"]["steps"] == [5, 6]
     assert pp["pp_resumed"]["losses"] == pp["pp"]["losses"][4:]
+    assert pp["pp_resumed"]["grad_norms"] == pp["pp"]["grad_norms"][4:]
     a, b = load_file(f"{out}/pp/final/model.safetensors"), load_file(f"{out}/pp_resumed/final/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -125,10 +139,12 @@ def test_pipeline_resume_is_bitwise_identical(runs):
 def test_checkpoints_reshard_between_pipeline_stages_and_one_process(runs):
     out, one, pp = runs
     assert _max_diff(pp["from_one"]["losses"], one["one"]["losses"][4:]) < TOL  # 1 process -> pp=2
+    assert _grad_rel(pp["from_one"]["grad_norms"], one["one"]["grad_norms"][4:]) < GRAD_REL
     os.makedirs(f"{out}/to_one")
     result = train(f"{out}/to_one", *ONE, f"checkpoint.resume={out}/pp/checkpoints/step_00000004")
     assert [r["step"] for r in result.records] == [5, 6]
     assert _max_diff(losses(result), one["one"]["losses"][4:]) < TOL  # pp=2 -> 1 process
+    assert _grad_rel([r["grad_norm"] for r in result.records], one["one"]["grad_norms"][4:]) < GRAD_REL
 
 
 def test_lora_under_pipeline_matches_one_process_and_exports_adapter_and_merged_model(runs):
@@ -137,6 +153,7 @@ def test_lora_under_pipeline_matches_one_process_and_exports_adapter_and_merged_
 
     out, one, pp = runs
     assert _max_diff(pp["pp_lora"]["losses"], one["one_lora"]["losses"]) < TOL
+    assert _grad_rel(pp["pp_lora"]["grad_norms"], one["one_lora"]["grad_norms"]) < GRAD_REL
     merged = _logits(f"{out}/pp_lora/final")
     assert (merged - _logits(f"{out}/one_lora/final")).abs().max().item() < TOL
     base = random_init_model(seed=42)  # the random-init base is a function of the seed
@@ -164,3 +181,4 @@ def test_pretrained_weights_go_straight_into_each_stage(runs):
     print(f"pp=2 from model.path: elements read per rank {reads} of {total}")
     assert sum(reads) == total and max(reads) <= 0.55 * total  # each stage reads its own layers only
     assert _max_diff(pp["pp_pretrained"]["losses"], one["one_pretrained"]["losses"]) < TOL
+    assert _grad_rel(pp["pp_pretrained"]["grad_norms"], one["one_pretrained"]["grad_norms"]) < GRAD_REL

@@ -54,6 +54,7 @@ def test_a_resumed_fp16_run_ends_bitwise_like_an_uninterrupted_one(tmp_path):
     resumed = train(str(tmp_path / "split"), *steps, "train.max_steps=8", "checkpoint.resume=auto")
     assert [r["loss_scale"] for r in resumed.records] == [r["loss_scale"] for r in whole.records[4:]]
     assert losses(resumed) == losses(whole)[4:]
+    assert [r["grad_norm"] for r in resumed.records] == [r["grad_norm"] for r in whole.records[4:]]
     assert len({r["loss_scale"] for r in whole.records}) > 2  # the scale moved both ways across the checkpoint
 
 

@@ -166,6 +166,7 @@ def test_a_run_through_transformer_engines_api_equals_bf16_and_exports_a_plain_h
     assert _Linear.calls_outside_autocast == 0  # every forward inside Transformer Engine's autocast
     assert {type(r).__name__ for r in _STATE["recipes"]} == {"DelayedScaling"}
     assert losses(te) == losses(bf16)  # the same parameters, initialization and bf16 matmuls: the same run
+    assert [r["grad_norm"] for r in te.records] == [r["grad_norm"] for r in bf16.records]
     assert any(k.endswith("._extra_state") for k in te.model.state_dict())  # module-private state exists ...
     exported = safetensors.torch.load_file(f"{te.final_dir}/model.safetensors")
     assert set(exported) == set(safetensors.torch.load_file(f"{bf16.final_dir}/model.safetensors"))  # ... not here

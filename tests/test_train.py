@@ -58,10 +58,14 @@ def test_export_loads_with_transformers_and_gives_the_trained_logits(full_run):
 
 def test_gradient_accumulation_4x1_equals_micro_batch_4(tmp_path):
     common = ["train.max_steps=5", "train.log_every=1", "train.global_batch_size=4", "checkpoint.export_final=false"]
-    one = losses(train(str(tmp_path), *common, "train.micro_batch_size=4"))
-    acc = losses(train(str(tmp_path), *common, "train.micro_batch_size=1"))
+    one_run = train(str(tmp_path), *common, "train.micro_batch_size=4")
+    acc_run = train(str(tmp_path), *common, "train.micro_batch_size=1")
+    one, acc = losses(one_run), losses(acc_run)
     assert len(one) == 5
     assert max(abs(a - b) for a, b in zip(one, acc)) < 1e-5, (one, acc)
+    # the gradient too: accumulated micro-batches summed, not averaged or counted twice
+    rel = [abs(a["grad_norm"] - b["grad_norm"]) / a["grad_norm"] for a, b in zip(one_run.records, acc_run.records)]
+    assert max(rel) < 1e-5, rel
     assert one[-1] < one[0]
 
 

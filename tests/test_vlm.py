@@ -175,7 +175,7 @@ def two_rank_losses(vlm_folders, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process_losses(vlm_folders, tmp_path_factory):
-    """{(family, reference): losses}, each trained once in this process when a test first asks for it."""
+    """{(family, reference): (losses, grad norms)}, each trained once in this process when a test first asks for it."""
     from automodel.compose import compose
     from automodel.engine.run import train
 
@@ -184,8 +184,8 @@ def one_process_losses(vlm_folders, tmp_path_factory):
     def losses(family, reference):
         if (family, reference) not in done:
             out = tmp_path_factory.mktemp(f"one_{family}_{reference}")
-            done[(family, reference)] = [r["loss"] for r in train(compose(_common(vlm_folders[family], reference)),
-                                                                  str(out)).records]
+            records = train(compose(_common(vlm_folders[family], reference)), str(out)).records
+            done[(family, reference)] = [r["loss"] for r in records], [r["grad_norm"] for r in records]
         return done[(family, reference)]
     return losses
 
@@ -199,9 +199,11 @@ def test_two_rank_layouts_equal_one_process(two_rank_losses, one_process_losses,
             "shards no layer inside its decoder blocks" in two["reason"]), two
         return
     assert two["status"] == "ok", two.get("traceback") or two
-    one = one_process_losses(family, LAYOUTS[layout][1])
+    one, one_grad_norms = one_process_losses(family, LAYOUTS[layout][1])
     assert len(one) == STEPS
     assert two["losses"] == pytest.approx(one, abs=1e-5)
+    assert two["grad_norms"] == pytest.approx(one_grad_norms, rel=1e-5)
+    assert two["replicated_mismatch"] == []  # a replicated parameter's copies (a norm on each tp rank) are equal
 
 
 def test_a_text_model_with_vlm_data_and_bad_records_are_one_line(vlm_folders, tmp_path):

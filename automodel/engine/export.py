@@ -69,18 +69,23 @@ def preprocessor(model_plugin):
 def write_hf_folder(full: dict, tokenizer, plugins, final_dir: str) -> None:
     """One process: a full (unsharded) state dict -> an HF folder, written atomically (+ PEFT adapter).
 
-    Shared by the end of a run and by `automodel export` (a DCP checkpoint, offline)."""
+    Shared by the end of a run and by `automodel export` (a DCP checkpoint, offline). Rank 0 alone writes, also in
+    the middle of a run (checkpoint.export_every_save, train.eval_every): it runs on a fork of the torch RNG, which
+    training's dropout draws from, since building the copy draws from it (peft's adapter init). Otherwise rank 0 would
+    draw other dropout masks than its tp peers from then on (their replicated weights drift apart), and a run
+    resumed from that save would not repeat the uninterrupted one."""
     import torch
 
-    # A fresh, unsharded copy to write from: the trained model may be FSDP-wrapped and live on a GPU.
-    plain = plugins["peft"].apply(plugins["model"].build("meta"))
-    # modules' private state (Transformer Engine's fp8 scaling history) is the trainer's, not the model's
-    full = {k: v for k, v in full.items() if not k.endswith("._extra_state")}
-    plain.load_state_dict(full, assign=True, strict=True)
-    plain.tie_weights()  # assign=True loads tied tensors separately; re-tie as the config says
-    with atomic_dir(final_dir) as staging:
-        plain = plugins["peft"].export(plain, full, staging)
-        plugins["checkpoint"].export_final(plain.to(torch.float32), encoding_as_trained(tokenizer), staging)
+    with torch.random.fork_rng(devices=[]):
+        # A fresh, unsharded copy to write from: the trained model may be FSDP-wrapped and live on a GPU.
+        plain = plugins["peft"].apply(plugins["model"].build("meta"))
+        # modules' private state (Transformer Engine's fp8 scaling history) is the trainer's, not the model's
+        full = {k: v for k, v in full.items() if not k.endswith("._extra_state")}
+        plain.load_state_dict(full, assign=True, strict=True)
+        plain.tie_weights()  # assign=True loads tied tensors separately; re-tie as the config says
+        with atomic_dir(final_dir) as staging:
+            plain = plugins["peft"].export(plain, full, staging)
+            plugins["checkpoint"].export_final(plain.to(torch.float32), encoding_as_trained(tokenizer), staging)
 
 
 def encoding_as_trained(tokenizer):
