@@ -59,6 +59,8 @@ def fail(error: UserError) -> None:
         sys.exit(error.exit_code)
     if os.environ.get("RANK", "0") == "0":
         print(f"automodel: error: {line}", file=sys.stderr, flush=True)
+    if os.environ.get("SUBMITIT_EXECUTOR"):  # a sweep job on SLURM: the job returns the error to the submitter,
+        raise type(error)(line)  # which says it in one line (an exit would leave submitit no result to report)
     sys.exit(error.exit_code)
 
 

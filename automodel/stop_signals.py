@@ -113,7 +113,9 @@ def around_the_cli():
             os._exit(128 + signum)
         if speak:  # under automodel's launcher the launcher speaks
             say(f"stopped by {name(signum)} while starting, before the run began; nothing was trained or saved")
-        raise Stopped(signum)
+        # at once: an exception raised here lands in whatever is starting (an import), where library code may
+        # swallow it and carry on half-imported (a run that then failed with a traceback, seen in scripts/chaos.py)
+        os._exit(128 + signum)
 
     stop.automodel_at_once = True
     previous = take(STOP_SIGNALS, stop)

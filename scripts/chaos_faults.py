@@ -42,7 +42,14 @@ def start(run_dir: str, ranks: int, steps: int, *extra: str, env: dict | None = 
            f"train.max_steps={steps}",
            f"hydra.run.dir={run_dir}", *extra]
     return subprocess.Popen(cmd, cwd=chaos.REPO, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=as_from_a_terminal)
+
+
+def as_from_a_terminal() -> None:
+    """A command started from a shell prompt has Ctrl-C's default action; one started in the background by a
+    non-interactive shell (this script under nohup, CI) inherits SIGINT ignored, and automodel leaves an ignored
+    signal ignored. The trials are of the former."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def one_line(out: str, code: int, want_code: int, want: str) -> str | None:
@@ -96,6 +103,12 @@ def _wait_for_point(proc, run_dir: str, when: str) -> bool:
     return chaos._wait_for(proc, run_dir, when)
 
 
+def _not_counted(row: dict, why: str) -> dict:
+    """A trial whose fault missed the job (it finished first): nothing was tested; neither a pass nor a failure."""
+    row.update(ok=None, why=why, killed_at_s=[f"{w} (missed)" for w in row["killed_at_s"]])
+    return row
+
+
 def signal_trial(workdir: str, ranks: int, steps: int, ref: str | None, rng, signum: int, twice: bool = False,
                  point: str | None = None) -> dict:
     """A Ctrl-C/SIGTERM to the job's process group at a random point (or `point`); the one line checked; then
@@ -107,9 +120,7 @@ def signal_trial(workdir: str, ranks: int, steps: int, ref: str | None, rng, sig
     row = {"kind": kind, "killed_at_s": [when], "ok": False, "why": "", "tracebacks": 0, "resumed": False}
     if not _wait_for_point(proc, run_dir, when):
         proc.communicate()
-        row["killed_at_s"] = []  # finished first: nothing was tested, the trial does not count as a pass
-        row["why"] = "the job ended before the signal point"
-        return row
+        return _not_counted(row, "the job ended before the signal point")
     os.killpg(proc.pid, signum)  # a terminal's Ctrl-C reaches the foreground group: here, the launcher alone
     if twice:  # two signals before Python's handler runs count as one: the second comes a moment later
         time.sleep(rng.uniform(0.05, 0.3))
@@ -117,6 +128,8 @@ def signal_trial(workdir: str, ranks: int, steps: int, ref: str | None, rng, sig
             os.killpg(proc.pid, signum)
     code, out = chaos._finish(proc, timeout=300)
     row["tracebacks"] = out.count("Traceback")
+    if code == 0 and not LINE.findall(out) and f"trained {steps} steps" in out:  # it came as the process ended:
+        return _not_counted(row, "the run had finished when the signal came")  # its exit code stands, rightly
     name = signal.Signals(signum).name
     row["why"] = one_line(out, code, 128 + signum, rf"^automodel: stopped (by|at once by a second) {name}") or ""
     left = job_processes(run_dir)

@@ -234,6 +234,17 @@ def test_a_sweep_is_a_job_array_with_a_summary(slurm, tmp_path):
     assert rows[0]["final_loss"] != rows[1]["final_loss"]  # each array task got its own sweep point
 
 
+def test_a_job_refused_on_the_cluster_is_one_line_here(slurm, tmp_path):
+    """A refusal only the job can see (its data path, read on the compute node) comes back to the submitter as the
+    run's one line and exit code 2, not as Hydra's report of a job that produced no result."""
+    proc = _submit(slurm, tmp_path, "-m", "hydra/launcher=slurm", *FAST, "data=instruction",
+                   "data.path=/nonexistent.jsonl", timeout=SUBMIT_TIMEOUT_S["job"])
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("automodel: error:")]
+    assert proc.returncode == 2 and lines == ["automodel: error: sweep job #0: data.path='/nonexistent.jsonl' does "
+                                              "not exist or is not a file"], _why(slurm, tmp_path, proc)
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
 def test_a_signalled_job_saves_at_the_signal_requeues_resumes_and_ends_like_an_uninterrupted_run(slurm, tmp_path):
     from helpers import train
 

@@ -32,7 +32,7 @@ import os
 import shlex
 import signal
 
-from automodel import stop_signals
+from automodel import fs, stop_signals
 from automodel.errors import UserError
 from automodel.stop_signals import Stopped
 
@@ -118,9 +118,10 @@ class SignalCheckpoint:
         # the ranks may have agreed on a stop before this rank's own signal got here: it is the same stop
         self._received, self.signum = True, self.signum or signum
         stop_signals.quiet_exit()
-        if self.phase == "set-up":
-            self._tell({"phase": "set-up"}, signum)
-            raise Stopped(signum)
+        if self.phase == "set-up":  # nothing trained: end now. An exception raised here would land wherever set-up
+            self._tell({"phase": "set-up"}, signum)  # is (an import, say), where library code may swallow it and go
+            fs.undo(self.out_dir)  # on half-imported; the folder goes back as found (unless the run had begun)
+            os._exit(128 + signum)
 
     def requested(self) -> tuple[bool, int]:
         """Collective: (whether any rank got SLURM's warning, the largest stop signal any rank got, or 0)."""

@@ -49,6 +49,22 @@ def _announcing_jobs(first_idx: int):
         submitit.AutoExecutor.map_array = submit
 
 
+def _say_refusals(returns, first_idx: int) -> None:
+    """A job refused on the cluster (bad data, say) returns its UserError: one line here, exit code 2, as for a run
+    started by hand, instead of Hydra's report of a failed job."""
+    import sys
+
+    from hydra.core.utils import JobStatus
+
+    from automodel.errors import UserError
+
+    for i, ret in enumerate(returns):
+        error = getattr(ret, "_return_value", None)
+        if ret.status == JobStatus.FAILED and isinstance(error, UserError):
+            print(f"automodel: error: sweep job #{first_idx + i}: {error}", file=sys.stderr, flush=True)
+            sys.exit(error.exit_code)
+
+
 class SlurmLauncher(_SubmititSlurmLauncher):
     """hydra-submitit-launcher's SLURM launcher, made to run automodel jobs (see the module docstring)."""
 
@@ -57,7 +73,9 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         self._sweep_dir = str(self.config.hydra.sweep.dir)
         self._resumable = "resume" in self.config.get("checkpoint", {})
         with _announcing_jobs(initial_job_idx):
-            return super().launch(job_overrides, initial_job_idx)
+            returns = super().launch(job_overrides, initial_job_idx)
+        _say_refusals(returns, initial_job_idx)
+        return returns
 
     def __call__(self, sweep_overrides, job_dir_key, job_num, job_id, singleton_state) -> Any:
         from automodel.config import register_resolvers
